@@ -1,0 +1,5 @@
+import sys
+
+from fdistill.cli import main
+
+sys.exit(main())

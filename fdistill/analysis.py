@@ -1,0 +1,115 @@
+"""Compare f-divergences as in Sec. 4: a Table-1/Table-6 style table, Fig. 4 (|f'| and h) and Fig. 5a."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fdistill import divergences
+
+# Short h(r) formulas for the registered divergences (Table 1; extras: chi^2).
+H_FORMULAS = {
+    "reverse_kl": "1", "softened_rkl": "1/(r+1)", "js": "r/(r+1)", "squared_hellinger": "sqrt(r)/4",
+    "forward_kl": "r", "jeffreys": "r+1", "pearson": "2r^2", "neyman": "2/r",
+}
+
+
+def _fmt_rate(a: float) -> str:
+    """Table 6 style: f'' ~ r^a."""
+    if math.isnan(a):
+        return "?"
+    if math.isinf(a):
+        return "0 (h=0)" if a < 0 else "inf"
+    return f"r^{round(a, 2) + 0.0:g}"
+
+
+def _fmt_limit(v: float) -> str:
+    return "inf" if math.isinf(v) else f"{round(v, 4) + 0.0:.4g}"
+
+
+def _h_trend(div: divergences.Divergence) -> str:
+    """Is h increasing on r in [1e-4, 1e4]? (an increasing h down-weights low teacher density, Sec. 4)."""
+    h = div.h(torch.logspace(-4, 4, 401, dtype=torch.float64))
+    dh = torch.diff(h)
+    tol = 1e-12 * float(h.abs().max())
+    if (dh.abs() <= tol).all():
+        return "no (const)"
+    if (dh >= -tol).all():
+        return "yes"
+    return "no (decr.)" if (dh <= tol).all() else "no (non-mono)"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def analyze(out_dir: str | Path, custom: Sequence[str] = ()) -> str:
+    """Tabulate every registered divergence (plus custom h expressions), write Fig. 4 and Fig. 5a PNGs.
+
+    Columns: h(r) (Table 1), mode-seeking label (Table 1), lim f(r)/r (Sec. 4, App. C.1.1), f'' tail rates
+    (Table 6), normalized variance at mean gaps 1 and 2 (Fig. 5a) and whether h is increasing.
+    Returns the table followed by the paths of the two figures.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [(n, divergences.get(n), H_FORMULAS[n]) for n in divergences.names()]
+    entries += [(expr, divergences.from_h(expr, name=expr), expr) for expr in custom]
+
+    rows = [["name", "h(r)", "mode-seeking", "lim f(r)/r", "f'' r->inf", "f'' r->0",
+             "NVar gap=1", "NVar gap=2", "h increasing"]]
+    for name, div, formula in entries:
+        big, small = divergences.tail_rates(div)
+        rows.append([name, formula, div.mode_seeking, _fmt_limit(divergences.mode_seeking_limit(div)),
+                     _fmt_rate(big), _fmt_rate(small), f"{divergences.normalized_variance(div, 1.0):.3g}",
+                     f"{divergences.normalized_variance(div, 2.0):.3g}", _h_trend(div)])
+
+    colors = plt.get_cmap("tab10")
+    n_table1 = 6
+    styles = ["-" if k < n_table1 else "--" if k < len(H_FORMULAS) else ":" for k in range(len(entries))]
+    # Fig. 4: |f'(r)| (saturation) and h(r) (weighting), both on log-log axes.
+    r = torch.logspace(-3, 3, 601, dtype=torch.float64).requires_grad_(True)
+    fig, (ax_f, ax_h) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, (name, div, _) in enumerate(entries):
+        (fprime,) = torch.autograd.grad(div.f(r).sum(), r)
+        x, c = r.detach().numpy(), colors(k % 10)
+        ax_f.loglog(x, fprime.abs().numpy(), color=c, ls=styles[k], label=name)
+        ax_h.loglog(x, div.h(r.detach()).numpy(), color=c, ls=styles[k], label=name)
+    ax_f.set(xlabel="r = p/q", ylabel="|f'(r)|", title="(a) |f'(r)|", ylim=(1e-3, None))
+    ax_h.set(xlabel="r = p/q", ylabel="h(r) = f''(r) r²", title="(b) weighting function h(r)")
+    for ax in (ax_f, ax_h):
+        ax.grid(True, which="major", alpha=0.3)
+    ax_h.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig4 = out / "fig4_fprime_h.png"
+    fig.savefig(fig4, dpi=120)
+    plt.close(fig)
+
+    # Fig. 5a: normalized variance Var_q(h / E_q h) for p = N(0,1), q = N(gap,1).
+    gaps = torch.linspace(0.0, 3.0, 61).tolist()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, (name, div, _) in enumerate(entries):
+        nv = [divergences.normalized_variance(div, g) for g in gaps]
+        if max(nv) <= 1e-12:  # reverse-KL: h = 1 has no variance; nothing to draw on a log axis
+            continue
+        ax.semilogy(gaps[1:], nv[1:], color=colors(k % 10), ls=styles[k], label=name)
+    ax.set(xlabel="mean gap between N(0,1) and N(gap,1)", ylabel="normalized variance of h",
+           title="Normalized variance (reverse-KL: 0, not shown)", ylim=(1e-3, 1e5))
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig5 = out / "fig5a_normalized_variance.png"
+    fig.savefig(fig5, dpi=120)
+    plt.close(fig)
+
+    return f"{_table(rows)}\n\nwrote {fig4}\nwrote {fig5}"

@@ -1,0 +1,336 @@
+"""f-divergences for f-distill and their weighting functions h(r) = f''(r) r^2.
+
+D_f(p||q) = E_q[f(p/q)] with f convex and f(1) = 0 (Sec. 2.3). Theorem 1 / Eq. (3) turns the gradient of
+D_f(p_t||q_t) into the VSD gradient weighted by h(r_t), r_t = p_t/q_t; Proposition 1 says any continuous,
+non-negative h is the weighting of some f-divergence, which `from_h` builds numerically.
+
+Registered divergences are those of Table 1 (in its order) plus Pearson and Neyman chi^2. `get` accepts
+a registered name or alias, a Divergence, a callable h, or an expression string in ``r`` such as
+``"r/(1+r)"``. Expressions are parsed with `ast` (never eval) and may only use numbers, ``r``, the
+constants ``pi`` and ``e``, the operators ``+ - * / **`` (and unary ``-``/``+``) and the functions
+exp, log, log1p, sqrt, tanh, sigmoid, softplus, abs, min(a, b), max(a, b).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Divergence",
+    "from_h",
+    "get",
+    "mode_seeking_limit",
+    "names",
+    "normalized_variance",
+    "parse_expression",
+    "tail_rates",
+]
+
+TensorFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """An f-divergence: generator f and weighting h(r) = f''(r) r^2 (Table 1, Theorem 1)."""
+
+    name: str  # canonical name, e.g. "js"
+    f: TensorFn = field(repr=False)  # elementwise, convex, f(1) = 0
+    h: TensorFn = field(repr=False)  # elementwise, h(r) = f''(r) r^2 >= 0
+    mode_seeking: str  # "yes" | "medium" | "no" (Table 1); "-" where the paper does not say
+    description: str  # human label, e.g. "Jensen-Shannon"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table 1 (+ two chi^2 extras). Forms are chosen to stay finite in float32 for r in [1e-6, 1e6].
+
+
+def _f_softened_rkl(r: Tensor) -> Tensor:
+    return (r + 1) * torch.log((r + 1) / (2 * r))  # (r+1) log(1/2 + 1/(2r))
+
+
+def _f_js(r: Tensor) -> Tensor:
+    return r * torch.log(2 * r / (r + 1)) - torch.log((r + 1) / 2)  # = r log r - (r+1) log((r+1)/2)
+
+
+_TABLE: tuple[Divergence, ...] = (
+    Divergence("reverse_kl", lambda r: -torch.log(r), torch.ones_like, "yes", "reverse-KL"),
+    Divergence("softened_rkl", _f_softened_rkl, lambda r: 1 / (r + 1), "yes", "softened RKL"),
+    Divergence("js", _f_js, lambda r: r / (r + 1), "medium", "Jensen-Shannon"),
+    Divergence("squared_hellinger", lambda r: 1 - torch.sqrt(r), lambda r: torch.sqrt(r) / 4, "medium",
+               "squared Hellinger"),
+    Divergence("forward_kl", lambda r: r * torch.log(r), lambda r: r.clone(), "no", "forward-KL"),
+    Divergence("jeffreys", lambda r: (r - 1) * torch.log(r), lambda r: r + 1, "no", "Jeffreys"),
+    Divergence("pearson", lambda r: (r - 1) ** 2, lambda r: 2 * r**2, "-", "Pearson chi^2"),
+    Divergence("neyman", lambda r: (1 - r) ** 2 / r, lambda r: 2 / r, "-", "Neyman chi^2"),
+)
+_REGISTRY: dict[str, Divergence] = {d.name: d for d in _TABLE}
+_ALIASES: dict[str, str] = {
+    "rkl": "reverse_kl", "reverse_kl": "reverse_kl",
+    "srkl": "softened_rkl", "sf": "softened_rkl", "softened_reverse_kl": "softened_rkl",
+    "jsd": "js", "jensen_shannon": "js",
+    "sh": "squared_hellinger", "hellinger": "squared_hellinger",
+    "kl": "forward_kl", "fkl": "forward_kl",
+    "jeffrey": "jeffreys", "jf": "jeffreys",
+    "chi2": "pearson", "pearson_chi2": "pearson", "neyman_chi2": "neyman",
+}
+
+
+def names() -> list[str]:
+    """Canonical registered names: Table 1 order, then the extras."""
+    return list(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safe expressions h(r) (Prop. 1).
+
+_FUNCS: dict[str, tuple[int, Callable[..., Tensor]]] = {
+    "exp": (1, torch.exp), "log": (1, torch.log), "log1p": (1, torch.log1p), "sqrt": (1, torch.sqrt),
+    "tanh": (1, torch.tanh), "sigmoid": (1, torch.sigmoid), "softplus": (1, F.softplus),
+    "abs": (1, torch.abs), "min": (2, torch.minimum), "max": (2, torch.maximum),
+}
+_CONSTS = {"pi": math.pi, "e": math.e}
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Pow: operator.pow}
+_UNOPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+_ALLOWED = ("numbers, r, pi, e, + - * / ** and unary -, and the functions "
+            + ", ".join(f"{k}({', '.join('ab'[:n])})" for k, (n, _) in _FUNCS.items()))
+
+
+def _compile(node: ast.AST, expr: str) -> TensorFn:
+    """Turn one AST node into a tensor function of r; every sub-result is a tensor (no Python overflow)."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        v = float(node.value)
+        return lambda r: torch.tensor(v, dtype=r.dtype, device=r.device)
+    if isinstance(node, ast.Name):
+        if node.id == "r":
+            return lambda r: r
+        if node.id in _CONSTS:
+            c = _CONSTS[node.id]
+            return lambda r: torch.tensor(c, dtype=r.dtype, device=r.device)
+        raise ValueError(f"unknown name {node.id!r} in h expression {expr!r}; only r, pi and e are allowed")
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        op, a, b = _BINOPS[type(node.op)], _compile(node.left, expr), _compile(node.right, expr)
+        return lambda r: op(a(r), b(r))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
+        uop, a = _UNOPS[type(node.op)], _compile(node.operand, expr)
+        return lambda r: uop(a(r))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        fname = node.func.id
+        if fname not in _FUNCS:
+            raise ValueError(f"function {fname!r} is not allowed in h expression {expr!r}; "
+                             f"allowed: {_ALLOWED}")
+        arity, fn = _FUNCS[fname]
+        if node.keywords or len(node.args) != arity:
+            raise ValueError(f"{fname} takes {arity} positional argument(s) in {ast.unparse(node)!r}")
+        args = [_compile(a, expr) for a in node.args]
+        return lambda r: fn(*(a(r) for a in args))
+    raise ValueError(f"unsupported syntax {ast.unparse(node)!r} ({type(node).__name__}) in h expression "
+                     f"{expr!r}; allowed: {_ALLOWED}")
+
+
+def parse_expression(expr: str) -> TensorFn:
+    """Compile an expression in ``r`` (see the module docstring for the grammar) into h(r)."""
+    if len(expr) > 1000:
+        raise ValueError("h expression is too long (over 1000 characters)")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse h expression {expr!r}: {e.msg}") from None
+    body = _compile(tree.body, expr)
+
+    def h(r: Tensor) -> Tensor:
+        out = body(r)
+        return out if out.shape == r.shape else out.expand(r.shape).clone()
+
+    return h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Proposition 1: f from h, tabulated on a log grid and Hermite-interpolated.
+
+_TABLE_LOG_R = math.log(1e6)  # f is tabulated for r in [1e-6, 1e6] (where h is finite and >= 0)
+_TABLE_HALF = 12_000  # nodes on each side of r = 1 (1e-4 and 1e4 are nodes too)
+_CHECK_RANGE = (1e-4, 1e4)  # h must be finite and non-negative here
+
+
+def _cumtrapz_from_center(y: Tensor, ds: float, c: int) -> Tensor:
+    """Cumulative trapezoid integral of y(s) from s[c] to each s[i] on a uniform grid."""
+    out = torch.zeros_like(y)
+    out[c + 1:] = torch.cumsum((y[c:-1] + y[c + 1:]) * (ds / 2), 0)
+    left = (y[:c] + y[1:c + 1]) * (ds / 2)
+    out[:c] = -torch.flip(torch.cumsum(torch.flip(left, [0]), 0), [0])
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def from_h(h: TensorFn | str, name: str = "custom") -> Divergence:
+    """Build the f-divergence whose weighting is h (Prop. 1): f'' = h/r^2, f(1) = f'(1) = 0.
+
+    f(r) = int_1^r (r - u) h(u)/u^2 du = r A(r) - B(r) with A = int_1^r h(u)/u^2 du (= f') and
+    B = int_1^r h(u)/u du, both integrated in s = log u (du = u ds) by the cumulative trapezoid rule on
+    [1e-6, 1e6] (trimmed to where h is finite and >= 0), then evaluated by cubic Hermite interpolation in s
+    using f and df/ds = r f'; outside the table f is continued linearly (which keeps it convex).
+    The returned ``h`` is the given h itself, evaluated directly.
+    """
+    if isinstance(h, str):
+        expr = h.strip()
+        hfn = parse_expression(expr)
+        what, description = f"h(r) = {expr}", f"custom h(r) = {expr} (Prop. 1)"
+    elif callable(h):
+        hfn, what, description = h, "h", "custom h (Prop. 1)"
+    else:
+        raise TypeError(f"h must be a callable or an expression string, got {type(h).__name__}")
+
+    n, ds = _TABLE_HALF, _TABLE_LOG_R / _TABLE_HALF
+    s = torch.arange(-n, n + 1, dtype=torch.float64) * ds
+    r = torch.exp(s)  # r[n] == 1 exactly
+    try:
+        hv = torch.as_tensor(hfn(r), dtype=torch.float64).expand(r.shape)
+    except Exception as e:  # a user callable may fail in many ways
+        raise ValueError(f"evaluating {what} on a float64 tensor failed: {e}") from e
+    valid = torch.isfinite(hv) & (hv >= 0)
+    lo_c, hi_c = _CHECK_RANGE
+    in_check = (r >= lo_c * (1 - 1e-9)) & (r <= hi_c * (1 + 1e-9))
+    bad = (in_check & ~valid).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{what} must be finite and non-negative on r in [{lo_c:g}, {hi_c:g}] (Prop. 1), "
+                         f"but h({_fmt(r[i].item())}) = {_fmt(hv[i].item())}")
+    if not (hv[in_check] > 0).any():
+        raise ValueError(f"{what} is identically zero on [{lo_c:g}, {hi_c:g}]; it defines no divergence")
+
+    # Keep the contiguous valid stretch around r = 1 (h may blow up beyond the checked range).
+    invalid = (~valid).nonzero().flatten()
+    lo = int(invalid[invalid < n].max()) + 1 if (invalid < n).any() else 0
+    hi = int(invalid[invalid > n].min()) - 1 if (invalid > n).any() else 2 * n
+    s, r, hv = s[lo:hi + 1], r[lo:hi + 1], hv[lo:hi + 1]
+    c = n - lo
+    A = _cumtrapz_from_center(hv * torch.exp(-s), ds, c)  # f'(r)
+    B = _cumtrapz_from_center(hv, ds, c)
+    F_tab = r * A - B  # f(r)
+    D_tab = r * A  # df/ds
+
+    slopes = torch.diff(F_tab) / torch.diff(r)
+    d2 = torch.diff(slopes)
+    noise = (F_tab[:-2].abs() + F_tab[1:-1].abs() + F_tab[2:].abs()) / torch.diff(r)[1:]  # rounding in slopes
+    tol = 1e-9 * (1 + slopes[1:].abs()) + 1e-12 * noise
+    nonconvex = (d2 < -tol).nonzero()
+    if len(nonconvex):
+        i = int(nonconvex[0]) + 1
+        raise ValueError(f"the f tabulated from {what} is not convex near r = {_fmt(r[i].item())} "
+                         f"(second difference {d2[i - 1].item():.3g})")
+
+    s0, m = float(s[0]), len(s)
+    r_lo, r_hi = float(r[0]), float(r[-1])
+    f_lo, f_hi, a_lo, a_hi = float(F_tab[0]), float(F_tab[-1]), float(A[0]), float(A[-1])
+
+    def f(x: Tensor) -> Tensor:
+        x64 = x.to(torch.float64)
+        Ft, Dt = F_tab.to(x64.device), D_tab.to(x64.device)
+        u = (torch.log(x64.clamp(r_lo, r_hi)) - s0) / ds
+        i = u.detach().floor().clamp(0, m - 2).long()
+        t = u - i
+        t2, t3 = t * t, t * t * t
+        inner = ((2 * t3 - 3 * t2 + 1) * Ft[i] + (t3 - 2 * t2 + t) * ds * Dt[i]
+                 + (3 * t2 - 2 * t3) * Ft[i + 1] + (t3 - t2) * ds * Dt[i + 1])
+        out = torch.where(x64 < r_lo, f_lo + a_lo * (x64 - r_lo),
+                          torch.where(x64 > r_hi, f_hi + a_hi * (x64 - r_hi), inner))
+        return out.to(x.dtype)
+
+    return Divergence(name, f, hfn, "-", description)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def get(name: str | TensorFn | Divergence) -> Divergence:
+    """Resolve a name/alias (case-insensitive, '-' = '_'), a Divergence, a callable h or an h expression."""
+    if isinstance(name, Divergence):
+        return name
+    if isinstance(name, str):
+        key = name.strip().lower().replace("-", "_").replace(" ", "_")
+        key = _ALIASES.get(key, key)
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+        try:
+            parse_expression(name)
+        except ValueError as e:
+            raise ValueError(f"unknown divergence {name!r}: valid names are {', '.join(names())} (aliases: "
+                             f"{', '.join(sorted(_ALIASES))}), or an expression h(r) ({e})") from None
+        return from_h(name, name=name.strip())
+    if callable(name):
+        return from_h(name)
+    raise TypeError(f"expected a divergence name, expression, callable h or Divergence, "
+                    f"got {type(name).__name__}")
+
+
+def normalized_variance(div: str | TensorFn | Divergence, mean_gap: float) -> float:
+    """Var_q(h(p/q) / E_q[h(p/q)]) for p = N(0,1), q = N(mean_gap,1) (Sec. 4, Fig. 5a).
+
+    Under q, log r = -g y - g^2/2 with y ~ N(0,1), so both moments are 1-D Gaussian integrals, done by the
+    (spectrally accurate) trapezoid rule on y in [-(12+4g), 12+4g] in float64.
+    """
+    hfn = get(div).h
+    g = abs(float(mean_gap))
+    L = 12.0 + 4.0 * g
+    y = torch.linspace(-L, L, 8001, dtype=torch.float64)
+    w = torch.exp(-0.5 * y * y)
+    w = w / w.sum()
+    hv = hfn(torch.exp(-g * y - 0.5 * g * g))
+    if not torch.isfinite(hv).all():
+        raise ValueError(f"h is not finite on the ratios of N(0,1)/N({g:g},1)")
+    mean = (w * hv).sum()
+    if mean <= 0:
+        raise ValueError("E_q[h] is zero; the normalized variance is undefined")
+    return float((w * (hv / mean - 1) ** 2).sum())
+
+
+def _log_slope(h: TensorFn, r: float, delta: float = 0.5) -> float:
+    """d log h / d log r at r by a central difference (nan if h is not positive and finite there)."""
+    hv = h(torch.tensor([r * math.exp(-delta), r * math.exp(delta)], dtype=torch.float64))
+    if not torch.isfinite(hv).all() or (hv < 0).any():
+        return math.nan
+    if (hv == 0).all():
+        return -math.inf if r < 1 else math.inf  # h vanishes: f'' decays faster than any power there
+    return float((torch.log(hv[1]) - torch.log(hv[0])) / (2 * delta))
+
+
+def tail_rates(div: str | TensorFn | Divergence) -> tuple[float, float]:
+    """Exponents (a, b) with f''(r) ~ r^a as r -> inf and f''(r) ~ r^b as r -> 0 (Table 6), f'' = h/r^2.
+
+    Measured at r = 1e6 and 1e-6 (falling back to 1e4 / 1e-4 where h is not finite that far out).
+    """
+    h = get(div).h
+    big = next((v for v in (_log_slope(h, 1e6), _log_slope(h, 1e4)) if not math.isnan(v)), math.nan)
+    small = next((v for v in (_log_slope(h, 1e-6), _log_slope(h, 1e-4)) if not math.isnan(v)), math.nan)
+    return big - 2, small - 2
+
+
+def mode_seeking_limit(div: str | TensorFn | Divergence) -> float:
+    """lim_{r->inf} f(r)/r (Sec. 4, App. C.1.1); math.inf when it diverges.
+
+    The limit equals f'(inf), finite iff f'' is integrable at infinity, i.e. iff the right tail rate is
+    below -1 (checked with `tail_rates`). A finite limit is extrapolated from f(r)/r at r = 1e6, 1e7, 1e8
+    with Aitken's delta-squared process.
+    """
+    d = get(div)
+    a, _ = tail_rates(d)
+    if not a < -1 - 1e-3:
+        return math.inf
+    r = torch.tensor([1e6, 1e7, 1e8], dtype=torch.float64)
+    g0, g1, g2 = (d.f(r) / r).tolist()
+    d1, d2 = g1 - g0, g2 - g1
+    if d1 != 0 and 0 < d2 / d1 < 1:
+        return g2 - d2 * d2 / (d2 - d1)
+    return g2

@@ -1,0 +1,1 @@
+"""Networks: EDM-compatible UNets (``edm``), small MLP denoisers (``mlp``), discriminator heads (``heads``)."""

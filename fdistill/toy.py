@@ -1,0 +1,282 @@
+"""The 2-D lab: distill one-step generators of a hard Gaussian mixture and compare divergences.
+
+``fdistill demo`` runs ``run_demo`` with ``configs/toy2d.yaml``; ``benchmarks/toy2d.py`` runs the
+longer multi-seed comparison. Everything here is small enough for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fdistill.config import from_dict, to_dict
+from fdistill.diffusion import edm_loss
+from fdistill.metrics import mode_coverage, precision_recall
+from fdistill.networks.heads import Discriminator
+from fdistill.networks.mlp import MLPDenoiser
+from fdistill.teachers import GaussianMixture
+from fdistill.trainer import DistillConfig, Distiller
+
+PRESET = Path(__file__).parent / "configs" / "toy2d.yaml"
+ADVERSARIAL = "adversarial"  # the name the lab gives the GAN-only ablation (fdistill_weight = 0)
+
+
+@dataclass
+class MixtureConfig:
+    means: list[list[float]]
+    stds: list[float]
+    weights: list[float]
+
+
+@dataclass
+class TeacherConfig:
+    """``kind="mlp"``: an MLP denoiser trained with the EDM loss on mixture samples (its score is
+    wrong where data is scarce); ``kind="gmm"``: the exact analytic denoiser. The MLP is trained in
+    both cases: it initializes the generator and the fake score, as the teacher's copy does for images."""
+
+    kind: str = "gmm"
+    hidden: int = 128
+    depth: int = 3
+    steps: int = 4000
+    batch_size: int = 1024
+    lr: float = 2e-3
+    P_mean: float | None = None  # None: EDM's -1.2 shifted by ln(sigma_data / 0.5)
+    P_std: float = 1.2
+
+
+@dataclass
+class ToyConfig:
+    mixture: MixtureConfig
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    runs: list[str] = field(default_factory=lambda: ["reverse_kl", "js", "forward_kl"])  # divergences or "adversarial"
+    num_eval: int = 5000
+    seed: int = 0
+
+
+def load_config(path: str | Path = PRESET, overrides: list[str] = ()) -> ToyConfig:
+    from fdistill.config import apply_overrides, load_yaml
+
+    return from_dict(ToyConfig, apply_overrides(load_yaml(path), list(overrides)), where=str(path))
+
+
+def build_mixture(cfg: ToyConfig) -> GaussianMixture:
+    m = cfg.mixture
+    return GaussianMixture(m.means, m.stds, m.weights)
+
+
+# -- teacher ------------------------------------------------------------------------------------
+def train_mlp_teacher(
+    mixture: GaussianMixture, cfg: TeacherConfig, seed: int = 0, progress: bool = True
+) -> MLPDenoiser:
+    """EDM training (EDM Eq. 2) of an MLP denoiser on fresh mixture samples every step."""
+    torch.manual_seed(seed)
+    sigma_data = mixture.data_std()
+    net = MLPDenoiser(mixture.dim, cfg.hidden, cfg.depth, sigma_data=sigma_data)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    p_mean = cfg.P_mean if cfg.P_mean is not None else -1.2 + math.log(sigma_data / 0.5)
+    for _ in tqdm(range(cfg.steps), desc="teacher (EDM loss)", disable=not progress, leave=False):
+        loss = edm_loss(net, mixture.sample(cfg.batch_size), None, p_mean, cfg.P_std, sigma_data)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval().requires_grad_(False)
+
+
+def cached_teacher(mixture: GaussianMixture, cfg: ToyConfig, cache_dir: Path, progress: bool = True) -> MLPDenoiser:
+    """Train the MLP teacher once per (mixture, teacher config, seed) and reuse it from cache_dir."""
+    key = json.dumps({"mixture": to_dict(cfg.mixture), "teacher": to_dict(cfg.teacher), "seed": cfg.seed})
+    path = Path(cache_dir) / f"teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}.safetensors"
+    net = MLPDenoiser(mixture.dim, cfg.teacher.hidden, cfg.teacher.depth, sigma_data=mixture.data_std())
+    if path.is_file():
+        net.load_state_dict(load_file(path))
+        return net.eval().requires_grad_(False)
+    net = train_mlp_teacher(mixture, cfg.teacher, cfg.seed, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return net
+
+
+# -- distillation -------------------------------------------------------------------------------
+def make_distiller(run: str, mixture: GaussianMixture, mlp: MLPDenoiser, cfg: ToyConfig, seed: int) -> Distiller:
+    """Generator and fake score start as copies of the trained MLP; the teacher is the MLP or the GMM."""
+    dcfg = copy.deepcopy(cfg.distill)
+    dcfg.seed = seed
+    if run == ADVERSARIAL:
+        dcfg.fdistill_weight = 0.0
+    else:
+        dcfg.divergence = run
+    torch.manual_seed(seed)
+    teacher = mlp if cfg.teacher.kind == "mlp" else mixture
+    if cfg.teacher.kind not in ("mlp", "gmm"):
+        raise ValueError(f"teacher.kind must be 'mlp' or 'gmm', got {cfg.teacher.kind!r}")
+    generator = copy.deepcopy(mlp).requires_grad_(True).train()
+    fake_score = copy.deepcopy(mlp).requires_grad_(True).train()
+    disc = Discriminator.mlp(teacher.feature_channels())
+    return Distiller(dcfg, teacher, generator, fake_score, disc,
+                     real_data=lambda n: (mixture.sample(n), None), sample_shape=(mixture.dim,))
+
+
+def evaluate(samples: Tensor, mixture: GaussianMixture, reference: Tensor) -> dict:
+    """Lab metrics of generated ``samples`` against the mixture (``reference``: true samples)."""
+    cov = mode_coverage(samples, mixture.means, mixture.stds, mixture.weights)
+    precision, recall = precision_recall(reference, samples, k=3)
+    return {"modes": cov["covered"], "tv": cov["tv"], "precision": precision, "recall": recall,
+            "logp": float(mixture.log_prob(samples).mean()), "share": cov["share"], "off_mode": cov["off_mode"]}
+
+
+def run_one(run: str, mixture, mlp, cfg: ToyConfig, seed: int, progress: bool = True):
+    """Distill one generator and evaluate its EMA samples. Returns (metrics, distiller)."""
+    t0 = time.perf_counter()
+    d = make_distiller(run, mixture, mlp, cfg, seed)
+    d.train(progress=progress, desc=run)
+    seconds = time.perf_counter() - t0
+    torch.manual_seed(10_000 + seed)
+    samples, reference = d.sample(cfg.num_eval), mixture.sample(cfg.num_eval)
+    ratio = ratio_check(d, mixture)
+    r_corr = sum(v["corr"] for v in ratio.values()) / len(ratio)
+    return {**evaluate(samples, mixture, reference), "r_corr": r_corr, "ratio_check": ratio, "seconds": seconds}, d
+
+
+COLUMNS = [("modes", "modes", "{:d}"), ("tv", "TV", "{:.3f}"), ("precision", "prec", "{:.3f}"),
+           ("recall", "recall", "{:.3f}"), ("logp", "log p", "{:.2f}"), ("r_corr", "r corr", "{:.2f}"),
+           ("seconds", "time s", "{:.0f}")]
+
+
+def format_table(rows: dict[str, dict], num_modes: int) -> str:
+    """Markdown table, one row per run; values may be floats or lists (shown as mean ± std)."""
+    head = "| run | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, m in rows.items():
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = m[key]
+            if isinstance(v, list):
+                t = torch.tensor(v, dtype=torch.float64)
+                cells.append(f"{t.mean():.3g} ± {t.std():.2g}" if len(v) > 1 else f"{t.mean():.3g}")
+            else:
+                cells.append(fmt.format(v) + (f"/{num_modes}" if key == "modes" else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def ratio_check(d: Distiller, mixture: GaussianMixture, sigmas=(0.1, 0.5, 2.0, 8.0), n: int = 4000,
+                n_kde: int = 20000) -> dict[float, dict[str, float]]:
+    """How well does the head estimate r_t = p_t / q_t (Sec. 3)? Compares the head's log r with the
+    true log ratio: p_t is the mixture convolved with N(0, sigma^2 I) (exact), q_t is the generator's
+    distribution convolved likewise, evaluated exactly for an independent set of n_kde generator samples.
+    Returns, per sigma, the Pearson correlation and mean absolute error of log r (unclipped head)."""
+    ref = d.sample(n_kde)
+    out = {}
+    for sigma in sigmas:
+        s = torch.full((n,), sigma)
+        x_t = d.sample(n) + sigma * torch.randn(n, mixture.dim)
+        log_q = (-0.5 * torch.cdist(x_t, ref).square() / sigma**2).logsumexp(1) - math.log(n_kde) \
+            - 0.5 * mixture.dim * math.log(2 * math.pi * sigma**2)
+        true = mixture.log_prob(x_t, sigma) - log_q
+        est = d.discriminator(d.teacher(x_t, s, None, return_features=True)[1])
+        corr = torch.corrcoef(torch.stack([true, est]))[0, 1]
+        out[sigma] = {"corr": float(corr), "mae": float((true - est).abs().mean()), "true_std": float(true.std())}
+    return out
+
+
+# -- pictures -----------------------------------------------------------------------------------
+def _grid(mixture: GaussianMixture, n: int = 160, pad: float = 1.5):
+    lo = (mixture.means - 3 * mixture.stds[:, None]).min(0).values - pad
+    hi = (mixture.means + 3 * mixture.stds[:, None]).max(0).values + pad
+    xs, ys = torch.linspace(float(lo[0]), float(hi[0]), n), torch.linspace(float(lo[1]), float(hi[1]), n)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    return torch.stack([gx.flatten(), gy.flatten()], 1), (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])), n
+
+
+@torch.no_grad()
+def score_and_weight_maps(d: Distiller, mixture: GaussianMixture, sigma: float):
+    """Fig. 3 on the plane at one noise level: |s_teacher - s_fake| and h(r) with r from the head."""
+    pts, extent, n = _grid(mixture)
+    s = torch.full((len(pts),), sigma)
+    x0_t, feats = d.teacher(pts, s, None, return_features=True)
+    x0_f = d.fake_score(pts, s, None)
+    diff = ((x0_t - x0_f) / sigma**2).norm(dim=1)
+    r = d.discriminator(feats).clamp(-d.cfg.logit_clip, d.cfg.logit_clip).exp().clamp(d.cfg.r_min, d.cfg.r_max)
+    h = d.divergence.h(r)
+    return diff.reshape(n, n), (h / h.mean()).reshape(n, n), extent
+
+
+def plot_demo(path: Path, mixture: GaussianMixture, samples: dict[str, Tensor], shares: dict[str, list[float]],
+              fig3: tuple, fig3_run: str, sigma: float) -> None:
+    """Top: samples over the teacher density per run. Bottom: the Fig. 3 pair and the mode shares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts, extent, n = _grid(mixture)
+    logp = mixture.log_prob(pts).reshape(n, n).clamp_min(-12).numpy()
+    cols = max(len(samples), 3)
+    fig = plt.figure(figsize=(3.6 * cols, 7.4))
+    grid = fig.add_gridspec(2, cols)
+    for i, (name, x) in enumerate(samples.items()):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(logp, origin="lower", extent=extent, cmap="Greys", alpha=0.8)
+        ax.scatter(x[:2000, 0].numpy(), x[:2000, 1].numpy(), s=2, c="tab:red", alpha=0.5)
+        ax.set(title=name, xlim=extent[:2], ylim=extent[2:])
+    diff, h, _ = fig3
+    gx, gy = torch.meshgrid(torch.linspace(*extent[:2], n), torch.linspace(*extent[2:], n), indexing="xy")
+    gx, gy = gx.numpy(), gy.numpy()
+    for i, (img, title, cmap) in enumerate([(diff.log10().numpy(), "log10 |s_teacher - s_fake|", "magma"),
+                                            (h.numpy(), f"h(r) / mean, {fig3_run}", "viridis")]):
+        ax = fig.add_subplot(grid[1, i])
+        im = ax.imshow(img, origin="lower", extent=extent, cmap=cmap)
+        ax.contour(gx, gy, logp, levels=6, colors="white", linewidths=0.4)
+        ax.set_title(f"{title} (sigma={sigma:.2g})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = fig.add_subplot(grid[1, 2:])
+    k = torch.arange(mixture.num_modes).numpy()
+    width = 0.8 / (len(shares) + 1)
+    ax.bar(k, mixture.weights.numpy(), width, color="black", label="teacher weight")
+    for j, (name, sh) in enumerate(shares.items()):
+        ax.bar(k + (j + 1) * width, sh, width, label=name)
+    ax.set(xlabel="mode (order of the config)", ylabel="share of samples", title="mode shares")
+    ax.legend(fontsize=8)
+    fig.suptitle("fdistill demo: one-step samples (red) over the teacher density; bottom left: Fig. 3 pair")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
+    """Distill every run in cfg.runs, print the table, write demo.png and results.json to out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    mixture = build_mixture(cfg)
+    mlp = cached_teacher(mixture, cfg, out_dir, progress)
+    teacher_seconds = time.perf_counter() - t0
+    rows, samples, distillers = {}, {}, {}
+    for run in cfg.runs:
+        rows[run], d = run_one(run, mixture, mlp, cfg, cfg.seed, progress)
+        samples[run] = d.sample(2000)
+        distillers[run] = d
+    fig3_run = next((r for r in ("forward_kl", "js") if r in distillers), cfg.runs[0])
+    sigma = 0.5 * mixture.data_std()
+    fig3 = score_and_weight_maps(distillers[fig3_run], mixture, sigma)
+    shares = {run: m["share"] for run, m in rows.items()}
+    plot_demo(out_dir / "demo.png", mixture, samples, shares, fig3, fig3_run, sigma)
+    (out_dir / "results.json").write_text(json.dumps({"config": to_dict(cfg), "results": rows}, indent=1))
+    table = format_table(rows, mixture.num_modes)
+    return (f"teacher: {cfg.teacher.kind} ({teacher_seconds:.0f} s incl. training/caching); "
+            f"{cfg.distill.iterations} iterations, batch {cfg.distill.batch_size}, seed {cfg.seed}\n"
+            f"{table}\nwrote {out_dir / 'demo.png'} and {out_dir / 'results.json'}")

@@ -1,0 +1,156 @@
+import copy
+
+import pytest
+import torch
+import yaml
+
+from fdistill.config import apply_overrides, from_dict, to_dict
+from fdistill.diffusion import SigmaSampler
+from fdistill.networks.heads import Discriminator
+from fdistill.networks.mlp import MLPDenoiser
+from fdistill.teachers import GaussianMixture
+from fdistill.trainer import DistillConfig, Distiller
+
+MIX = GaussianMixture([[2.0, -1.0], [-1.5, 1.0]], [0.4, 0.4], [0.7, 0.3])
+
+
+def make(cfg: DistillConfig, teacher=None, seed=0) -> Distiller:
+    torch.manual_seed(seed)
+    net = MLPDenoiser(2, hidden=32, depth=2, sigma_data=MIX.data_std())
+    teacher = teacher if teacher is not None else copy.deepcopy(net)
+    return Distiller(cfg, teacher, copy.deepcopy(net), copy.deepcopy(net),
+                     Discriminator.mlp(teacher.feature_channels(), hidden=16),
+                     real_data=lambda n: (MIX.sample(n), None), sample_shape=(2,))
+
+
+def small(**kw) -> DistillConfig:
+    base = dict(iterations=20, batch_size=32, lr=1e-3, tau=3, sigmas=SigmaSampler(sigma_max=20.0), log_every=1)
+    return DistillConfig(**{**base, **kw})
+
+
+def params(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def changed(before, m):
+    return any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_student_step_updates_only_generator_and_ema():
+    d = make(small(divergence="forward_kl"), teacher=MIX)
+    g, e, f, h = params(d.generator), params(d.generator_ema), params(d.fake_score), params(d.discriminator)
+    logs = d.step()
+    assert logs["kind"] == "student"
+    assert changed(g, d.generator) and changed(e, d.generator_ema)
+    assert not changed(f, d.fake_score) and not changed(h, d.discriminator)
+    assert all(p.grad is None for p in d.discriminator.parameters())  # backward(inputs=...) kept it clean
+    for key in ("loss_fdistill", "loss_gan_g", "h_min", "h_mean", "h_max", "r_mean", "score_diff"):
+        assert key in logs
+    assert logs["h_mean"] == pytest.approx(1.0, rel=1e-5)  # second-stage normalization
+
+
+def test_critic_step_updates_fake_score_and_head_only():
+    d = make(small())
+    d.step()
+    g, f, h = params(d.generator), params(d.fake_score), params(d.discriminator)
+    logs = d.step()
+    assert logs["kind"] == "critic" and "r1" in logs and "loss_fake_score" in logs
+    assert not changed(g, d.generator) and changed(f, d.fake_score) and changed(h, d.discriminator)
+
+
+def test_ttur_schedule_alg1_line5():
+    d = make(small(tau=4))
+    kinds = [d.step()["kind"] for _ in range(9)]
+    assert kinds == ["student", "critic", "critic", "critic"] * 2 + ["student"]
+
+
+def test_adversarial_only_skips_fake_score():
+    d = make(small(fdistill_weight=0.0))
+    f = params(d.fake_score)
+    logs = [d.step() for _ in range(4)]
+    assert not changed(f, d.fake_score)
+    assert "loss_fdistill" not in logs[0] and "loss_gan_g" in logs[0]
+
+
+def test_fdistill_term_vanishes_when_fake_score_equals_teacher():
+    """At initialization (fake score = teacher copy) the f-distill gradient is exactly zero."""
+    d = make(small(gan_weight=0.0, grad_clip=None))
+    before = params(d.generator)
+    logs = d.student_step()
+    assert logs["score_diff"] == 0.0
+    # AdamW with a zero gradient only applies weight decay: p <- p (1 - lr wd)
+    for a, b in zip(before, d.generator.parameters()):
+        assert torch.allclose(a * (1 - d.cfg.lr * d.cfg.weight_decay), b)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="tau"):
+        DistillConfig(tau=1)
+    with pytest.raises(ValueError, match="both 0"):
+        DistillConfig(fdistill_weight=0.0, gan_weight=0.0)
+    with pytest.raises(ValueError):
+        DistillConfig(divergence="no_such_divergence!")
+
+
+def test_config_yaml_round_trip_and_overrides():
+    cfg = small(divergence="js", ratio_binning="linear", sigmas=SigmaSampler(index_range=(20, 980)))
+    text = yaml.safe_dump(to_dict(cfg))
+    back = from_dict(DistillConfig, yaml.safe_load(text))
+    assert back == cfg and back.sigmas.index_range == (20, 980) and isinstance(back.betas, tuple)
+    data = apply_overrides(to_dict(cfg), ["lr=3e-4", "sigmas.index_range=[2, 998]", "divergence=kl"])
+    assert from_dict(DistillConfig, data).lr == 3e-4 and data["sigmas"]["index_range"] == [2, 998]
+    with pytest.raises(ValueError, match="unknown key"):
+        from_dict(DistillConfig, {"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["lr"])
+
+
+def test_resume_is_exact(tmp_path):
+    """A run stopped at iteration 7 and resumed ends with the same weights as an uninterrupted run."""
+    cfg = small(divergence="js", iterations=14, ratio_ema=0.5)
+    full = make(cfg)
+    torch.manual_seed(123)
+    full.train(progress=False)
+
+    first = make(copy.deepcopy(cfg))
+    first.cfg.iterations = 7
+    torch.manual_seed(123)
+    first.train(run_dir=tmp_path / "run", progress=False)
+    torch.manual_seed(999)  # whatever happens in between must not matter
+    resumed = make(cfg)  # same frozen teacher; the trained parts must come from the checkpoint
+    with torch.no_grad():
+        for p in [*resumed.generator.parameters(), *resumed.fake_score.parameters()]:
+            p.add_(1.0)
+    resumed.load(tmp_path / "run" / "checkpoint")
+    assert resumed.iteration == 7
+    resumed.train(progress=False)
+
+    for name, m in full._modules().items():
+        other = resumed._modules()[name].state_dict()
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, other[k]), f"{name}.{k} differs after resume"
+    for name, opt in full._optimizers().items():
+        a, b = opt.state_dict()["state"], resumed._optimizers()[name].state_dict()["state"]
+        assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+
+
+def test_load_rejects_other_divergence(tmp_path):
+    d = make(small(divergence="js", iterations=2))
+    d.train(run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="divergence"):
+        make(small(divergence="reverse_kl")).load(tmp_path / "checkpoint")
+    with pytest.raises(FileNotFoundError):
+        d.load(tmp_path / "missing")
+
+
+def test_distills_a_shifted_gaussian():
+    """Convergence on a small problem: the one-step generator, started from a network fitted to
+    N(0, I)-like data, moves to a Gaussian teacher N(mu, s^2 I) and matches its moments."""
+    target = GaussianMixture([[1.5, -1.0]], [0.5], [1.0])
+    cfg = small(divergence="js", iterations=1500, batch_size=256, lr=2e-3, tau=3, gan_weight=0.0, r1_gamma=0.0,
+                ema_beta=0.9)
+    d = make(cfg, teacher=target, seed=1)
+    d.train(progress=False)
+    x = d.sample(4000)
+    assert torch.allclose(x.mean(0), target.means[0], atol=0.15), x.mean(0)
+    assert torch.allclose(x.std(0), torch.full((2,), 0.5), rtol=0.2), x.std(0)
