@@ -54,7 +54,8 @@ def set_rng_state(state: dict) -> None:
 def save(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
          meta: dict[str, Any]) -> Path:
     """Write ``model.safetensors`` (module weights), ``state.safetensors`` + ``state.json``
-    (optimizers, RNG, ``meta``) into directory ``path``; written to a temp dir, then renamed."""
+    (optimizers, RNG, ``meta``: JSON values and tensors) into directory ``path``; written to a temp
+    dir, then renamed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def save(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict
     state = {
         "optimizers": {n: _flatten(f"optim.{n}", o.state_dict(), tensors) for n, o in optimizers.items()},
         "rng": _flatten("rng", rng_state(), tensors),
-        "meta": meta,
+        "meta": _flatten("meta", meta, tensors),
     }
     save_file(tensors, tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -96,7 +97,7 @@ def load(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict
         opt.load_state_dict(sd)
     if restore_rng:
         set_rng_state(_unflatten(state["rng"], tensors))
-    return state["meta"]
+    return _unflatten(state["meta"], tensors)
 
 
 def load_weights(path: str | Path, name: str) -> dict[str, Tensor]:

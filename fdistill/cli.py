@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -13,7 +14,7 @@ def _demo(args: argparse.Namespace) -> None:
     from fdistill import toy
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    cfg = toy.load_config(args.config, args.overrides)
+    cfg = toy.load_config(args.config or toy.PRESET, args.overrides)
     t0 = time.perf_counter()
     print(toy.run_demo(cfg, args.out, progress=not args.no_progress))
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
@@ -23,6 +24,69 @@ def _analyze(args: argparse.Namespace) -> None:
     from fdistill.analysis import analyze
 
     print(analyze(args.out, args.custom))
+
+
+DIGITS_PRESET = Path(__file__).parent / "configs" / "digits.yaml"
+
+
+def _train_teacher(args: argparse.Namespace) -> None:
+    from fdistill import images
+
+    cfg = images.load_config(args.config or DIGITS_PRESET, args.overrides)
+    t0 = time.perf_counter()
+    path = images.train_teacher(cfg, args.out, progress=not args.no_progress)
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s, {cfg.teacher.iterations} iterations)")
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from fdistill import images
+
+    cfg = images.load_config(args.config or DIGITS_PRESET, args.overrides)
+    d = images.make_distiller(cfg, args.teacher)
+    ckpt = Path(args.out) / "checkpoint"
+    if args.resume:
+        d.load(ckpt)
+        print(f"resumed {ckpt} at iteration {d.iteration}")
+    t0 = time.perf_counter()
+    d.train(run_dir=args.out, progress=not args.no_progress, desc=cfg.distill.divergence)
+    print(f"wrote {ckpt} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this run)")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from fdistill import images
+    from fdistill.data import save_image_grid
+
+    if bool(args.checkpoint) == bool(args.teacher):
+        raise ValueError("give exactly one of --checkpoint (a one-step generator) or --teacher (multi-step sampling)")
+    if args.checkpoint:
+        net, sigma_gen, info = images.load_generator(args.checkpoint)
+        kwargs = info["network"]
+    else:
+        net, _, kwargs = images.load_network(args.teacher)
+        sigma_gen = None
+    shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
+    t0 = time.perf_counter()
+    x, labels = images.generate(net, args.num, shape, kwargs.get("label_dim", 0), sigma_gen, args.steps,
+                                args.guidance, seed=args.seed)
+    seconds = time.perf_counter() - t0
+    uint8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": uint8} if labels is None else {"images": uint8, "labels": labels.argmax(1).numpy()}
+    np.savez(out, **arrays)
+    grid = save_image_grid(x[: args.grid_size], out.with_suffix(".png"))
+    nfe = 1 if sigma_gen is not None else 2 * args.steps - 1
+    print(f"wrote {out} and {grid}: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
+          f"({1000 * seconds / args.num:.1f} s per 1000)")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from fdistill import evaluation
+
+    print(evaluation.format_report(evaluation.evaluate_file(args.samples, args.data, k=args.k)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,15 +107,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a custom weighting h(r) as an expression in r (Prop. 1), e.g. 'sqrt(r)/(1+r)'; repeatable")
     a.add_argument("--out", default="runs/analyze", help="directory for the PNG figures (default: runs/analyze)")
     a.set_defaults(func=_analyze)
+
+    t = sub.add_parser("train-teacher", help="train an EDM teacher on images (default preset: configs/digits.yaml)")
+    t.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. teacher.iterations=500")
+    t.add_argument("--config", help="YAML preset (default: configs/digits.yaml)")
+    t.add_argument("--out", default="runs/digits", help="output directory (default: runs/digits)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train_teacher)
+
+    s = sub.add_parser("distill", help="distill a teacher into a one-step generator (Algorithm 1)")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. distill.divergence=js distill.iterations=2000")
+    s.add_argument("--teacher", required=True, help="teacher weights (.safetensors from train-teacher)")
+    s.add_argument("--config", help="YAML preset (default: configs/digits.yaml)")
+    s.add_argument("--out", default="runs/distill", help="run directory: log.jsonl and checkpoint/")
+    s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_distill)
+
+    m = sub.add_parser("sample", help="sample a one-step generator or a teacher into .npz (uint8 NCHW, labels) + PNG")
+    m.add_argument("--checkpoint", help="distillation checkpoint directory (one-step sampling)")
+    m.add_argument("--teacher", help="teacher weights (multi-step EDM Heun sampling)")
+    m.add_argument("--num", type=int, default=1000)
+    m.add_argument("--steps", type=int, default=18, help="Heun steps for --teacher (18 = 35 NFE)")
+    m.add_argument("--guidance", type=float, default=1.0, help="CFG scale for --teacher")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--grid-size", type=int, default=100, help="samples in the PNG grid")
+    m.add_argument("--out", default="runs/samples.npz")
+    m.set_defaults(func=_sample)
+
+    e = sub.add_parser("evaluate", help="FID / precision / recall (and class accuracy) of a samples .npz")
+    e.add_argument("samples", help=".npz written by `fdistill sample`")
+    e.add_argument("--data", default="digits", help="reference data (default: digits, scored in digits-FID space)")
+    e.add_argument("--k", type=int, default=3, help="k of k-NN precision/recall")
+    e.set_defaults(func=_evaluate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "config", "unset") is None:
-        from fdistill.toy import PRESET
-
-        args.config = PRESET
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as e:

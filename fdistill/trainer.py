@@ -116,6 +116,7 @@ class Distiller:
         self.opt_d = adamw(self.discriminator.parameters(), lr_c)
         self.iteration = 0
         self.history: list[dict] = []
+        self.info: dict = {}  # saved with checkpoints, e.g. the network's constructor kwargs
 
     # -- sampling ------------------------------------------------------------------------------
     def generate(self, z: Tensor, cond: Tensor | None = None, ema: bool = False) -> Tensor:
@@ -267,7 +268,9 @@ class Distiller:
 
     def save(self, path: str | Path) -> Path:
         """Weights (safetensors), optimizer and RNG state, iteration and config: enough for exact resume."""
-        meta = {"iteration": self.iteration, "config": to_dict(self.cfg)}
+        meta = {"iteration": self.iteration, "config": to_dict(self.cfg), "info": self.info}
+        if hasattr(self.real_data, "state_dict"):  # a data sampler with its own random stream
+            meta["data_state"] = self.real_data.state_dict()
         return checkpoint.save(path, self._modules(), self._optimizers(), meta)
 
     def load(self, path: str | Path) -> None:
@@ -278,3 +281,6 @@ class Distiller:
             raise ValueError(f"checkpoint {path} was trained with divergence {saved.divergence!r}, "
                              f"not {self.cfg.divergence!r}")
         self.iteration = int(meta["iteration"])
+        self.info = meta.get("info", {})
+        if "data_state" in meta:
+            self.real_data.load_state_dict(meta["data_state"])

@@ -1,0 +1,110 @@
+"""The image pipeline end to end on real digits with a tiny EDM UNet (random or briefly trained)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fdistill import cli, images
+from fdistill.data import ImageSampler, load_dataset
+from fdistill.networks.heads import ConvHead, Discriminator
+from fdistill.teachers import GuidedDenoiser
+
+TINY = ["teacher.network.model_channels=8", "teacher.network.channel_mult=[1, 2]", "teacher.network.num_blocks=1",
+        "teacher.network.attn_resolutions=[]", "teacher.batch_size=16", "teacher.warmup=1", "disc_hidden=8"]
+DISTILL = ["distill.batch_size=8", "distill.tau=2", "distill.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert cli.main(["train-teacher", "--out", str(out), "--no-progress", "teacher.iterations=3", *TINY]) == 0
+    return out / "teacher.safetensors"
+
+
+@pytest.mark.parametrize("res", [2, 4, 8, 16, 32])
+def test_conv_head_gives_one_logit_per_sample(res):
+    head = ConvHead(channels=6, resolution=res, hidden=8)
+    assert head(torch.randn(3, 6, res, res)).shape == (3,)
+
+
+def test_discriminator_averages_heads():
+    d = Discriminator.conv({8: 4, 4: 6}, hidden=8)
+    feats = {8: torch.randn(2, 4, 8, 8), 4: torch.randn(2, 6, 4, 4)}
+    expected = (d.heads["8"](feats[8]) + d.heads["4"](feats[4])) / 2
+    assert torch.allclose(d(feats), expected)
+
+
+def test_teacher_file_round_trip(teacher_path):
+    net, precond, kwargs = images.load_network(teacher_path)
+    assert precond == "EDMPrecond" and kwargs["label_dim"] == 10 and kwargs["img_resolution"] == 8
+    x, s, c = torch.randn(4, 1, 8, 8), torch.full((4,), 1.5), torch.eye(10)[:4]
+    again, _, _ = images.load_network(teacher_path)
+    assert torch.equal(net(x, s, c), again(x, s, c))
+    with pytest.raises(ValueError, match="pkl"):
+        images.load_network(teacher_path.with_suffix(".pkl"))
+    with pytest.raises(FileNotFoundError):
+        images.load_network(teacher_path.parent / "missing.safetensors")
+
+
+def test_guided_denoiser_is_cfg(teacher_path):
+    net, _, _ = images.load_network(teacher_path)
+    x, s, c = torch.randn(3, 1, 8, 8), torch.full((3,), 0.7), torch.eye(10)[:3]
+    d_c, d_u = net(x, s, c), net(x, s, torch.zeros_like(c))
+    assert torch.allclose(GuidedDenoiser(net, 1.0)(x, s, c), d_c)
+    g, feats = GuidedDenoiser(net, 2.5)(x, s, c, return_features=True)
+    assert torch.allclose(g, d_u + 2.5 * (d_c - d_u), atol=1e-6)
+    ref = net(x, s, c, return_features=True)[1]
+    assert all(torch.equal(feats[r], ref[r]) for r in ref)  # features of the conditional pass
+
+
+def test_distill_sample_evaluate_cli(teacher_path, tmp_path, capsys):
+    run = tmp_path / "js"
+    assert cli.main(["distill", "--teacher", str(teacher_path), "--out", str(run), "--no-progress",
+                     "distill.iterations=4", *TINY, *DISTILL]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in log] == ["student", "critic", "student", "critic"]
+    assert "h_mean" in log[0] and "r1" in log[1]
+
+    samples = tmp_path / "s.npz"
+    assert cli.main(["sample", "--checkpoint", str(run / "checkpoint"), "--num", "40", "--out", str(samples)]) == 0
+    with np.load(samples) as f:
+        assert f["images"].shape == (40, 1, 8, 8) and f["images"].dtype == np.uint8
+        assert (f["labels"] == np.arange(40) % 10).all()
+    assert samples.with_suffix(".png").is_file()
+    assert "1 NFE" in capsys.readouterr().out
+
+    assert cli.main(["sample", "--teacher", str(teacher_path), "--num", "20", "--steps", "3",
+                     "--out", str(tmp_path / "t.npz")]) == 0
+    assert "5 NFE" in capsys.readouterr().out
+
+    assert cli.main(["evaluate", str(samples)]) == 0
+    out = capsys.readouterr().out
+    for key in ("fid", "precision", "recall", "class_accuracy"):
+        assert key in out
+
+
+def test_image_resume_is_exact(teacher_path, tmp_path):
+    cfg = images.load_config(cli.DIGITS_PRESET, [*TINY, *DISTILL, "distill.iterations=6"])
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    full = images.make_distiller(cfg, teacher_path, data)
+    full.train(progress=False)
+    cfg.distill.iterations = 3
+    first = images.make_distiller(cfg, teacher_path, data)
+    first.train(run_dir=tmp_path, progress=False)
+    cfg.distill.iterations = 6
+    resumed = images.make_distiller(cfg, teacher_path, data)
+    resumed.real_data(5)  # advance its data stream: the checkpoint must restore it
+    resumed.load(tmp_path / "checkpoint")
+    resumed.train(progress=False)
+    for k, v in full.generator.state_dict().items():
+        assert torch.equal(v, resumed.generator.state_dict()[k]), k
+    assert isinstance(resumed.real_data, ImageSampler)
+
+
+def test_bad_disc_resolution_is_explained(teacher_path):
+    cfg = images.load_config(cli.DIGITS_PRESET, [*TINY, "disc_resolutions=[16]"])
+    with pytest.raises(ValueError, match="disc_resolutions"):
+        images.make_distiller(cfg, teacher_path)
