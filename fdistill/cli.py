@@ -77,7 +77,7 @@ def _sample(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"images": uint8} if labels is None else {"images": uint8, "labels": labels.argmax(1).numpy()}
     np.savez(out, **arrays)
-    grid = save_image_grid(x[: args.grid_size], out.with_suffix(".png"))
+    grid = save_image_grid(x[: args.grid_size], out.with_suffix(".png"), nrow=10, scale=max(1, 64 // shape[1]))
     nfe = 1 if sigma_gen is not None else 2 * args.steps - 1
     print(f"wrote {out} and {grid}: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
           f"({1000 * seconds / args.num:.1f} s per 1000)")

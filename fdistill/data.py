@@ -369,9 +369,9 @@ def write_edm_zip(path: str | Path, images: np.ndarray, labels: np.ndarray | Non
     return path
 
 
-def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
+def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Save (N, C, H, W) images, float in [-1, 1] or uint8, as one PNG grid with ``nrow`` images per
-    row (default ceil(sqrt(N))); empty cells are black."""
+    row (default ceil(sqrt(N))); empty cells are black; ``scale`` enlarges pixels (nearest)."""
     if isinstance(images, Tensor):
         images = images.detach().cpu().float().numpy() if images.dtype != torch.uint8 else images.cpu().numpy()
     images = np.asarray(images)
@@ -389,6 +389,7 @@ def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | N
     for i, img in enumerate(images):
         r, k = divmod(i, nrow)
         grid[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = img
+    grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_encode_png(grid))

@@ -72,6 +72,9 @@ class GaussianMixture(nn.Module):
     def feature_channels(self) -> dict[int, int]:
         return {0: 2 * self.dim + 1 + self.num_modes}
 
+    def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> dict[int, Tensor]:
+        return self.forward(x, sigma, cond, return_features=True)[1]
+
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, return_features: bool = False):
         """Exact denoiser E[x0 | x_sigma] = sum_k gamma_k (mu_k + s_k^2 / v_k (x - mu_k)).
 
@@ -104,6 +107,9 @@ class GuidedDenoiser(nn.Module):
 
     def feature_channels(self) -> dict[int, int]:
         return self.net.feature_channels()
+
+    def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> dict[int, Tensor]:
+        return self.net.features(x, sigma, cond)  # the conditional pass, as in forward
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, return_features: bool = False):
         out = self.net(x, sigma, cond, return_features=return_features)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fdistill.config import from_dict, to_dict
+from fdistill.config import apply_overrides, from_dict, load_yaml, to_dict
 from fdistill.diffusion import edm_loss
 from fdistill.metrics import mode_coverage, precision_recall
 from fdistill.networks.heads import Discriminator
@@ -53,6 +53,10 @@ class TeacherConfig:
     P_mean: float | None = None  # None: EDM's -1.2 shifted by ln(sigma_data / 0.5)
     P_std: float = 1.2
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("mlp", "gmm"):
+            raise ValueError(f"teacher.kind must be 'mlp' or 'gmm', got {self.kind!r}")
+
 
 @dataclass
 class ToyConfig:
@@ -65,8 +69,6 @@ class ToyConfig:
 
 
 def load_config(path: str | Path = PRESET, overrides: list[str] = ()) -> ToyConfig:
-    from fdistill.config import apply_overrides, load_yaml
-
     return from_dict(ToyConfig, apply_overrides(load_yaml(path), list(overrides)), where=str(path))
 
 
@@ -120,8 +122,6 @@ def make_distiller(run: str, mixture: GaussianMixture, mlp: MLPDenoiser, cfg: To
         dcfg.divergence = run
     torch.manual_seed(seed)
     teacher = mlp if cfg.teacher.kind == "mlp" else mixture
-    if cfg.teacher.kind not in ("mlp", "gmm"):
-        raise ValueError(f"teacher.kind must be 'mlp' or 'gmm', got {cfg.teacher.kind!r}")
     generator = copy.deepcopy(mlp).requires_grad_(True).train()
     fake_score = copy.deepcopy(mlp).requires_grad_(True).train()
     disc = Discriminator.mlp(teacher.feature_channels())
@@ -163,9 +163,10 @@ def format_table(rows: dict[str, dict], num_modes: int) -> str:
         cells = []
         for key, _, fmt in COLUMNS:
             v = m[key]
-            if isinstance(v, list):
+            if isinstance(v, list):  # mean ± std over seeds
                 t = torch.tensor(v, dtype=torch.float64)
-                cells.append(f"{t.mean():.3g} ± {t.std():.2g}" if len(v) > 1 else f"{t.mean():.3g}")
+                f = "{:.1f}" if fmt == "{:d}" else fmt
+                cells.append(f.format(t.mean()) + (" ± " + f.format(t.std()) if len(v) > 1 else ""))
             else:
                 cells.append(fmt.format(v) + (f"/{num_modes}" if key == "modes" else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

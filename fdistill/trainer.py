@@ -1,6 +1,7 @@
 """Algorithm 1 (f-distill training), generic over networks.
 
-Every network hides behind the denoiser interface ``net(x, sigma, cond, return_features=False)``:
+Every network hides behind the denoiser interface ``net(x, sigma, cond, return_features=False)``
+(the teacher also has ``features(x, sigma, cond)``, the discriminator's input alone):
 the teacher D_phi (frozen), the fake score D_psi, and the one-step generator
 G_theta(z) = D_theta(sigma_gen z; sigma_gen) (a copy of the teacher evaluated once at sigma_max).
 The discriminator D_lambda is a head on the frozen teacher's features (App. B).
@@ -189,13 +190,13 @@ class Distiller:
             loss_fake = denoising_loss(self.fake_score, x, sigma, cond, sigma_data, cfg.fake_score_weighting)
 
         with torch.no_grad():
-            feats_fake = self.teacher(self._noisy(x, sigma), sigma, cond, return_features=True)[1]
+            feats_fake = self.teacher.features(self._noisy(x, sigma), sigma, cond)
         x_real, cond_real = self.real_data(n)
         x_real, cond_real = x_real.to(self.device), None if cond_real is None else cond_real.to(self.device)
         sigma_real = self.sigmas.sample(n, self.device)  # real data gets its own sigma and noise
         x_real_t = self._noisy(x_real, sigma_real).requires_grad_(cfg.r1_gamma > 0)
         with torch.set_grad_enabled(cfg.r1_gamma > 0):
-            feats_real = self.teacher(x_real_t, sigma_real, cond_real, return_features=True)[1]
+            feats_real = self.teacher.features(x_real_t, sigma_real, cond_real)
         logits_fake, logits_real = self.discriminator(feats_fake), self.discriminator(feats_real)
         loss_d = gan_discriminator_loss(logits_real, logits_fake)
         logs = {"loss_fake_score": float(loss_fake.detach()), "loss_gan_d": float(loss_d.detach()),

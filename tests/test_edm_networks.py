@@ -240,3 +240,21 @@ def test_preconditioning_attributes_and_helpers():
         tiny(model_type="UNet2D")
     with pytest.raises(ValueError, match="encoder_type"):
         tiny(encoder_type="dense")
+
+
+@pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
+def test_features_only_stops_after_the_last_tap(model_type):
+    """``features()`` equals forward's features but never runs the decoder (the critic step's saving)."""
+    net = tiny(model_type=model_type).eval()
+    net.feature_resolutions = [net.encoder_resolutions[0]]
+    x, sigma = torch.randn(2, net.img_channels, net.img_resolution, net.img_resolution), torch.tensor([0.5, 3.0])
+    labels = torch.eye(net.label_dim)[:2] if net.label_dim else None
+    full = net(x, sigma, labels, return_features=True)[1]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("decoder ran")
+
+    for module in net.model.dec.values():
+        module.forward = fail
+    only = net.features(x, sigma, labels)
+    assert only.keys() == full.keys() and all(torch.equal(only[r], full[r]) for r in full)

@@ -286,6 +286,13 @@ class _FeatureTaps(nn.Module):
         """{resolution: channels} of the features returned for ``feature_resolutions``."""
         return {r: self._tap_channels[r] for r in self._feature_resolutions}
 
+    def _drop_labels(self, labels: Tensor, batch: int) -> Tensor:
+        """Label dropout in training (zero label = unconditional, for classifier-free guidance)."""
+        if self.training and self.label_dropout:
+            keep = torch.rand([batch, 1], device=labels.device) >= self.label_dropout
+            labels = labels * keep.to(labels.dtype)
+        return labels
+
     def _wanted_taps(self, return_features: bool) -> dict[str, int]:
         return {self._taps[r]: r for r in self._feature_resolutions} if return_features else {}
 
@@ -406,17 +413,15 @@ class SongUNet(_FeatureTaps):
 
     def forward(
         self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None,
-        augment_labels: Tensor | None = None, return_features: bool = False,
-    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        augment_labels: Tensor | None = None, return_features: bool | str = False,
+    ) -> Tensor | tuple[Tensor | None, dict[int, Tensor]]:
         """F(x) for noise labels (B,), one-hot labels (B, label_dim); with ``return_features`` also the
-        encoder features {resolution: (B, C, r, r)} for ``feature_resolutions``."""
+        encoder features {resolution: (B, C, r, r)} for ``feature_resolutions``; with
+        ``return_features="only"``, (None, features), stopping after the last tapped encoder block."""
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # [cos, sin] -> [sin, cos]
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = self._drop_labels(class_labels, x.shape[0])
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -440,6 +445,8 @@ class SongUNet(_FeatureTaps):
                 skips.append(x)
             if name in taps:
                 features[taps[name]] = x
+                if return_features == "only" and len(features) == len(taps):
+                    return None, features  # the rest of the network is not needed
 
         out: Tensor | None = None
         head: Tensor | None = None
@@ -541,21 +548,18 @@ class DhariwalUNet(_FeatureTaps):
 
     def forward(
         self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None,
-        augment_labels: Tensor | None = None, return_features: bool = False,
-    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        augment_labels: Tensor | None = None, return_features: bool | str = False,
+    ) -> Tensor | tuple[Tensor | None, dict[int, Tensor]]:
         """F(x) for noise labels (B,), one-hot labels (B, label_dim); with ``return_features`` also the
-        encoder features {resolution: (B, C, r, r)} for ``feature_resolutions``."""
+        encoder features {resolution: (B, C, r, r)} for ``feature_resolutions``; with
+        ``return_features="only"``, (None, features), stopping after the last tapped encoder block."""
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = F.silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels)
+            emb = emb + self.map_label(self._drop_labels(class_labels, x.shape[0]))
         emb = F.silu(emb)
 
         taps = self._wanted_taps(return_features)
@@ -566,6 +570,8 @@ class DhariwalUNet(_FeatureTaps):
             skips.append(x)
             if name in taps:
                 features[taps[name]] = x
+                if return_features == "only" and len(features) == len(taps):
+                    return None, features  # the rest of the network is not needed
 
         for name, module in self.dec.items():
             if name in self._concat:
@@ -610,8 +616,8 @@ class _Precond(nn.Module):
 
     def forward(
         self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None, force_fp32: bool = False,
-        return_features: bool = False, **model_kwargs,
-    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        return_features: bool | str = False, **model_kwargs,
+    ) -> Tensor | tuple[Tensor | None, dict[int, Tensor]]:
         """The denoised image D(x; sigma), float32 (B, C, H, W).
 
         sigma: (B,), (B, 1, 1, 1) or a scalar. class_labels: one-hot (B, label_dim); None means the
@@ -635,12 +641,20 @@ class _Precond(nn.Module):
         out = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
                          return_features=return_features, **model_kwargs)
         F_x, features = out if return_features else (out, None)
+        if F_x is None:  # return_features == "only"
+            return None, {r: f.to(torch.float32) for r, f in features.items()}
         if F_x.dtype != dtype:
             raise RuntimeError(f"UNet returned {F_x.dtype}, expected {dtype}")
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_features:
             return D_x
         return D_x, {r: f.to(torch.float32) for r, f in features.items()}
+
+    def features(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None,
+                 **model_kwargs) -> dict[int, Tensor]:
+        """The discriminator's features alone, as ``forward(..., return_features=True)[1]`` but running
+        only the encoder up to the last tapped block (the critic step needs nothing else)."""
+        return self.forward(x, sigma, class_labels, return_features="only", **model_kwargs)[1]
 
     def round_sigma(self, sigma: Tensor | float) -> Tensor:
         """Noise levels are continuous: sigma as a tensor, unchanged."""

@@ -47,6 +47,9 @@ class MLPDenoiser(nn.Module):
     def feature_channels(self) -> dict[int, int]:
         return {0: self.hidden}
 
+    def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> dict[int, Tensor]:
+        return self.forward(x, sigma, cond, return_features=True)[1]
+
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, return_features: bool = False):
         sigma = sigma.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
         c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
