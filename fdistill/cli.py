@@ -48,8 +48,26 @@ def _distill(args: argparse.Namespace) -> None:
         d.load(ckpt)
         print(f"resumed {ckpt} at iteration {d.iteration}")
     t0 = time.perf_counter()
-    d.train(run_dir=args.out, progress=not args.no_progress, desc=cfg.distill.divergence)
+    writer = tensorboard_writer(Path(args.out) / "tensorboard") if args.tensorboard else None
+
+    def log_fn(logs: dict) -> None:
+        for k, v in logs.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"{logs['kind']}/{k}", v, logs["iteration"])
+
+    d.train(run_dir=args.out, progress=not args.no_progress, desc=cfg.distill.divergence,
+            log_fn=log_fn if writer else None)
+    if writer:
+        writer.close()
     print(f"wrote {ckpt} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this run)")
+
+
+def tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'fdistill[tensorboard]'") from e
+    return SummaryWriter(str(log_dir))
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -121,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML preset (default: configs/digits.yaml)")
     s.add_argument("--out", default="runs/distill", help="run directory: log.jsonl and checkpoint/")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    s.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_distill)
 

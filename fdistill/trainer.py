@@ -226,8 +226,10 @@ class Distiller:
         for b_ema, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
             b_ema.copy_(b)
 
-    def train(self, run_dir: str | Path | None = None, progress: bool = True, desc: str = "distill") -> list[dict]:
-        """Run until ``cfg.iterations``, logging every ``log_every`` steps and checkpointing into run_dir."""
+    def train(self, run_dir: str | Path | None = None, progress: bool = True, desc: str = "distill",
+              log_fn: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run until ``cfg.iterations``, logging every ``log_every`` cycles (to ``history``, to
+        <run_dir>/log.jsonl and to ``log_fn``, e.g. a TensorBoard writer) and checkpointing into run_dir."""
         cfg = self.cfg
         run_dir = Path(run_dir) if run_dir else None
         log_file = None
@@ -247,6 +249,8 @@ class Distiller:
                     self.history.append(logs)
                     if log_file:
                         log_file.write(json.dumps(logs) + "\n")
+                    if log_fn:
+                        log_fn(logs)
                     shown = {k: logs[k] for k in ("loss_fdistill", "loss_gan_d", "h_max") if k in logs}
                     bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
                 if run_dir and cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:

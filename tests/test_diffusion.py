@@ -89,7 +89,8 @@ def test_mlp_denoiser_interface_and_edm_training_reduces_loss():
 
     def loss(denoiser):  # same data, sigmas and noise for every denoiser
         torch.manual_seed(5)
-        return float(denoising_loss(denoiser, MIX.sample(8192), sig(8192), None, net.sigma_data))
+        with torch.no_grad():
+            return float(denoising_loss(denoiser, MIX.sample(8192), sig(8192), None, net.sigma_data))
 
     before, optimum = loss(net), loss(MIX)  # the exact denoiser attains the minimum
     for _ in range(400):

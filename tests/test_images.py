@@ -108,3 +108,18 @@ def test_bad_disc_resolution_is_explained(teacher_path):
     cfg = images.load_config(cli.DIGITS_PRESET, [*TINY, "disc_resolutions=[16]"])
     with pytest.raises(ValueError, match="disc_resolutions"):
         images.make_distiller(cfg, teacher_path)
+
+
+def test_distill_writes_tensorboard_scalars(teacher_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert cli.main(["distill", "--teacher", str(teacher_path), "--out", str(tmp_path), "--no-progress",
+                     "--tensorboard", "distill.iterations=4", *TINY, *DISTILL]) == 0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"student/loss_fdistill", "student/h_max", "critic/loss_gan_d", "critic/r1"} <= set(tags)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [e.step for e in events.Scalars("student/loss_fdistill")]
+    assert steps == [e["iteration"] for e in log if e["kind"] == "student"]
+    assert events.Scalars("student/loss_fdistill")[0].value == pytest.approx(log[0]["loss_fdistill"], rel=1e-6)
