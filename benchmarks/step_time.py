@@ -6,6 +6,8 @@
 Measures, as medians over --steps steps after --warmup steps:
   - the student step (generator update) and the critic step (fake score + discriminator, R1 as in
     Table 5's CIFAR-10 column, and without R1);
+  - the student step's FLOPs (torch FlopCounterMode) and achieved TFLOP/s; sampling latency of the
+    one-step generator vs the teacher's 35-NFE Heun sampler for one batch;
   - the passes a student step cannot avoid, timed alone: generator forward+backward, one teacher
     forward+backward through its input that also yields the discriminator features, one fake-score
     forward; and the critic's: generator forward, fake-score forward+backward, two feature passes.
@@ -22,8 +24,9 @@ import statistics
 import time
 
 import torch
+import torch.utils.flop_counter
 
-from fdistill.diffusion import SigmaSampler
+from fdistill.diffusion import SigmaSampler, edm_sampler
 from fdistill.networks.edm import EDMPrecond
 from fdistill.networks.heads import Discriminator
 from fdistill.trainer import DistillConfig, Distiller
@@ -127,6 +130,13 @@ def main() -> None:
                      ("  teacher features only (encoder)", features_fwd)]:
         rows.append((name, timeit(under_amp(fn), device, args.warmup, args.steps), peak_mb(device)))
         print(f"  measured {name.strip()}: {rows[-1][1]:.3f} s", flush=True)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        under_amp(d.student_step)()
+    student_flops = counter.get_total_flops()
+    with torch.no_grad():
+        latency = {"one-step generator (1 NFE)": timeit(under_amp(gen_fwd), device, args.warmup, args.steps),
+                   "teacher, EDM Heun 18 steps (35 NFE)": timeit(
+                       under_amp(lambda: edm_sampler(d.teacher, z, labels, num_steps=18)), device, 0, 1)}
     t = {name.strip(): s for name, s, _ in rows}
     student_needed = t["generator fwd+bwd"] + t["teacher fwd+bwd to input, with features"] + t["fake score fwd"]
     critic_needed = t["generator fwd"] + t["fake score fwd+bwd"] + 2 * t["teacher features only (encoder)"]
@@ -140,6 +150,11 @@ def main() -> None:
         print(f"| {name} | {s:.3f} | {B / s:.1f} | {mem:.0f} |")
     print(f"| necessary passes of a student step (sum) | {student_needed:.3f} | {B / student_needed:.1f} | |")
     print(f"| necessary passes of a critic step without R1 (sum) | {critic_needed:.3f} | {B / critic_needed:.1f} | |")
+    print(f"\nstudent step: {student_flops / 1e12:.3f} TFLOP (FlopCounterMode), "
+          f"{student_flops / t['student step'] / 1e12:.2f} TFLOP/s achieved")
+    print(f"\n| sampling a batch of {B} | seconds |\n|---|---|")
+    for name, s in latency.items():
+        print(f"| {name} | {s:.3f} |")
     print(f"\nstudent step / its necessary passes: {t['student step'] / student_needed:.2f}")
     print(f"critic step (no R1) / its necessary passes: {t['critic step (no R1)'] / critic_needed:.2f}")
 

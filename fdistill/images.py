@@ -79,11 +79,13 @@ def save_network(net: nn.Module, precond: str, kwargs: dict, path: str | Path) -
 
 
 def load_network(path: str | Path) -> tuple[nn.Module, str, dict]:
-    """Load a network written by ``save_network``: returns (net in eval mode, precond, kwargs)."""
+    """Load a teacher: a ``.safetensors`` written by ``save_network`` or an NVlabs/edm ``.pkl``
+    snapshot (``edm_pickle``). Returns (net in eval mode, precond class name, constructor kwargs)."""
     path = Path(path)
-    if path.suffix == ".pkl":
-        raise ValueError(f"{path}: NVlabs/edm .pkl teachers are not supported yet; "
-                         "use a teacher trained by `fdistill train-teacher` (.safetensors)")
+    if path.suffix == ".pkl":  # an NVlabs/edm snapshot, loaded without running any of its code
+        from fdistill.edm_pickle import load_edm_pickle
+
+        return load_edm_pickle(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher not found: {path} (train one with `fdistill train-teacher`)")
     with safe_open(str(path), "pt") as f:

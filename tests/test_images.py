@@ -42,7 +42,7 @@ def test_teacher_file_round_trip(teacher_path):
     x, s, c = torch.randn(4, 1, 8, 8), torch.full((4,), 1.5), torch.eye(10)[:4]
     again, _, _ = images.load_network(teacher_path)
     assert torch.equal(net(x, s, c), again(x, s, c))
-    with pytest.raises(ValueError, match="pkl"):
+    with pytest.raises(FileNotFoundError, match="EDM pickle"):
         images.load_network(teacher_path.with_suffix(".pkl"))
     with pytest.raises(FileNotFoundError):
         images.load_network(teacher_path.parent / "missing.safetensors")
