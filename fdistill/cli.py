@@ -72,10 +72,9 @@ def tensorboard_writer(log_dir: Path):
 
 def _sample(args: argparse.Namespace) -> None:
     import numpy as np
-    import torch
 
     from fdistill import images
-    from fdistill.data import save_image_grid
+    from fdistill.data import save_image_grid, to_uint8
 
     if bool(args.checkpoint) == bool(args.teacher):
         raise ValueError("give exactly one of --checkpoint (a one-step generator) or --teacher (multi-step sampling)")
@@ -90,7 +89,7 @@ def _sample(args: argparse.Namespace) -> None:
     x, labels = images.generate(net, args.num, shape, kwargs.get("label_dim", 0), sigma_gen, args.steps,
                                 args.guidance, seed=args.seed)
     seconds = time.perf_counter() - t0
-    uint8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    uint8 = to_uint8(x)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"images": uint8} if labels is None else {"images": uint8, "labels": labels.argmax(1).numpy()}
@@ -135,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("distill", help="distill a teacher into a one-step generator (Algorithm 1)")
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. distill.divergence=js distill.iterations=2000")
-    s.add_argument("--teacher", required=True, help="teacher weights (.safetensors from train-teacher)")
+    s.add_argument("--teacher", required=True,
+                   help="teacher: .safetensors from train-teacher, or an NVlabs/edm .pkl snapshot")
     s.add_argument("--config", help="YAML preset (default: configs/digits.yaml)")
     s.add_argument("--out", default="runs/distill", help="run directory: log.jsonl and checkpoint/")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("sample", help="sample a one-step generator or a teacher into .npz (uint8 NCHW, labels) + PNG")
     m.add_argument("--checkpoint", help="distillation checkpoint directory (one-step sampling)")
-    m.add_argument("--teacher", help="teacher weights (multi-step EDM Heun sampling)")
+    m.add_argument("--teacher", help="teacher .safetensors or NVlabs/edm .pkl (multi-step EDM Heun sampling)")
     m.add_argument("--num", type=int, default=1000)
     m.add_argument("--steps", type=int, default=18, help="Heun steps for --teacher (18 = 35 NFE)")
     m.add_argument("--guidance", type=float, default=1.0, help="CFG scale for --teacher")

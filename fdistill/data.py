@@ -372,16 +372,12 @@ def write_edm_zip(path: str | Path, images: np.ndarray, labels: np.ndarray | Non
 def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Save (N, C, H, W) images, float in [-1, 1] or uint8, as one PNG grid with ``nrow`` images per
     row (default ceil(sqrt(N))); empty cells are black; ``scale`` enlarges pixels (nearest)."""
-    if isinstance(images, Tensor):
-        images = images.detach().cpu().float().numpy() if images.dtype != torch.uint8 else images.cpu().numpy()
-    images = np.asarray(images)
+    images = to_uint8(images)
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
         raise ValueError(f"save_image_grid({path}): expected (N, C, H, W) images with C in (1, 3), got "
                          f"{images.shape}")
-    if images.dtype != np.uint8:
-        images = np.clip(np.round((images.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -394,6 +390,20 @@ def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | N
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_encode_png(grid))
     return path
+
+
+def to_float(images: np.ndarray | Tensor) -> Tensor:
+    """uint8 images [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1); float input is taken as [-1, 1] already."""
+    x = torch.as_tensor(images)
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+def to_uint8(x: np.ndarray | Tensor) -> np.ndarray:
+    """float images in [-1, 1] -> uint8 round((x + 1) * 127.5), clipped to [0, 255] (uint8 passes through)."""
+    x = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    return np.clip(np.round((x.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 # -- sampling -----------------------------------------------------------------------------------
@@ -416,7 +426,7 @@ class ImageSampler:
     def __call__(self, n: int) -> tuple[Tensor, Tensor | None]:
         """(x float32 in [-1, 1] (n, C, H, W), one-hot labels (n, label_dim) or None)."""
         idx = torch.randint(len(self.images), (n,), generator=self.generator)
-        x = self.images[idx].to(self.device).float() / 127.5 - 1
+        x = to_float(self.images[idx].to(self.device))
         return x, None if self.labels is None else self._one_hot(self.labels[idx])
 
     def sample_labels(self, n: int) -> Tensor | None:

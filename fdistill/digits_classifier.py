@@ -13,12 +13,13 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from fdistill.data import load_dataset, to_float
 
 RECIPE_VERSION = 1
 FILENAME = f"digits_classifier-v{RECIPE_VERSION}.safetensors"
@@ -55,15 +56,10 @@ class DigitsClassifier(nn.Module):
 
 
 def digits_tensors() -> tuple[Tensor, Tensor]:
-    """All 1,797 digits as float (N, 1, 8, 8) in [-1, 1] and labels (N,), scaled as ``fdistill.data`` does:
-    round(v * 255 / 16) / 127.5 - 1 for scikit-learn's values v in 0..16."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError("the digits classifier is trained on scikit-learn's digits: pip install scikit-learn") from e
-    d = load_digits()
-    images = np.round(d.images * 255 / 16)[:, None] / 127.5 - 1
-    return torch.from_numpy(images).float(), torch.from_numpy(d.target).long()
+    """All 1,797 digits as float (N, 1, 8, 8) in [-1, 1] and labels (N,), exactly as ``fdistill.data``
+    loads and scales them for training."""
+    data = load_dataset("digits")
+    return to_float(data.images), torch.from_numpy(data.labels).long()
 
 
 def split_indices(labels: Tensor, seed: int = 0, held_out: float = 0.2) -> tuple[Tensor, Tensor]:

@@ -13,14 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fdistill.data import load_dataset
+from fdistill.data import load_dataset, to_float
 from fdistill.metrics import class_accuracy, evaluate_features
-
-
-def to_unit_range(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 [0, 255] -> float [-1, 1]; float input is taken to be in [-1, 1] already."""
-    x = torch.as_tensor(images)
-    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
 
 
 @torch.no_grad()
@@ -34,7 +28,7 @@ def evaluate_samples(x: Tensor, labels: Tensor | None = None, data: str = "digit
     from fdistill.digits_classifier import load_digits_classifier
 
     clf = load_digits_classifier(progress=False)
-    real = to_unit_range(load_dataset(data).images)
+    real = to_float(load_dataset(data).images)
     if tuple(x.shape[1:]) != tuple(real.shape[1:]):
         raise ValueError(f"samples have shape {tuple(x.shape[1:])}, {data} images {tuple(real.shape[1:])}")
 
@@ -55,7 +49,7 @@ def evaluate_file(path: str | Path, data: str = "digits", k: int = 3) -> dict:
         if "images" not in f:
             raise ValueError(f"{path} has no 'images' array (keys: {sorted(f.keys())})")
         labels = torch.as_tensor(f["labels"]) if "labels" in f and f["labels"].ndim == 1 else None
-        return {"samples": str(path), **evaluate_samples(to_unit_range(f["images"]), labels, data, k)}
+        return {"samples": str(path), **evaluate_samples(to_float(f["images"]), labels, data, k)}
 
 
 def format_report(res: dict) -> str:
