@@ -64,19 +64,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (DistillConfig.precision)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC networks (DistillConfig.channels_last)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (DistillConfig.compile)")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     teacher = EDMPrecond(**CIFAR10_DDPMPP)
     teacher.feature_resolutions = [32, 16, 8]  # Table 5, CIFAR-10
     disc = Discriminator.conv(teacher.feature_channels())
     n_params = sum(p.numel() for p in teacher.parameters())
     cfg = DistillConfig(divergence="forward_kl", batch_size=args.batch, tau=5, gan_weight=1e-3, r1_gamma=1.0,
-                        lr=1e-4, sigmas=SigmaSampler())
+                        lr=1e-4, sigmas=SigmaSampler(), precision="bf16" if args.bf16 else "fp32",
+                        channels_last=args.channels_last, compile=args.compile)
     B = args.batch
 
     def real_data(n):
@@ -84,9 +85,10 @@ def main() -> None:
 
     d = Distiller(cfg, teacher, copy.deepcopy(teacher).train(), copy.deepcopy(teacher).train(), disc, real_data,
                   sample_shape=(3, 32, 32), sample_cond=lambda n: real_data(n)[1], device=device)
-    def under_amp(fn):
+
+    def under_amp(fn):  # the components as the steps run them (the steps enter autocast themselves)
         def run():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            with d.autocast():
                 fn()
         return run
 
@@ -143,7 +145,8 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nCIFAR-10 DDPM++ ({n_params / 1e6:.1f}M parameters), batch {B}, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {dev}; median of {args.steps} after {args.warmup} warm-up\n")
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}"
+          f"{', compiled' if args.compile else ''}, {dev}; median of {args.steps} after {args.warmup} warm-up\n")
     print("| measurement | seconds | images/s | peak memory MB |")
     print("|---|---|---|---|")
     for name, s, mem in rows:

@@ -39,27 +39,38 @@ def _train_teacher(args: argparse.Namespace) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from fdistill import images
+    """Single process, or one process per GPU under torchrun (data parallel, see fdistill.distributed)."""
+    from fdistill import distributed, images
 
     cfg = images.load_config(args.config or DIGITS_PRESET, args.overrides)
-    d = images.make_distiller(cfg, args.teacher)
-    ckpt = Path(args.out) / "checkpoint"
-    if args.resume:
-        d.load(ckpt)
-        print(f"resumed {ckpt} at iteration {d.iteration}")
-    t0 = time.perf_counter()
-    writer = tensorboard_writer(Path(args.out) / "tensorboard") if args.tensorboard else None
+    device = distributed.init_from_env(args.device)
+    try:
+        main = distributed.rank() == 0
+        d = images.make_distiller(cfg, args.teacher, device=device)
+        ckpt = Path(args.out) / "checkpoint"
+        if args.resume:
+            d.load(ckpt)
+            if main:
+                print(f"resumed {ckpt} at iteration {d.iteration}")
+        if main:
+            print(f"{distributed.world_size()} process(es) on {device}: global batch {cfg.distill.batch_size}, "
+                  f"{len(d.micro_slices)} pass(es) of {d.micro_slices[0].stop} per process and step")
+        t0 = time.perf_counter()
+        writer = tensorboard_writer(Path(args.out) / "tensorboard") if args.tensorboard and main else None
 
-    def log_fn(logs: dict) -> None:
-        for k, v in logs.items():
-            if isinstance(v, float):
-                writer.add_scalar(f"{logs['kind']}/{k}", v, logs["iteration"])
+        def log_fn(logs: dict) -> None:
+            for k, v in logs.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"{logs['kind']}/{k}", v, logs["iteration"])
 
-    d.train(run_dir=args.out, progress=not args.no_progress, desc=cfg.distill.divergence,
-            log_fn=log_fn if writer else None)
-    if writer:
-        writer.close()
-    print(f"wrote {ckpt} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this run)")
+        d.train(run_dir=args.out, progress=not args.no_progress, desc=cfg.distill.divergence,
+                log_fn=log_fn if writer else None)
+        if writer:
+            writer.close()
+        if main:
+            print(f"wrote {ckpt} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this run)")
+    finally:
+        distributed.shutdown()
 
 
 def tensorboard_writer(log_dir: Path):
@@ -103,7 +114,9 @@ def _sample(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from fdistill import evaluation
 
-    print(evaluation.format_report(evaluation.evaluate_file(args.samples, args.data, k=args.k)))
+    res = evaluation.evaluate_file(args.samples, args.data, k=args.k, inception=args.inception, ref=args.ref,
+                                   batch_size=args.batch, progress=not args.no_progress, device=args.device)
+    print(evaluation.format_report(res))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,14 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_train_teacher)
 
-    s = sub.add_parser("distill", help="distill a teacher into a one-step generator (Algorithm 1)")
-    s.add_argument("overrides", nargs="*", help="config overrides, e.g. distill.divergence=js distill.iterations=2000")
+    s = sub.add_parser("distill", help="distill a teacher into a one-step generator (Algorithm 1)",
+                       description="Distill a teacher into a one-step generator (Algorithm 1). Several GPUs: "
+                       "torchrun --standalone --nproc_per_node=N -m fdistill distill ...")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. distill.divergence=js distill.iterations=2000 "
+                   "(after the options or before them, not between)")
     s.add_argument("--teacher", required=True,
-                   help="teacher: .safetensors from train-teacher, or an NVlabs/edm .pkl snapshot")
+                   help="teacher: .safetensors from train-teacher, an NVlabs/edm .pkl snapshot, or a diffusers "
+                   "folder with a DDPM UNet2DModel")
     s.add_argument("--config", help="YAML preset (default: configs/digits.yaml)")
     s.add_argument("--out", default="runs/distill", help="run directory: log.jsonl and checkpoint/")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     s.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
+    s.add_argument("--device", default="auto",
+                   help="cpu, cuda or auto (default: cuda if available). Under torchrun each process takes "
+                   "cuda:LOCAL_RANK; ranks talk over NCCL on GPUs, gloo on CPU")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_distill)
 
@@ -156,8 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="FID / precision / recall (and class accuracy) of a samples .npz")
     e.add_argument("samples", help=".npz written by `fdistill sample`")
-    e.add_argument("--data", default="digits", help="reference data (default: digits, scored in digits-FID space)")
-    e.add_argument("--k", type=int, default=3, help="k of k-NN precision/recall")
+    e.add_argument("--data", default=None,
+                   help="real images to compare with: 'digits' or any dataset `load_dataset` reads (folder, EDM .zip, "
+                   ".npz, CIFAR-10 batches). Default: digits, scored in digits-FID space unless --inception/--ref is "
+                   "given; any other dataset is scored in Inception space, its features cached")
+    e.add_argument("--inception", metavar="PATH",
+                   help="Inception-v3 weights for the standard FID: inception-2015-12-05.pt (NVIDIA TorchScript) or "
+                   "pt_inception-2015-12-05-6726825d.pth (pytorch-fid), or a folder holding one. Default: "
+                   "$FDISTILL_INCEPTION, else the cache folder ($FDISTILL_CACHE or ~/.cache/fdistill)")
+    e.add_argument("--ref", metavar="PATH.npz",
+                   help="Inception reference statistics (EDM-style .npz with mu, sigma): FID against them; "
+                   "precision/recall also need --data")
+    e.add_argument("--k", type=int, default=3, help="k of k-NN precision/recall (default: 3)")
+    e.add_argument("--batch", type=int, default=64, help="images per Inception batch (default: 64)")
+    e.add_argument("--device", default="cpu", help="device for the Inception network: cpu (default) or cuda")
+    e.add_argument("--no-progress", action="store_true", help="hide progress bars")
     e.set_defaults(func=_evaluate)
     return p
 

@@ -35,6 +35,12 @@ def _convert(tp, value, where: str):
         return None if value is None else _convert(args[0], value, where)
     if origin in (tuple, list):
         args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and len(args) > 1 and args[-1] is not Ellipsis:  # fixed length, e.g. tuple[int, float]
+            if len(value) != len(args):
+                raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
         seq = [_convert(inner, v, where) for v in value]
         return tuple(seq) if origin is tuple else seq
@@ -74,10 +80,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+PRESETS = Path(__file__).parent / "configs"
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file, or a preset shipped with fdistill by name (``cifar10`` = fdistill/configs/cifar10.yaml)."""
     path = Path(path)
+    if not path.is_file() and (PRESETS / f"{path}.yaml").is_file():
+        path = PRESETS / f"{path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise FileNotFoundError(f"config file not found: {path} (presets shipped with fdistill: {names})")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):

@@ -62,10 +62,10 @@ class SigmaSampler:
         lo, hi = self.index_range
         return self.grid[lo : hi + 1]
 
-    def sample(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+    def sample(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
         lo, hi = self.index_range
-        idx = torch.randint(lo, hi + 1, (n,))
-        return self.grid[idx].to(device)
+        idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=generator.device if generator else "cpu")
+        return self.grid.to(idx.device)[idx].to(device)
 
 
 def edm_loss(
@@ -83,16 +83,18 @@ def edm_loss(
 
 
 def denoising_loss(
-    net, x0: Tensor, sigma: Tensor, cond: Tensor | None, sigma_data: float, weighting: str = "edm"
+    net, x0: Tensor, sigma: Tensor, cond: Tensor | None, sigma_data: float, weighting: str = "edm",
+    noise: Tensor | None = None,
 ) -> Tensor:
-    """Denoising score matching at given noise levels (Alg. 1 line 14 for the fake score).
+    """Denoising score matching at given noise levels (Alg. 1 line 14 for the fake score), on
+    x_t = x0 + sigma * noise (``noise`` ~ N(0, I), drawn here when not given).
 
     ``weighting="edm"``: lambda(sigma) as in EDM and DMD2 (1/sigma^2 + 1/sigma_data^2);
     ``"none"``: plain MSE to x0, as NVlabs/FastGen trains its fake score.
     """
     s = append_dims(sigma, x0.ndim)
-    x_t = x0 + s * torch.randn_like(x0)
-    err = (net(x_t, sigma, cond) - x0).square()
+    x_t = x0 + s * (torch.randn_like(x0) if noise is None else noise)
+    err = (net(x_t, sigma, cond).float() - x0).square()
     if weighting == "edm":
         err = err * (s**2 + sigma_data**2) / (s * sigma_data) ** 2
     elif weighting != "none":

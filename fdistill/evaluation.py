@@ -1,20 +1,31 @@
 """Scoring image samples: FID, precision/recall and class accuracy in a feature space.
 
-On CPU the feature space is the digits classifier's ("digits-FID", ``digits_classifier``): the
-same Fréchet distance and k-NN precision/recall as the standard Inception metrics, in a space a
-2-core machine can afford.
+FID is the Fréchet distance between Gaussians fitted to real and generated features (Heusel et al. 2017);
+precision/recall the k-NN manifold estimates of Kynkäänniemi et al. 2019 (k = 3). Two feature spaces:
+
+- "inception": the standard Inception-v3 pool3 features (``fdistill.inception``; weights from a local file).
+  The reference is an EDM-style ``.npz`` with ``mu``/``sigma`` (FID only) or a dataset, whose features and
+  statistics are cached in the cache directory (``$FDISTILL_CACHE`` or ~/.cache/fdistill).
+- "digits": the digits classifier's features ("digits-FID", ``digits_classifier``), the same metrics in a
+  space a 2-core CPU can afford.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fdistill.data import load_dataset, to_float
-from fdistill.metrics import class_accuracy, evaluate_features
+from fdistill.data import load_dataset, to_float, to_uint8
+from fdistill.metrics import class_accuracy, evaluate_features, feature_statistics, frechet_distance, precision_recall
+
+STATS_VERSION = 1  # bump when the cached reference features change meaning
 
 
 @torch.no_grad()
@@ -41,17 +52,153 @@ def evaluate_samples(x: Tensor, labels: Tensor | None = None, data: str = "digit
     return out
 
 
-def evaluate_file(path: str | Path, data: str = "digits", k: int = 3) -> dict:
-    path = Path(path)
+def _read_samples(path: Path) -> tuple[np.ndarray, Tensor | None]:
     if not path.is_file():
         raise FileNotFoundError(f"samples file not found: {path} (write one with `fdistill sample`)")
     with np.load(path, allow_pickle=False) as f:
         if "images" not in f:
             raise ValueError(f"{path} has no 'images' array (keys: {sorted(f.keys())})")
         labels = torch.as_tensor(f["labels"]) if "labels" in f and f["labels"].ndim == 1 else None
-        return {"samples": str(path), **evaluate_samples(to_float(f["images"]), labels, data, k)}
+        return f["images"], labels
+
+
+def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` (d,) and ``sigma`` (d, d) from an EDM-style reference ``.npz`` (e.g. EDM's ``fid.py ref`` output)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics not found: {path} (an .npz with 'mu' and 'sigma')")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f or "sigma" not in f:
+                raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(f.keys())}); expected EDM-style "
+                                 "reference statistics")
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read {path} as an .npz: {e}") from e
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
+    return mu, sigma
+
+
+def _dataset_identity(source: str) -> dict:
+    """What the cached reference features depend on: the dataset's resolved path, byte size and mtime."""
+    if source == "digits":
+        return {"source": "digits"}
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} not found")
+    stats = [f.stat() for f in sorted(path.rglob("*")) if f.is_file()] if path.is_dir() else [path.stat()]
+    return {"source": str(path), "size": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0), "files": len(stats)}
+
+
+def reference_stats_path(data: str, extractor) -> Path:
+    """Cache file for ``data``'s features under ``extractor``: keyed by a hash of the dataset's path, size and
+    mtime and the weights file's name and size."""
+    from fdistill.inception import default_cache_dir
+
+    weights = extractor.path
+    key = {**_dataset_identity(str(data)), "weights": weights.name, "weights_size": weights.stat().st_size,
+           "kind": extractor.kind, "version": STATS_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(data)).name)[:40]
+    return default_cache_dir() / "fid-stats" / f"{name}-{digest}.npz"
+
+
+def reference_features(data: str, extractor, batch_size: int = 64, progress: bool = False,
+                       expect_shape: tuple[int, ...] | None = None) -> dict:
+    """Real features of ``data`` (anything ``load_dataset`` reads) with their ``mu``/``sigma``, computed once and
+    cached (``reference_stats_path``). ``expect_shape`` (C, H, W) is checked before any feature is computed.
+
+    Returns a dict with features (N, d) float32, mu, sigma, shape, path and cached (bool).
+    """
+    from fdistill.inception import extract_features
+
+    path = reference_stats_path(data, extractor)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            out = {"features": torch.from_numpy(f["features"]), "mu": f["mu"], "sigma": f["sigma"],
+                   "shape": tuple(int(v) for v in f["shape"])}
+        _check_shape(expect_shape, out["shape"], data)
+        return {**out, "path": path, "cached": True}
+    images = load_dataset(data).images
+    _check_shape(expect_shape, tuple(images.shape[1:]), data)
+    feats = extract_features(extractor, images, batch_size, progress, desc=f"Inception: {Path(str(data)).name}")
+    feats = feats.float()
+    mu, sigma = feature_statistics(feats)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, features=feats.numpy(), mu=mu, sigma=sigma, shape=np.array(images.shape[1:]),
+             source=str(data), weights=extractor.path.name)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees a partial file
+    return {"features": feats, "mu": mu, "sigma": sigma, "shape": tuple(images.shape[1:]), "path": path,
+            "cached": False}
+
+
+def _check_shape(samples: tuple[int, ...] | None, real: tuple[int, ...], data: str) -> None:
+    if samples is not None and tuple(samples) != tuple(real):
+        raise ValueError(f"samples are {'x'.join(map(str, samples))} images, {data} has "
+                         f"{'x'.join(map(str, real))}: compare a generator with the data it was trained on")
+
+
+def evaluate_inception(path: str | Path, data: str | None = None, ref: str | Path | None = None, k: int = 3,
+                       inception: str | Path | None = None, batch_size: int = 64, progress: bool = False,
+                       device: str = "cpu") -> dict:
+    """Inception FID of the samples in ``path`` against ``ref`` (EDM ``.npz`` with mu/sigma) if given, else against
+    ``data``; precision/recall (k-NN) when ``data`` provides real features. Fails on missing weights first."""
+    from fdistill.inception import extract_features, load_inception
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    extractor = load_inception(inception, device)  # before reading anything else: fail fast
+    ref_stats = load_reference_stats(ref) if ref is not None else None
+    if data is None and ref is None:
+        data = "digits"
+    path = Path(path)
+    images, _ = _read_samples(path)
+    fake_u8 = torch.from_numpy(np.ascontiguousarray(to_uint8(images)))
+    if fake_u8.ndim != 4 or fake_u8.shape[1] not in (1, 3):
+        raise ValueError(f"{path}: images must be (N, 1|3, H, W), got shape {tuple(fake_u8.shape)}")
+    if len(fake_u8) < 2:
+        raise ValueError(f"{path}: FID needs at least 2 samples, got {len(fake_u8)}")
+    out: dict = {"samples": str(path), "feature_space": "inception", "extractor": extractor.path.name}
+    real = None
+    if data is not None:
+        real = reference_features(data, extractor, batch_size, progress, expect_shape=tuple(fake_u8.shape[1:]))
+    fake = extract_features(extractor, fake_u8, batch_size, progress, desc="Inception: samples").double()
+    mu_f, sigma_f = feature_statistics(fake)
+    mu_r, sigma_r = ref_stats if ref_stats is not None else (real["mu"], real["sigma"])
+    if len(mu_r) != len(mu_f):
+        raise ValueError(f"reference statistics are {len(mu_r)}-d but {extractor.path.name} gives {len(mu_f)}-d "
+                         "features: they come from another feature extractor")
+    out["reference"] = str(data) if ref is None else str(ref) if data is None else f"{ref} (FID), {data} (P/R)"
+    out["fid"] = frechet_distance(mu_r, sigma_r, mu_f, sigma_f)
+    if real is not None:
+        out["precision"], out["recall"] = precision_recall(real["features"], fake, k=k)
+        out["num_real"] = len(real["features"])
+        out["reference_stats"] = str(real["path"])
+    else:
+        out["note"] = "precision/recall: needs --data (real images); --ref holds only mu and sigma"
+    out["num_fake"] = len(fake)
+    return out
+
+
+def evaluate_file(path: str | Path, data: str | None = None, k: int = 3, inception: str | Path | None = None,
+                  ref: str | Path | None = None, batch_size: int = 64, progress: bool = False,
+                  device: str = "cpu") -> dict:
+    """Score a samples ``.npz``. Inception space when ``inception`` or ``ref`` is given or ``data`` is not
+    "digits" (``evaluate_inception``); otherwise digits-FID space against scikit-learn's digits."""
+    if inception is not None or ref is not None or (data is not None and data != "digits"):
+        return evaluate_inception(path, data, ref, k, inception, batch_size, progress, device)
+    images, labels = _read_samples(Path(path))
+    return {"samples": str(path), "feature_space": "digits",
+            **evaluate_samples(to_float(images), labels, "digits", k)}
+
+
+REPORT_KEYS = ("feature_space", "extractor", "reference", "fid", "precision", "recall", "class_accuracy", "num_real",
+               "num_fake", "note", "reference_stats")
 
 
 def format_report(res: dict) -> str:
-    keys = [k for k in ("fid", "precision", "recall", "class_accuracy", "num_real", "num_fake") if k in res]
+    keys = [k for k in REPORT_KEYS if k in res]
     return "\n".join(f"{k:15s} {res[k]:.4g}" if isinstance(res[k], float) else f"{k:15s} {res[k]}" for k in keys)

@@ -8,6 +8,7 @@ data (``data``) and the metrics. ``configs/digits.yaml`` is the CPU-sized preset
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +63,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ImageConfig:
 
 # -- networks -----------------------------------------------------------------------------------
 def build_network(precond: str, kwargs: dict) -> nn.Module:
+    """A randomly initialised network: an EDM preconditioning class with its constructor kwargs, or
+    "diffusers" with ``load_diffusers_teacher``'s kwargs (the UNet and scheduler configs)."""
     from fdistill.networks import edm
 
+    if precond == "diffusers":
+        from fdistill.diffusers_teacher import build_diffusers_network
+
+        return build_diffusers_network(kwargs)
     if precond not in PRECONDS:
-        raise ValueError(f"unknown preconditioning {precond!r}; expected one of {PRECONDS}")
+        raise ValueError(f"unknown preconditioning {precond!r}; expected one of {(*PRECONDS, 'diffusers')}")
     return getattr(edm, precond)(**kwargs)
 
 
@@ -79,15 +86,21 @@ def save_network(net: nn.Module, precond: str, kwargs: dict, path: str | Path) -
 
 
 def load_network(path: str | Path) -> tuple[nn.Module, str, dict]:
-    """Load a teacher: a ``.safetensors`` written by ``save_network`` or an NVlabs/edm ``.pkl``
-    snapshot (``edm_pickle``). Returns (net in eval mode, precond class name, constructor kwargs)."""
+    """Load a teacher: a ``.safetensors`` written by ``save_network``, an NVlabs/edm ``.pkl``
+    snapshot (``edm_pickle``) or a local diffusers folder with a DDPM ``UNet2DModel``
+    (``diffusers_teacher``, precond "diffusers"). Returns (net in eval mode, precond, constructor kwargs)."""
     path = Path(path)
     if path.suffix == ".pkl":  # an NVlabs/edm snapshot, loaded without running any of its code
         from fdistill.edm_pickle import load_edm_pickle
 
         return load_edm_pickle(path)
+    if path.is_dir():  # a diffusers pipeline or UNet folder
+        from fdistill.diffusers_teacher import load_diffusers_teacher
+
+        return load_diffusers_teacher(path)
     if not path.is_file():
-        raise FileNotFoundError(f"teacher not found: {path} (train one with `fdistill train-teacher`)")
+        raise FileNotFoundError(f"teacher not found: {path} (a .safetensors from `fdistill train-teacher`, an "
+                                "NVlabs/edm .pkl or a diffusers model folder)")
     with safe_open(str(path), "pt") as f:
         meta = (f.metadata() or {}).get("fdistill")
         if meta is None:
@@ -138,7 +151,8 @@ def train_teacher(cfg: ImageConfig, out_dir: str | Path, progress: bool = True) 
 
 
 # -- distillation -------------------------------------------------------------------------------
-def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDataset | None = None) -> Distiller:
+def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDataset | None = None,
+                   device: str | torch.device = "cpu") -> Distiller:
     """Alg. 1 for images: generator and fake score are copies of the teacher (generator evaluated once
     at sigma_max on sigma_max z); the discriminator is conv heads on the teacher's encoder features."""
     data = data if data is not None else load_dataset(cfg.data)
@@ -146,6 +160,7 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
     if (kwargs["img_resolution"], kwargs["img_channels"]) != (data.resolution, data.channels):
         raise ValueError(f"teacher {teacher_path} is for {kwargs['img_channels']}x{kwargs['img_resolution']}^2 "
                          f"images but {cfg.data} has {data.channels}x{data.resolution}^2")
+    data = match_labels(data, kwargs.get("label_dim", 0), teacher_path)
     torch.manual_seed(cfg.distill.seed)
     missing = sorted(set(cfg.disc_resolutions) - set(net.encoder_resolutions))
     if missing:
@@ -159,9 +174,24 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
     disc = Discriminator.conv({r: channels[r] for r in cfg.disc_resolutions}, cfg.disc_hidden)
     sampler = ImageSampler(data, seed=cfg.distill.seed)
     d = Distiller(cfg.distill, teacher, generator, fake_score, disc, real_data=sampler,
-                  sample_shape=(data.channels, data.resolution, data.resolution), sample_cond=sampler.sample_labels)
+                  sample_shape=(data.channels, data.resolution, data.resolution), sample_cond=sampler.sample_labels,
+                  device=device)
     d.info = {"precond": precond, "network": kwargs, "data": cfg.data}
     return d
+
+
+def match_labels(data: ImageDataset, label_dim: int, teacher: str | Path) -> ImageDataset:
+    """The data's labels as the teacher's classes: dropped for an unconditional teacher; one-hot over
+    all ``label_dim`` classes for a conditional one (a dataset may hold fewer, e.g. a subset)."""
+    if label_dim == 0:
+        return dataclasses.replace(data, labels=None, label_dim=0)
+    if data.labels is None:
+        raise ValueError(f"teacher {teacher} is class-conditional ({label_dim} classes) but {data.source} has no "
+                         "labels: give a labelled dataset (EDM zip with dataset.json, CIFAR-10 batches, ...)")
+    if data.label_dim > label_dim:
+        raise ValueError(f"{data.source} has labels up to {data.label_dim - 1}; teacher {teacher} knows "
+                         f"{label_dim} classes")
+    return dataclasses.replace(data, label_dim=label_dim)
 
 
 def load_generator(checkpoint_dir: str | Path, ema: bool = True) -> tuple[nn.Module, float, dict]:

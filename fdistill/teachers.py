@@ -48,9 +48,10 @@ class GaussianMixture(nn.Module):
         var = (w * ((self.means - mean) ** 2 + self.stds[:, None] ** 2)).sum(0)
         return float(var.mean().sqrt())
 
-    def sample(self, n: int, return_modes: bool = False):
-        k = torch.multinomial(self.weights, n, replacement=True)
-        x = self.means[k] + self.stds[k, None] * torch.randn(n, self.dim, device=self.means.device)
+    def sample(self, n: int, return_modes: bool = False, generator: torch.Generator | None = None):
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.dim, generator=generator, device=self.means.device)
+        x = self.means[k] + self.stds[k, None] * noise
         return (x, k) if return_modes else x
 
     def _component_log_probs(self, x: Tensor, sigma: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:

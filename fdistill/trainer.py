@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fdistill import checkpoint, divergences
+from fdistill import checkpoint, distributed, divergences
 from fdistill.config import from_dict, to_dict
 from fdistill.diffusion import SigmaSampler, append_dims, denoising_loss
 from fdistill.objective import (
@@ -64,8 +64,24 @@ class DistillConfig:
     seed: int = 0
     log_every: int = 10  # log one whole cycle (1 student + tau-1 critic steps) every log_every cycles
     checkpoint_every: int = 0  # 0 = only at the end (when a run directory is given)
+    # Scale: batch_size is the global batch (Table 5). Each of the world_size ranks takes
+    # batch_size / world_size of it, in forward passes of micro_batch (None = all at once);
+    # gradients accumulate over the passes and are averaged over ranks.
+    micro_batch: int | None = None
+    lr_stages: list[tuple[int, float]] = field(default_factory=list)  # [[iteration, lr], ...]: lr from then on
+    precision: str = "fp32"  # "bf16": network passes under bf16 autocast; losses and optimizer in fp32
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (fp32 precision)
+    channels_last: bool = False  # NHWC memory format for image networks
+    compile: bool = False  # torch.compile the networks (in place, so checkpoint names do not change)
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be a positive integer or None, got {self.micro_batch}")
+        if [s for s, _ in self.lr_stages] != sorted({s for s, _ in self.lr_stages}):
+            raise ValueError(f"lr_stages must be [[iteration, lr], ...] with increasing iterations, "
+                             f"got {self.lr_stages}")
         if self.tau < 2:
             raise ValueError(f"tau must be >= 2 (one student step per tau iterations, the rest critic), got {self.tau}")
         if self.fdistill_weight < 0 or self.gan_weight < 0:
@@ -80,6 +96,10 @@ class Distiller:
 
     ``real_data(n) -> (x, cond)`` draws real samples for the GAN; ``sample_cond(n) -> cond`` draws
     the generator's conditioning (None for unconditional models).
+
+    Data parallel (``fdistill.distributed``): every rank draws the random inputs of the whole global
+    batch from one shared stream and keeps its own slice, so a run's samples do not depend on the
+    number of ranks; gradients are averaged over ranks before each optimizer step.
     """
 
     def __init__(
@@ -99,13 +119,30 @@ class Distiller:
         self.divergence = divergences.get(cfg.divergence)
         self.sigmas = cfg.sigmas
         self.sigma_gen = cfg.generator_sigma or cfg.sigmas.sigma_max
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} ranks")
+        local = cfg.batch_size // self.world
+        micro = cfg.micro_batch or local
+        if local % micro:
+            raise ValueError(f"each rank's batch ({cfg.batch_size} / {self.world} ranks = {local}) is not a "
+                             f"multiple of micro_batch {micro}")
+        self.local = slice(self.rank * local, (self.rank + 1) * local)
+        self.micro_slices = [slice(i, i + micro) for i in range(0, local, micro)]
+        self.rng = torch.Generator(self.device).manual_seed(cfg.seed)  # shared by all ranks
+
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.generator = generator.to(self.device).train()
-        self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.fake_score = fake_score.to(self.device).train()
         self.discriminator = discriminator.to(self.device).train()
+        for m in (self.generator, self.fake_score, self.discriminator):
+            distributed.broadcast_state(m)
+        if self.world > 1:  # dropout masks differ between ranks
+            torch.manual_seed(cfg.seed + 1 + self.rank)
+        self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.ratio_norm = RatioNormalizer(self.sigmas.support, cfg.ratio_bins, cfg.ratio_binning, cfg.ratio_ema)
         self.ratio_norm.to(self.device)
+        self._set_performance_flags()
         lr_c = cfg.lr_critic if cfg.lr_critic is not None else cfg.lr
 
         def adamw(params, lr):
@@ -118,6 +155,21 @@ class Distiller:
         self.iteration = 0
         self.history: list[dict] = []
         self.info: dict = {}  # saved with checkpoints, e.g. the network's constructor kwargs
+
+    def _set_performance_flags(self) -> None:
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        nets = [self.teacher, self.generator, self.fake_score, self.generator_ema]
+        if cfg.channels_last and len(self.sample_shape) == 3:
+            for m in nets:
+                m.to(memory_format=torch.channels_last)
+        if cfg.compile:  # not the small head: R1's double backward cannot pass through compiled code
+            for m in nets[:3]:
+                m.compile()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     # -- sampling ------------------------------------------------------------------------------
     def generate(self, z: Tensor, cond: Tensor | None = None, ema: bool = False) -> Tensor:
@@ -135,41 +187,71 @@ class Distiller:
             out.append(self.generate(z, self.sample_cond(m), ema=ema))
         return torch.cat(out)
 
-    def _noisy(self, x: Tensor, sigma: Tensor) -> Tensor:
-        return x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+    # -- this rank's share of the global batch -------------------------------------------------
+    def _randn(self) -> Tensor:
+        shape = (self.cfg.batch_size, *self.sample_shape)
+        return torch.randn(shape, generator=self.rng, device=self.device)[self.local]
+
+    def _sigma(self) -> Tensor:
+        return self.sigmas.sample(self.cfg.batch_size, self.device, self.rng)[self.local]
+
+    def _mine(self, t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[self.local].to(self.device)
+
+    def _set_lr(self) -> None:
+        """Piecewise-constant learning rate (``lr_stages``, e.g. Table 5's ImageNet-64 2e-6 -> 5e-7 at
+        200K); the critic's rate is scaled by the same factor."""
+        cfg = self.cfg
+        lr = cfg.lr
+        for start, stage_lr in cfg.lr_stages:
+            if self.iteration >= start:
+                lr = stage_lr
+        lr_c = (cfg.lr_critic if cfg.lr_critic is not None else cfg.lr) * lr / cfg.lr
+        for opt, value in ((self.opt_g, lr), (self.opt_fake, lr_c), (self.opt_d, lr_c)):
+            for group in opt.param_groups:
+                group["lr"] = value
 
     # -- Alg. 1 --------------------------------------------------------------------------------
     def student_step(self) -> dict[str, float]:
         """Alg. 1 lines 4-12: generator update by Eq. (4) + w_GAN times the generator GAN loss."""
-        cfg, n = self.cfg, self.cfg.batch_size
-        z = torch.randn(n, *self.sample_shape, device=self.device)
-        cond = self.sample_cond(n)
-        x = self.generate(z, cond)
-        sigma = self.sigmas.sample(n, self.device)
-        x_t = self._noisy(x, sigma)
-        # One teacher pass gives both D_teacher(x_t) and the head's features; with the GAN term on,
-        # it is differentiated through its input (not its weights) into the generator.
-        with torch.set_grad_enabled(cfg.gan_weight > 0):
-            x0_teacher, features = self.teacher(x_t, sigma, cond, return_features=True)
-            logits = self.discriminator(features)
-        logs: dict[str, float] = {}
-        loss = x.new_zeros(())
-        if cfg.gan_weight > 0:
-            loss_gan = gan_generator_loss(logits)
-            loss = loss + cfg.gan_weight * loss_gan
-            logs["loss_gan_g"] = float(loss_gan.detach())
-        if cfg.fdistill_weight > 0:
-            with torch.no_grad():
-                x0_teacher = x0_teacher.detach()
-                x0_fake = self.fake_score(x_t.detach(), sigma, cond)
-                r = density_ratio(logits, cfg.logit_clip, cfg.r_min, cfg.r_max)
-                h = normalize_by_batch_mean(self.divergence.h(self.ratio_norm(r, sigma)))
-            loss_fd, _ = fdistill_loss(x, x0_teacher, x0_fake, h)
-            loss = loss + cfg.fdistill_weight * loss_fd
-            logs["loss_fdistill"] = float(loss_fd.detach())
-            logs.update(ratio_stats(r, h, (x0_teacher - x0_fake) / append_dims(sigma, x.ndim) ** 2))
+        cfg = self.cfg
+        z, sigma, eps = self._randn(), self._sigma(), self._randn()
+        cond = self._mine(self.sample_cond(cfg.batch_size))
         self.opt_g.zero_grad(set_to_none=True)
-        loss.backward(inputs=self.gen_params)  # no gradients into the head or the teacher
+        parts = []
+        for sl in self.micro_slices:
+            c = None if cond is None else cond[sl]
+            s = sigma[sl]
+            with self.autocast():
+                x = self.generate(z[sl], c).float()
+                x_t = x + append_dims(s, x.ndim) * eps[sl]
+                # One teacher pass gives both D_teacher(x_t) and the head's features; with the GAN term
+                # on, it is differentiated through its input (not its weights) into the generator.
+                with torch.set_grad_enabled(cfg.gan_weight > 0):
+                    x0_teacher, features = self.teacher(x_t, s, c, return_features=True)
+                    logits = self.discriminator(features).float()
+            logs: dict[str, float] = {}
+            loss = x.new_zeros(())
+            if cfg.gan_weight > 0:
+                loss_gan = gan_generator_loss(logits)
+                loss = loss + cfg.gan_weight * loss_gan
+                logs["loss_gan_g"] = float(loss_gan.detach())
+            if cfg.fdistill_weight > 0:
+                with torch.no_grad():
+                    x0_teacher = x0_teacher.detach().float()
+                    with self.autocast():
+                        x0_fake = self.fake_score(x_t.detach(), s, c).float()
+                    r = density_ratio(logits, cfg.logit_clip, cfg.r_min, cfg.r_max)
+                    h = normalize_by_batch_mean(self.divergence.h(self.ratio_norm(r, s)))
+                loss_fd, _ = fdistill_loss(x, x0_teacher, x0_fake, h)
+                loss = loss + cfg.fdistill_weight * loss_fd
+                logs["loss_fdistill"] = float(loss_fd.detach())
+                logs.update(ratio_stats(r, h, (x0_teacher - x0_fake) / append_dims(s, x.ndim) ** 2))
+            # The loss is a mean over the micro-batch; weight it to a mean over this rank's batch.
+            (loss / len(self.micro_slices)).backward(inputs=self.gen_params)  # not into the head or teacher
+            parts.append(logs)
+        distributed.average_gradients(self.gen_params)
+        logs = merge_logs(parts)
         if cfg.grad_clip:
             logs["grad_norm_g"] = float(torch.nn.utils.clip_grad_norm_(self.gen_params, cfg.grad_clip))
         self.opt_g.step()
@@ -180,40 +262,51 @@ class Distiller:
         """Alg. 1 lines 13-15: fake score by denoising score matching on generated samples, and the
         discriminator head by the GAN loss (+ gamma/2 R1) on real vs generated noisy samples."""
         cfg, n = self.cfg, self.cfg.batch_size
-        with torch.no_grad():
-            cond = self.sample_cond(n)
-            x = self.generate(torch.randn(n, *self.sample_shape, device=self.device), cond)
-        sigma = self.sigmas.sample(n, self.device)
-        loss_fake = x.new_zeros(())
-        if cfg.fdistill_weight > 0:  # the adversarial-only ablation needs no fake score
-            sigma_data = float(getattr(self.fake_score, "sigma_data", 0.5))
-            loss_fake = denoising_loss(self.fake_score, x, sigma, cond, sigma_data, cfg.fake_score_weighting)
-
-        with torch.no_grad():
-            feats_fake = self.teacher.features(self._noisy(x, sigma), sigma, cond)
+        z, sigma, eps, eps_dsm = self._randn(), self._sigma(), self._randn(), self._randn()
+        cond = self._mine(self.sample_cond(n))
         x_real, cond_real = self.real_data(n)
-        x_real, cond_real = x_real.to(self.device), None if cond_real is None else cond_real.to(self.device)
-        sigma_real = self.sigmas.sample(n, self.device)  # real data gets its own sigma and noise
-        x_real_t = self._noisy(x_real, sigma_real).requires_grad_(cfg.r1_gamma > 0)
-        with torch.set_grad_enabled(cfg.r1_gamma > 0):
-            feats_real = self.teacher.features(x_real_t, sigma_real, cond_real)
-        logits_fake, logits_real = self.discriminator(feats_fake), self.discriminator(feats_real)
-        loss_d = gan_discriminator_loss(logits_real, logits_fake)
-        logs = {"loss_fake_score": float(loss_fake.detach()), "loss_gan_d": float(loss_d.detach()),
-                "logit_real": float(logits_real.detach().mean()), "logit_fake": float(logits_fake.detach().mean())}
-        if cfg.r1_gamma > 0:
-            r1 = r1_penalty(logits_real, x_real_t)
-            loss_d = loss_d + 0.5 * cfg.r1_gamma * r1
-            logs["r1"] = float(r1.detach())
+        x_real, cond_real = self._mine(x_real), self._mine(cond_real)
+        sigma_real, eps_real = self._sigma(), self._randn()  # real data gets its own sigma and noise
+        sigma_data = float(getattr(self.fake_score, "sigma_data", 0.5))
         self.opt_fake.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
-        (loss_fake + loss_d).backward()
+        parts = []
+        for sl in self.micro_slices:
+            c = None if cond is None else cond[sl]
+            cr = None if cond_real is None else cond_real[sl]
+            s, sr = sigma[sl], sigma_real[sl]
+            with self.autocast():
+                with torch.no_grad():
+                    x = self.generate(z[sl], c).float()
+                    feats_fake = self.teacher.features(x + append_dims(s, x.ndim) * eps[sl], s, c)
+                loss_fake = x.new_zeros(())
+                if cfg.fdistill_weight > 0:  # the adversarial-only ablation needs no fake score
+                    loss_fake = denoising_loss(self.fake_score, x, s, c, sigma_data, cfg.fake_score_weighting,
+                                               noise=eps_dsm[sl])
+                x_real_t = (x_real[sl] + append_dims(sr, x.ndim) * eps_real[sl]).requires_grad_(cfg.r1_gamma > 0)
+                with torch.set_grad_enabled(cfg.r1_gamma > 0):
+                    feats_real = self.teacher.features(x_real_t, sr, cr)
+                logits_fake = self.discriminator(feats_fake).float()
+                logits_real = self.discriminator(feats_real).float()
+            loss_d = gan_discriminator_loss(logits_real, logits_fake)
+            logs = {"loss_fake_score": float(loss_fake.detach()), "loss_gan_d": float(loss_d.detach()),
+                    "logit_real": float(logits_real.detach().mean()),
+                    "logit_fake": float(logits_fake.detach().mean())}
+            if cfg.r1_gamma > 0:
+                r1 = r1_penalty(logits_real, x_real_t)
+                loss_d = loss_d + 0.5 * cfg.r1_gamma * r1
+                logs["r1"] = float(r1.detach())
+            ((loss_fake + loss_d) / len(self.micro_slices)).backward()
+            parts.append(logs)
+        critic_params = [*self.fake_score.parameters(), *self.discriminator.parameters()]
+        distributed.average_gradients(critic_params)
         self.opt_fake.step()
         self.opt_d.step()
-        return logs
+        return merge_logs(parts)
 
     def step(self) -> dict[str, float]:
         student = self.iteration % self.cfg.tau == 0
+        self._set_lr()
         logs = self.student_step() if student else self.critic_step()
         logs = {"iteration": self.iteration, "kind": "student" if student else "critic", **logs}
         self.iteration += 1
@@ -229,14 +322,18 @@ class Distiller:
     def train(self, run_dir: str | Path | None = None, progress: bool = True, desc: str = "distill",
               log_fn: Callable[[dict], None] | None = None) -> list[dict]:
         """Run until ``cfg.iterations``, logging every ``log_every`` cycles (to ``history``, to
-        <run_dir>/log.jsonl and to ``log_fn``, e.g. a TensorBoard writer) and checkpointing into run_dir."""
+        <run_dir>/log.jsonl and to ``log_fn``, e.g. a TensorBoard writer) and checkpointing into run_dir.
+        With several ranks, only rank 0 shows progress, writes logs and checkpoints; logged values are
+        rank 0's."""
         cfg = self.cfg
+        main = self.rank == 0
         run_dir = Path(run_dir) if run_dir else None
         log_file = None
-        if run_dir:
+        if run_dir and main:
             run_dir.mkdir(parents=True, exist_ok=True)
             log_file = open(run_dir / "log.jsonl", "a")  # noqa: SIM115 - closed below
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=desc, disable=not progress, leave=False)
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=desc, disable=not (progress and main),
+                   leave=False)
         try:
             while self.iteration < cfg.iterations:
                 logs = self.step()
@@ -249,7 +346,7 @@ class Distiller:
                     self.history.append(logs)
                     if log_file:
                         log_file.write(json.dumps(logs) + "\n")
-                    if log_fn:
+                    if log_fn and main:
                         log_fn(logs)
                     shown = {k: logs[k] for k in ("loss_fdistill", "loss_gan_d", "h_max") if k in logs}
                     bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
@@ -271,21 +368,43 @@ class Distiller:
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g, "fake_score": self.opt_fake, "discriminator": self.opt_d}
 
-    def save(self, path: str | Path) -> Path:
-        """Weights (safetensors), optimizer and RNG state, iteration and config: enough for exact resume."""
-        meta = {"iteration": self.iteration, "config": to_dict(self.cfg), "info": self.info}
-        if hasattr(self.real_data, "state_dict"):  # a data sampler with its own random stream
-            meta["data_state"] = self.real_data.state_dict()
-        return checkpoint.save(path, self._modules(), self._optimizers(), meta)
+    def save(self, path: str | Path) -> Path | None:
+        """Weights (safetensors), optimizer and RNG state, iteration and config: enough for exact resume.
+        Written by rank 0 only (the ranks hold the same weights; this is checked first)."""
+        if not all(distributed.same_on_all_ranks(m) for m in self._modules().values()):
+            raise RuntimeError("data-parallel ranks hold different weights; refusing to checkpoint")
+        path = Path(path)
+        if self.rank == 0:
+            meta = {"iteration": self.iteration, "config": to_dict(self.cfg), "info": self.info,
+                    "sample_rng": self.rng.get_state()}
+            if hasattr(self.real_data, "state_dict"):  # a data sampler with its own random stream
+                meta["data_state"] = self.real_data.state_dict()
+            checkpoint.save(path, self._modules(), self._optimizers(), meta)
+        distributed.barrier()
+        return path if self.rank == 0 else None
 
     def load(self, path: str | Path) -> None:
-        """Resume from ``save``: the run continues with the same weights, moments and random stream."""
-        meta = checkpoint.load(path, self._modules(), self._optimizers())
+        """Resume from ``save``, on any number of ranks: the run continues with the same weights,
+        moments and random streams (rank 0's dropout stream; other ranks reseed theirs)."""
+        meta = checkpoint.load(path, self._modules(), self._optimizers(), restore_rng=self.rank == 0)
         saved = from_dict(DistillConfig, meta["config"])
         if saved.divergence != self.cfg.divergence:
             raise ValueError(f"checkpoint {path} was trained with divergence {saved.divergence!r}, "
                              f"not {self.cfg.divergence!r}")
         self.iteration = int(meta["iteration"])
         self.info = meta.get("info", {})
+        if "sample_rng" in meta:
+            self.rng.set_state(meta["sample_rng"].to(torch.uint8))
         if "data_state" in meta:
             self.real_data.load_state_dict(meta["data_state"])
+        if self.rank > 0:
+            torch.manual_seed(self.cfg.seed + 1 + self.rank + 7919 * self.iteration)
+
+
+def merge_logs(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Combine the logs of a step's micro-batches: extremes for ``*_min``/``*_max``, else the mean."""
+    out = {}
+    for k in parts[0]:
+        values = [p[k] for p in parts]
+        out[k] = max(values) if k.endswith("_max") else min(values) if k.endswith("_min") else sum(values) / len(values)
+    return out

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from edm_format import install_persistence_module
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -16,3 +17,9 @@ def _cache(tmp_path_factory):
     mp.setenv("FDISTILL_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def persistence_module(monkeypatch):
+    """A stand-in for NVlabs/edm's torch_utils.persistence (see edm_format)."""
+    return install_persistence_module(monkeypatch)

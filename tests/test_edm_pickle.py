@@ -1,11 +1,10 @@
 """EDM snapshot pickles load without NVlabs/edm's code and without running anything in the file."""
 
 import pickle
-import sys
-import types
 
 import pytest
 import torch
+from edm_format import write_snapshot
 
 from fdistill.edm_pickle import load_edm_pickle
 from fdistill.networks import edm
@@ -14,52 +13,11 @@ KWARGS = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="SongUNe
               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.13)
 
 
-@pytest.fixture
-def persistence_module(monkeypatch):
-    """A stand-in for NVlabs/edm's torch_utils.persistence, so pickle can name its reconstruct hook."""
-    mod = types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta):  # never called by the loader under test
-        raise AssertionError("the real reconstruct hook must not run")
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
-    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
-    return mod
-
-
-class EDMFormatPickler(pickle.Pickler):
-    """Pickles fdistill's EDM modules the way NVlabs/edm's persistent classes pickle themselves:
-    a call of _reconstruct_persistent_obj(meta) with the module's source text and __dict__."""
-
-    def __init__(self, f, hook, init_kwargs):
-        super().__init__(f, protocol=4)
-        self.hook, self.init_kwargs = hook, init_kwargs
-
-    def reducer_override(self, obj):
-        if isinstance(obj, torch.nn.Module) and type(obj).__module__ == edm.__name__:
-            state = dict(obj.__dict__)
-            if isinstance(obj, edm.EDMPrecond):
-                state["_init_args"], state["_init_kwargs"] = (), dict(self.init_kwargs)
-            meta = dict(type="class", version=6, module_src="import os\nos.system('echo pwned')\n",
-                        class_name=type(obj).__name__, state=state)
-            return self.hook, (meta,)
-        return NotImplemented
-
-
-def write_snapshot(path, net, hook, init_kwargs=KWARGS):
-    with open(path, "wb") as f:
-        EDMFormatPickler(f, hook, init_kwargs).dump({"ema": net, "loss_fn": None, "augment_pipe": None,
-                                        "dataset_kwargs": {"path": "cifar10.zip"}})
-
-
 def test_edm_format_pickle_loads_and_matches(tmp_path, persistence_module):
     torch.manual_seed(0)
     net = edm.EDMPrecond(**KWARGS).eval()
     path = tmp_path / "network-snapshot.pkl"
-    write_snapshot(path, net, persistence_module._reconstruct_persistent_obj)
+    write_snapshot(path, net, persistence_module._reconstruct_persistent_obj, KWARGS)
     assert b"os.system" in path.read_bytes()  # the source text is in the file, as in EDM's pickles
 
     loaded, precond, kwargs = load_edm_pickle(path)

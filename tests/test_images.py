@@ -123,3 +123,21 @@ def test_distill_writes_tensorboard_scalars(teacher_path, tmp_path):
     steps = [e.step for e in events.Scalars("student/loss_fdistill")]
     assert steps == [e["iteration"] for e in log if e["kind"] == "student"]
     assert events.Scalars("student/loss_fdistill")[0].value == pytest.approx(log[0]["loss_fdistill"], rel=1e-6)
+
+
+def test_channels_last_gives_the_same_training(tmp_path):
+    """NHWC networks (DistillConfig.channels_last) compute the same steps as NCHW ones (dropout off,
+    since dropout masks are drawn in memory order)."""
+    kwargs = dict(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=8,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+    path = images.save_network(images.build_network("EDMPrecond", kwargs), "EDMPrecond", kwargs, tmp_path / "t.st")
+    runs = []
+    for flag in ("false", "true"):
+        cfg = images.load_config(cli.DIGITS_PRESET, [*DISTILL, "disc_hidden=8", "distill.iterations=3",
+                                                     f"distill.channels_last={flag}"])
+        d = images.make_distiller(cfg, path)
+        d.train(progress=False)
+        runs.append(d.generator)
+    assert runs[1].model.enc["8x8_conv"].weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
 import copy
+import shutil
 
 import pytest
 import torch
@@ -147,10 +148,43 @@ def test_distills_a_shifted_gaussian():
     """Convergence on a small problem: the one-step generator, started from a network fitted to
     N(0, I)-like data, moves to a Gaussian teacher N(mu, s^2 I) and matches its moments."""
     target = GaussianMixture([[1.5, -1.0]], [0.5], [1.0])
-    cfg = small(divergence="js", iterations=1500, batch_size=256, lr=2e-3, tau=3, gan_weight=0.0, r1_gamma=0.0,
-                ema_beta=0.9)
+    cfg = small(divergence="js", iterations=3000, batch_size=256, lr=1e-3, tau=3, gan_weight=0.0, r1_gamma=0.0,
+                ema_beta=0.99)
     d = make(cfg, teacher=target, seed=1)
     d.train(progress=False)
     x = d.sample(4000)
-    assert torch.allclose(x.mean(0), target.means[0], atol=0.15), x.mean(0)
-    assert torch.allclose(x.std(0), torch.full((2,), 0.5), rtol=0.2), x.std(0)
+    # Over seeds 0-5 these settings end within 0.02 of the mean and 0.04 of the std.
+    assert torch.allclose(x.mean(0), target.means[0], atol=0.1), x.mean(0)
+    assert torch.allclose(x.std(0), torch.full((2,), 0.5), rtol=0.15), x.std(0)
+
+
+def test_lr_stages_switch_both_learning_rates():
+    """Table 5's ImageNet-64 schedule in miniature: lr from iteration 4 on is 2.5e-4; the critic's rate
+    keeps its ratio to the generator's."""
+    d = make(small(lr=1e-3, lr_critic=2e-3, lr_stages=[[4, 2.5e-4]]))
+    lrs = []
+    for _ in range(6):
+        d.step()
+        lrs.append((d.opt_g.param_groups[0]["lr"], d.opt_fake.param_groups[0]["lr"], d.opt_d.param_groups[0]["lr"]))
+    assert lrs[3] == (1e-3, 2e-3, 2e-3) and lrs[4] == lrs[5] == (2.5e-4, 5e-4, 5e-4)
+    with pytest.raises(ValueError, match="lr_stages"):
+        small(lr_stages=[[10, 1e-4], [5, 1e-5]])
+
+
+def test_bf16_autocast_trains_with_fp32_weights():
+    d = make(small(precision="bf16", iterations=6))
+    d.train(progress=False)
+    assert all(p.dtype == torch.float32 for p in d.generator.parameters())
+    assert d.history and all(v == v for logs in d.history for v in logs.values() if isinstance(v, float))
+    with pytest.raises(ValueError, match="precision"):
+        small(precision="fp16")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile (inductor) needs a C compiler on CPU")
+def test_compiled_networks_give_the_eager_result():
+    eager, compiled = make(small(iterations=4)), make(small(iterations=4, compile=True))
+    eager.train(progress=False)
+    compiled.train(progress=False)
+    for a, b in zip(eager.generator.parameters(), compiled.generator.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert eager.generator.state_dict().keys() == compiled.generator.state_dict().keys()  # checkpoints unchanged

@@ -643,7 +643,7 @@ class _Precond(nn.Module):
         F_x, features = out if return_features else (out, None)
         if F_x is None:  # return_features == "only"
             return None, {r: f.to(torch.float32) for r, f in features.items()}
-        if F_x.dtype != dtype:
+        if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # autocast picks its own dtype
             raise RuntimeError(f"UNet returned {F_x.dtype}, expected {dtype}")
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_features:

@@ -1,0 +1,102 @@
+"""Data parallelism on torch.distributed: process-group setup from torchrun's environment, and the
+two collectives Alg. 1 needs beyond the batch statistics of ``objective`` (gradients, start weights).
+
+We average gradients ourselves instead of wrapping modules in DistributedDataParallel: the student
+step runs the discriminator forward but back-propagates only into the generator
+(``backward(inputs=...)``), which DDP's reducer does not allow, and gradient accumulation then
+needs no ``no_sync`` bookkeeping. One all-reduce per optimizer step, in buckets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+BUCKET_ELEMENTS = 1 << 25  # 128 MB of fp32 gradients per all-reduce call
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def init_from_env(device: str = "auto") -> torch.device:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
+    Returns this process's device: ``cuda:LOCAL_RANK`` for CUDA, else ``device`` ("auto" = cuda if any)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else dev.index or 0)
+        torch.cuda.set_device(dev)
+    if world > 1 and not is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """grad <- mean over ranks, for every parameter that has a gradient (the same set on every rank,
+    since all ranks run the same graph)."""
+    world = world_size()
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket: list[Tensor] = []
+    size = 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel()
+        if size >= BUCKET_ELEMENTS or i == len(grads) - 1:
+            flat = torch.cat([b.flatten() for b in bucket])
+            dist.all_reduce(flat)
+            flat /= world
+            for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(v.view_as(b))
+            bucket, size = [], 0
+
+
+@torch.no_grad()
+def broadcast_state(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (so all start from the same weights)."""
+    if world_size() == 1:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src)
+
+
+def same_on_all_ranks(module: nn.Module) -> bool:
+    """Whether every rank holds the same weights: compares a float64 checksum of each tensor."""
+    if world_size() == 1:
+        return True
+    tensors = [*module.parameters(), *module.buffers()]
+    if not tensors:
+        return True
+    local = torch.stack([t.detach().double().sum() + t.detach().double().square().sum() for t in tensors])
+    gathered = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(g, gathered[0]) for g in gathered)

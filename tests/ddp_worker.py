@@ -1,0 +1,42 @@
+"""One rank of a data-parallel toy run, for tests/test_distributed.py.
+
+``python -m torch.distributed.run --standalone --nproc_per_node=N tests/ddp_worker.py OUT BATCH MICRO ITERS DIV``
+(or plain ``python tests/ddp_worker.py ...`` for one process) runs Alg. 1 on the 2-D mixture with the
+analytic teacher and writes each rank's generator to OUT/rank<r>.safetensors.
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fdistill import distributed
+from fdistill.diffusion import SigmaSampler
+from fdistill.networks.heads import Discriminator
+from fdistill.networks.mlp import MLPDenoiser
+from fdistill.teachers import GaussianMixture
+from fdistill.trainer import DistillConfig, Distiller
+
+MIX = GaussianMixture([[2.0, -1.0], [-1.5, 1.0]], [0.4, 0.4], [0.7, 0.3])
+
+
+def build(batch: int, micro: int | None, iterations: int, divergence: str) -> Distiller:
+    torch.manual_seed(0)
+    net = MLPDenoiser(2, hidden=32, depth=2, sigma_data=MIX.data_std())
+    cfg = DistillConfig(divergence=divergence, iterations=iterations, batch_size=batch, micro_batch=micro, lr=1e-3,
+                        tau=3, sigmas=SigmaSampler(sigma_max=20.0), log_every=1, gan_weight=0.1)
+    real = torch.Generator().manual_seed(1)
+    return Distiller(cfg, MIX, copy.deepcopy(net), copy.deepcopy(net), Discriminator.mlp(MIX.feature_channels(), 16),
+                     real_data=lambda n: (MIX.sample(n, generator=real), None), sample_shape=(2,))
+
+
+if __name__ == "__main__":
+    out, batch, micro, iterations, divergence = sys.argv[1:6]
+    distributed.init_from_env("cpu")
+    d = build(int(batch), int(micro) or None, int(iterations), divergence)
+    d.train(run_dir=Path(out) / "run", progress=False)
+    save_file({k: v.contiguous() for k, v in d.generator.state_dict().items()},
+              Path(out) / f"rank{d.rank}.safetensors")
+    distributed.shutdown()
