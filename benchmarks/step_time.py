@@ -80,8 +80,9 @@ def main() -> None:
                         channels_last=args.channels_last, compile=args.compile)
     B = args.batch
 
-    def real_data(n):
-        return torch.rand(n, 3, 32, 32, device=device) * 2 - 1, torch.eye(10, device=device)[torch.randint(10, (n,))]
+    def real_data(n, part=slice(None)):
+        x = torch.rand(n, 3, 32, 32, device=device) * 2 - 1
+        return x[part], torch.eye(10, device=device)[torch.randint(10, (n,))][part]
 
     d = Distiller(cfg, teacher, copy.deepcopy(teacher).train(), copy.deepcopy(teacher).train(), disc, real_data,
                   sample_shape=(3, 32, 32), sample_cond=lambda n: real_data(n)[1], device=device)

@@ -83,6 +83,7 @@ def tensorboard_writer(log_dir: Path):
 
 def _sample(args: argparse.Namespace) -> None:
     import numpy as np
+    import torch
 
     from fdistill import images
     from fdistill.data import save_image_grid, to_uint8
@@ -97,8 +98,10 @@ def _sample(args: argparse.Namespace) -> None:
         sigma_gen = None
     shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
     t0 = time.perf_counter()
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     x, labels = images.generate(net, args.num, shape, kwargs.get("label_dim", 0), sigma_gen, args.steps,
-                                args.guidance, seed=args.seed)
+                                args.guidance, batch_size=args.batch, seed=args.seed, device=device,
+                                progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     uint8 = to_uint8(x)
     out = Path(args.out)
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--guidance", type=float, default=1.0, help="CFG scale for --teacher")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--grid-size", type=int, default=100, help="samples in the PNG grid")
+    m.add_argument("--batch", type=int, default=256, help="samples per network call (default: 256)")
+    m.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
+    m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     m.add_argument("--out", default="runs/samples.npz")
     m.set_defaults(func=_sample)
 

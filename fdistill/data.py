@@ -423,9 +423,11 @@ class ImageSampler:
     def _one_hot(self, labels: Tensor) -> Tensor:
         return torch.nn.functional.one_hot(labels, self.dataset.label_dim).float().to(self.device)
 
-    def __call__(self, n: int) -> tuple[Tensor, Tensor | None]:
-        """(x float32 in [-1, 1] (n, C, H, W), one-hot labels (n, label_dim) or None)."""
-        idx = torch.randint(len(self.images), (n,), generator=self.generator)
+    def __call__(self, n: int, part: slice = slice(None)) -> tuple[Tensor, Tensor | None]:
+        """Draws n samples' indices and returns the samples at positions ``part`` (data-parallel ranks
+        draw the same n and keep their own part): x float32 in [-1, 1] (m, C, H, W), one-hot labels
+        (m, label_dim) or None."""
+        idx = torch.randint(len(self.images), (n,), generator=self.generator)[part]
         x = to_float(self.images[idx].to(self.device))
         return x, None if self.labels is None else self._one_hot(self.labels[idx])
 

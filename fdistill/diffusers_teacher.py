@@ -25,11 +25,12 @@ import importlib.util
 import json
 import logging
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from fdistill.networks.edm import FeatureTaps
 
 INSTALL_HINT = "pip install 'fdistill[diffusers]'"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -78,7 +79,7 @@ class _StopForward(Exception):
     """Raised by a feature hook once every wanted feature is captured (``features()`` skips the rest)."""
 
 
-class DiffusersDenoiser(nn.Module):
+class DiffusersDenoiser(FeatureTaps):
     """A diffusers ``UNet2DModel`` behind fdistill's denoiser interface ``net(x, sigma, cond)``.
 
     Output conversions (x_t = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2)):
@@ -150,7 +151,7 @@ class DiffusersDenoiser(nn.Module):
         channels = list(cfg["block_out_channels"])
         self._taps = {self.img_resolution >> i: i for i in range(len(unet.down_blocks))}
         self._tap_channels = {self.img_resolution >> i: int(channels[i]) for i in range(len(unet.down_blocks))}
-        self._feature_resolutions = list(self._taps)
+        self._init_taps()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -259,29 +260,6 @@ class DiffusersDenoiser(nn.Module):
     def round_sigma(self, sigma: Tensor | float) -> Tensor:
         """Noise levels are continuous (fractional timesteps): sigma as a tensor, unchanged."""
         return torch.as_tensor(sigma)
-
-    @property
-    def encoder_resolutions(self) -> list[int]:
-        """All down-block resolutions, highest first."""
-        return list(self._taps)
-
-    @property
-    def feature_resolutions(self) -> list[int]:
-        """Resolutions whose features ``forward(..., return_features=True)`` returns (default: all)."""
-        return list(self._feature_resolutions)
-
-    @feature_resolutions.setter
-    def feature_resolutions(self, resolutions: Sequence[int]) -> None:
-        resolutions = [int(r) for r in resolutions]
-        bad = [r for r in resolutions if r not in self._taps]
-        if bad:
-            raise ValueError(f"feature_resolutions {bad} are not encoder resolutions of this network "
-                             f"(available: {self.encoder_resolutions})")
-        self._feature_resolutions = list(dict.fromkeys(resolutions))
-
-    def feature_channels(self) -> dict[int, int]:
-        """{resolution: channels} of the returned features (block_out_channels), without a forward pass."""
-        return {r: self._tap_channels[r] for r in self._feature_resolutions}
 
 
 # -- loading ------------------------------------------------------------------------------------------

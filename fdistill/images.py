@@ -217,19 +217,23 @@ def class_labels(n: int, label_dim: int) -> Tensor | None:
 def generate(
     net: nn.Module, n: int, shape: tuple[int, int, int], label_dim: int, sigma_gen: float | None = None,
     steps: int = 18, guidance: float = 1.0, batch_size: int = 256, seed: int = 0,
+    device: str | torch.device = "cpu", progress: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """n samples in [-1, 1] and their one-hot labels (classes in turn). With ``sigma_gen``: the one-step
-    generator G(z) = D(sigma_gen z; sigma_gen); without: EDM's Heun sampler (2 steps - 1 evaluations)."""
+    """n samples in [-1, 1] (on the CPU) and their one-hot labels (classes in turn). With ``sigma_gen``: the
+    one-step generator G(z) = D(sigma_gen z; sigma_gen); without: EDM's Heun sampler (2 steps - 1
+    evaluations). The latents come from a CPU generator, so a seed gives the same samples on any device."""
     gen = torch.Generator().manual_seed(seed)
     labels = class_labels(n, label_dim)
+    net = net.to(device)
     teacher = GuidedDenoiser(net, guidance) if guidance != 1.0 else net
     out = []
-    for i in range(0, n, batch_size):
+    for i in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False):
         m = min(batch_size, n - i)
-        z = torch.randn(m, *shape, generator=gen)
-        cond = None if labels is None else labels[i : i + m]
+        z = torch.randn(m, *shape, generator=gen).to(device)
+        cond = None if labels is None else labels[i : i + m].to(device)
         if sigma_gen is not None:
-            out.append(net(z * sigma_gen, torch.full((m,), sigma_gen), cond))
+            x = net(z * sigma_gen, torch.full((m,), sigma_gen, device=device), cond)
         else:
-            out.append(edm_sampler(teacher, z, cond, num_steps=steps))
+            x = edm_sampler(teacher, z, cond, num_steps=steps)
+        out.append(x.cpu())
     return torch.cat(out).clamp(-1, 1), labels

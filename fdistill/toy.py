@@ -126,8 +126,8 @@ def make_distiller(run: str, mixture: GaussianMixture, mlp: MLPDenoiser, cfg: To
     fake_score = copy.deepcopy(mlp).requires_grad_(True).train()
     disc = Discriminator.mlp(teacher.feature_channels())
     real = torch.Generator().manual_seed(seed)
-    return Distiller(dcfg, teacher, generator, fake_score, disc,
-                     real_data=lambda n: (mixture.sample(n, generator=real), None), sample_shape=(mixture.dim,))
+    return Distiller(dcfg, teacher, generator, fake_score, disc, sample_shape=(mixture.dim,),
+                     real_data=lambda n, part: (mixture.sample(n, generator=real)[part], None))
 
 
 def evaluate(samples: Tensor, mixture: GaussianMixture, reference: Tensor) -> dict:

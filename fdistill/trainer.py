@@ -9,6 +9,7 @@ The discriminator D_lambda is a head on the frozen teacher's features (App. B).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -94,8 +95,9 @@ class DistillConfig:
 class Distiller:
     """Holds the four networks, their optimizers and the EMA; ``step()`` runs one iteration of Alg. 1.
 
-    ``real_data(n) -> (x, cond)`` draws real samples for the GAN; ``sample_cond(n) -> cond`` draws
-    the generator's conditioning (None for unconditional models).
+    ``real_data(n, part) -> (x, cond)`` draws n real samples for the GAN and returns those at
+    positions ``part`` (a slice); ``sample_cond(n) -> cond`` draws the generator's conditioning (None
+    for unconditional models). Both must give every rank the same draws (own seeded streams).
 
     Data parallel (``fdistill.distributed``): every rank draws the random inputs of the whole global
     batch from one shared stream and keeps its own slice, so a run's samples do not depend on the
@@ -109,7 +111,7 @@ class Distiller:
         generator: nn.Module,
         fake_score: nn.Module,
         discriminator: nn.Module,
-        real_data: Callable[[int], tuple[Tensor, Tensor | None]],
+        real_data: Callable[[int, slice], tuple[Tensor, Tensor | None]],
         sample_shape: tuple[int, ...],
         sample_cond: Callable[[int], Tensor | None] = lambda n: None,
         device: str | torch.device = "cpu",
@@ -169,7 +171,10 @@ class Distiller:
                 m.compile()
 
     def autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        """bf16 autocast of the network passes (``precision: bf16``); nothing in fp32."""
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, torch.bfloat16)
+        return contextlib.nullcontext()
 
     # -- sampling ------------------------------------------------------------------------------
     def generate(self, z: Tensor, cond: Tensor | None = None, ema: bool = False) -> Tensor:
@@ -264,8 +269,8 @@ class Distiller:
         cfg, n = self.cfg, self.cfg.batch_size
         z, sigma, eps, eps_dsm = self._randn(), self._sigma(), self._randn(), self._randn()
         cond = self._mine(self.sample_cond(n))
-        x_real, cond_real = self.real_data(n)
-        x_real, cond_real = self._mine(x_real), self._mine(cond_real)
+        x_real, cond_real = self.real_data(n, self.local)  # only this rank's part is gathered
+        x_real, cond_real = x_real.to(self.device), None if cond_real is None else cond_real.to(self.device)
         sigma_real, eps_real = self._sigma(), self._randn()  # real data gets its own sigma and noise
         sigma_data = float(getattr(self.fake_score, "sigma_data", 0.5))
         self.opt_fake.zero_grad(set_to_none=True)

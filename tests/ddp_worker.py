@@ -29,7 +29,7 @@ def build(batch: int, micro: int | None, iterations: int, divergence: str) -> Di
                         tau=3, sigmas=SigmaSampler(sigma_max=20.0), log_every=1, gan_weight=0.1)
     real = torch.Generator().manual_seed(1)
     return Distiller(cfg, MIX, copy.deepcopy(net), copy.deepcopy(net), Discriminator.mlp(MIX.feature_channels(), 16),
-                     real_data=lambda n: (MIX.sample(n, generator=real), None), sample_shape=(2,))
+                     real_data=lambda n, part: (MIX.sample(n, generator=real)[part], None), sample_shape=(2,))
 
 
 if __name__ == "__main__":

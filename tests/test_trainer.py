@@ -21,7 +21,7 @@ def make(cfg: DistillConfig, teacher=None, seed=0) -> Distiller:
     teacher = teacher if teacher is not None else copy.deepcopy(net)
     return Distiller(cfg, teacher, copy.deepcopy(net), copy.deepcopy(net),
                      Discriminator.mlp(teacher.feature_channels(), hidden=16),
-                     real_data=lambda n: (MIX.sample(n), None), sample_shape=(2,))
+                     real_data=lambda n, part: (MIX.sample(n)[part], None), sample_shape=(2,))
 
 
 def small(**kw) -> DistillConfig:
@@ -181,6 +181,7 @@ def test_bf16_autocast_trains_with_fp32_weights():
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile (inductor) needs a C compiler on CPU")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_networks_give_the_eager_result():
     eager, compiled = make(small(iterations=4)), make(small(iterations=4, compile=True))
     eager.train(progress=False)

@@ -249,14 +249,15 @@ class FourierEmbedding(nn.Module):
 # -- UNets ----------------------------------------------------------------------------------------
 
 
-class _FeatureTaps(nn.Module):
-    """Encoder feature taps shared by the UNets.
+class FeatureTaps(nn.Module):
+    """Encoder feature taps shared by the UNets (and ``diffusers_teacher.DiffusersDenoiser``).
 
-    Subclasses fill ``self._taps`` ({resolution: name of the last ``enc`` module that writes the main
-    path at that resolution, i.e. ``f'{r}x{r}_block{num_blocks-1}'``}) and ``self._tap_channels``.
+    Subclasses fill ``self._taps`` ({resolution: where the tap is; for EDM's UNets the name of the last
+    ``enc`` module that writes the main path at that resolution, i.e. ``f'{r}x{r}_block{num_blocks-1}'``})
+    and ``self._tap_channels`` ({resolution: channels}), then call ``_init_taps()``.
     """
 
-    _taps: dict[int, str]
+    _taps: dict[int, object]
     _tap_channels: dict[int, int]
     _feature_resolutions: list[int]
 
@@ -297,7 +298,7 @@ class _FeatureTaps(nn.Module):
         return {self._taps[r]: r for r in self._feature_resolutions} if return_features else {}
 
 
-class SongUNet(_FeatureTaps):
+class SongUNet(FeatureTaps):
     """DDPM++ / NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs") as
     reimplemented in EDM. DDPM++: positional embedding, standard encoder, filter [1, 1];
     NCSN++: Fourier embedding with ``channel_mult_noise=2``, residual encoder, filter [1, 3, 3, 1].
@@ -466,7 +467,7 @@ class SongUNet(_FeatureTaps):
         return (out, features) if return_features else out
 
 
-class DhariwalUNet(_FeatureTaps):
+class DhariwalUNet(FeatureTaps):
     """ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis") as reimplemented
     in EDM. Attention blocks have ``out_channels // 64`` heads, so none below 64 channels."""
 
