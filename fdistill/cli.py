@@ -83,10 +83,10 @@ def tensorboard_writer(log_dir: Path):
 
 def _sample(args: argparse.Namespace) -> None:
     import numpy as np
-    import torch
 
     from fdistill import images
     from fdistill.data import save_image_grid, to_uint8
+    from fdistill.distributed import pick_device
 
     if bool(args.checkpoint) == bool(args.teacher):
         raise ValueError("give exactly one of --checkpoint (a one-step generator) or --teacher (multi-step sampling)")
@@ -98,7 +98,7 @@ def _sample(args: argparse.Namespace) -> None:
         sigma_gen = None
     shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
     t0 = time.perf_counter()
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)
     x, labels = images.generate(net, args.num, shape, kwargs.get("label_dim", 0), sigma_gen, args.steps,
                                 args.guidance, batch_size=args.batch, seed=args.seed, device=device,
                                 progress=not args.no_progress)
@@ -116,9 +116,11 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from fdistill import evaluation
+    from fdistill.distributed import pick_device
 
     res = evaluation.evaluate_file(args.samples, args.data, k=args.k, inception=args.inception, ref=args.ref,
-                                   batch_size=args.batch, progress=not args.no_progress, device=args.device)
+                                   batch_size=args.batch, progress=not args.no_progress,
+                                   device=pick_device(args.device))
     print(evaluation.format_report(res))
 
 
@@ -195,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "precision/recall also need --data")
     e.add_argument("--k", type=int, default=3, help="k of k-NN precision/recall (default: 3)")
     e.add_argument("--batch", type=int, default=64, help="images per Inception batch (default: 64)")
-    e.add_argument("--device", default="cpu", help="device for the Inception network: cpu (default) or cuda")
+    e.add_argument("--device", default="auto", help="device for the Inception network: cpu, cuda or auto "
+                   "(default: cuda if available)")
     e.add_argument("--no-progress", action="store_true", help="hide progress bars")
     e.set_defaults(func=_evaluate)
     return p

@@ -31,16 +31,22 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def init_from_env(device: str = "auto") -> torch.device:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
-    Returns this process's device: ``cuda:LOCAL_RANK`` for CUDA, else ``device`` ("auto" = cuda if any)."""
+def pick_device(device: str = "auto") -> torch.device:
+    """``device`` as a torch.device; "auto" is cuda when torch sees a GPU, else cpu."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for, but torch sees no CUDA device")
+    return dev
+
+
+def init_from_env(device: str = "auto") -> torch.device:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
+    Returns this process's device: ``cuda:LOCAL_RANK`` for CUDA, else ``pick_device(device)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else dev.index or 0)
         torch.cuda.set_device(dev)
     if world > 1 and not is_initialized():
