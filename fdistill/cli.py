@@ -116,11 +116,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from fdistill import evaluation
-    from fdistill.distributed import pick_device
 
     res = evaluation.evaluate_file(args.samples, args.data, k=args.k, inception=args.inception, ref=args.ref,
-                                   batch_size=args.batch, progress=not args.no_progress,
-                                   device=pick_device(args.device))
+                                   batch_size=args.batch, progress=not args.no_progress, device=args.device)
     print(evaluation.format_report(res))
 
 

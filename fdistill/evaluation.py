@@ -146,10 +146,10 @@ def evaluate_inception(path: str | Path, data: str | None = None, ref: str | Pat
                        device: str = "cpu") -> dict:
     """Inception FID of the samples in ``path`` against ``ref`` (EDM ``.npz`` with mu/sigma) if given, else against
     ``data``; precision/recall (k-NN) when ``data`` provides real features. Fails on missing weights first."""
+    from fdistill.distributed import pick_device
     from fdistill.inception import extract_features, load_inception
 
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    device = pick_device(device)  # "auto" -> cuda if present; an unavailable cuda is an error
     extractor = load_inception(inception, device)  # before reading anything else: fail fast
     ref_stats = load_reference_stats(ref) if ref is not None else None
     if data is None and ref is None:

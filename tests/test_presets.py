@@ -10,11 +10,9 @@ import torch
 from edm_format import write_snapshot
 
 from fdistill import images
-from fdistill.config import to_dict
+from fdistill.config import PRESETS, to_dict
 from fdistill.data import write_edm_zip
 from fdistill.networks import edm
-
-PRESETS = images.Path(images.__file__).parent / "configs"
 
 # Table 5 (and NVlabs/FastGen where the table is silent: ratio EMA, generator EMA)
 TABLE5 = {
