@@ -19,10 +19,13 @@ from pathlib import Path
 
 import torch
 
-from fdistill import images
-from fdistill.cli import DIGITS_PRESET
-from fdistill.data import load_dataset, save_image_grid
-from fdistill.evaluation import evaluate_samples
+from fdistill.apps import images
+from fdistill.apps.cli import DIGITS_PRESET
+from fdistill.data.datasets import load_dataset
+from fdistill.data.writers import save_image_grid
+from fdistill.evaluation.evaluate import evaluate_samples
+from fdistill.teachers.loading import load_network
+from fdistill.training.loop import training_loop
 
 
 def score(net, n, shape, label_dim, sigma_gen=None, steps=18):
@@ -52,7 +55,7 @@ def main() -> None:
         t0 = time.perf_counter()
         images.train_teacher(cfg, out, progress=False)
         print(f"teacher trained in {time.perf_counter() - t0:.0f} s", flush=True)
-    teacher, _, _ = images.load_network(teacher_path)
+    teacher, _, _ = load_network(teacher_path)
     rows = {}
     x, rows["teacher (35 NFE)"] = score(teacher, args.num, shape, data.label_dim, steps=cfg.sampler_steps)
     save_image_grid(x[:100], out / "teacher.png", nrow=10, scale=4)
@@ -67,7 +70,7 @@ def main() -> None:
         ckpt = out / run / "checkpoint"
         if not ckpt.is_dir():
             t0 = time.perf_counter()
-            images.make_distiller(run_cfg, teacher_path, data).train(run_dir=out / run, progress=False)
+            training_loop(images.make_distiller(run_cfg, teacher_path, data), run_dir=out / run, progress=False)
             print(f"[{time.perf_counter() - t_start:5.0f} s] distilled {run} in {time.perf_counter() - t0:.0f} s",
                   flush=True)
         gen, sigma_gen, _ = images.load_generator(ckpt)

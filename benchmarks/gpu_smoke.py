@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdistill import images
+from fdistill.apps import images
+from fdistill.teachers.loading import build_network, save_network
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     cfg = images.load_config("cifar10")
     kwargs = dict(cfg.teacher.network, img_resolution=32, img_channels=3, label_dim=10)
     torch.manual_seed(0)
-    teacher = images.save_network(images.build_network(cfg.teacher.precond, kwargs), cfg.teacher.precond, kwargs,
+    teacher = save_network(build_network(cfg.teacher.precond, kwargs), cfg.teacher.precond, kwargs,
                                   out / "teacher.safetensors")
     rng = np.random.default_rng(0)
     np.savez(out / "data.npz", images=rng.integers(0, 256, (1024, 3, 32, 32), dtype=np.uint8),

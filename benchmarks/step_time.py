@@ -26,16 +26,14 @@ import time
 import torch
 import torch.utils.flop_counter
 
-from fdistill.diffusion import SigmaSampler, edm_sampler
+from fdistill.apps.images import load_config
+from fdistill.core.diffusion import SigmaSampler, edm_sampler
 from fdistill.networks.edm import EDMPrecond
 from fdistill.networks.heads import Discriminator
-from fdistill.trainer import DistillConfig, Distiller
+from fdistill.training.distiller import DistillConfig, Distiller
 
-# NVlabs/edm's edm-cifar10-32x32-cond-vp.pkl architecture (55,735,299 parameters), EDM preconditioning.
-CIFAR10_DDPMPP = dict(img_resolution=32, img_channels=3, label_dim=10, model_type="SongUNet", model_channels=128,
-                      channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13, augment_dim=9,
-                      embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                      channel_mult_noise=1, resample_filter=[1, 1])
+# NVlabs/edm's edm-cifar10-32x32-cond-vp.pkl architecture (55,735,299 parameters), as the cifar10 preset gives it.
+CIFAR10_DDPMPP = dict(load_config("cifar10").teacher.network, img_resolution=32, img_channels=3, label_dim=10)
 
 
 def peak_mb(device: torch.device) -> float:

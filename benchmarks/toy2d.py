@@ -6,7 +6,7 @@
 Prints a markdown table of mean ± std over seeds (modes covered, total-variation distance of mode
 weights, k-NN precision/recall, mean teacher log-density, wall time) and, for every f-distill run, how
 well the discriminator's ratio r = exp(logit) tracks the true p_t/q_t (Pearson correlation of log r at
-several noise levels; see fdistill.toy.ratio_check). Writes everything to <out>/results.json.
+several noise levels; see fdistill.apps.lab2d.ratio_check). Writes everything to <out>/results.json.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fdistill import toy
+from fdistill.apps import lab2d as toy
 
 RUNS = "reverse_kl,softened_rkl,js,squared_hellinger,forward_kl,jeffreys,adversarial"
 
@@ -43,7 +43,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed in range(args.seeds):
         for run in runs:
-            m, d = toy.run_one(run, mixture, mlp, cfg, seed, progress=False)
+            m, d, _ = toy.run_one(run, mixture, mlp, cfg, seed, progress=False)
             metrics[run].append(m)
             ratios[run].append(m.pop("ratio_check"))
             print(f"[{time.perf_counter() - t0:6.0f} s] seed {seed} {run:18s} modes {m['modes']} tv {m['tv']:.3f} "

@@ -1,5 +1,5 @@
 import sys
 
-from fdistill.cli import main
+from fdistill.apps.cli import main
 
 sys.exit(main())

@@ -1,8 +1,10 @@
-"""Typed configuration: dataclasses that round-trip to YAML, with ``key.sub=value`` overrides."""
+"""Typed configuration: dataclasses that round-trip to YAML, with ``key.sub=value`` overrides; where
+the presets ship and where cached artefacts live."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -80,7 +82,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-PRESETS = Path(__file__).parent / "configs"
+def merge(base: dict, update: dict) -> dict:
+    """``update`` read over ``base``: nested mappings merge key by key, everything else is replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+PRESETS = Path(__file__).parent / "configs"  # the YAML presets shipped with fdistill
+
+
+def cache_dir() -> Path:
+    """Where fdistill caches what it computes once (the digits classifier, reference statistics):
+    $FDISTILL_CACHE, else ~/.cache/fdistill."""
+    return Path(os.environ.get("FDISTILL_CACHE") or Path.home() / ".cache" / "fdistill").expanduser()
 
 
 def load_yaml(path: str | Path) -> dict:

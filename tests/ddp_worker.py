@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fdistill import distributed
-from fdistill.diffusion import SigmaSampler
+from fdistill.core.diffusion import SigmaSampler
 from fdistill.networks.heads import Discriminator
 from fdistill.networks.mlp import MLPDenoiser
-from fdistill.teachers import GaussianMixture
-from fdistill.trainer import DistillConfig, Distiller
+from fdistill.teachers.gmm import GaussianMixture
+from fdistill.training import distributed
+from fdistill.training.distiller import DistillConfig, Distiller
+from fdistill.training.loop import training_loop
 
 MIX = GaussianMixture([[2.0, -1.0], [-1.5, 1.0]], [0.4, 0.4], [0.7, 0.3])
 
@@ -36,7 +37,7 @@ if __name__ == "__main__":
     out, batch, micro, iterations, divergence = sys.argv[1:6]
     distributed.init_from_env("cpu")
     d = build(int(batch), int(micro) or None, int(iterations), divergence)
-    d.train(run_dir=Path(out) / "run", progress=False)
+    training_loop(d, run_dir=Path(out) / "run", progress=False)
     save_file({k: v.contiguous() for k, v in d.generator.state_dict().items()},
               Path(out) / f"rank{d.rank}.safetensors")
     distributed.shutdown()

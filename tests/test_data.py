@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fdistill.data import ImageDataset, ImageSampler, load_dataset, save_image_grid, write_edm_zip
+from fdistill.data.datasets import ImageDataset, load_dataset
+from fdistill.data.sampler import ImageSampler
+from fdistill.data.writers import save_image_grid, write_edm_zip
 
 
 def random_images(n=12, c=3, size=8, seed=0):

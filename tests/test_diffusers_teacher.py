@@ -14,8 +14,11 @@ pytest.importorskip("diffusers")
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
-from fdistill import cli, diffusers_teacher, images  # noqa: E402
-from fdistill.diffusers_teacher import DiffusersDenoiser  # noqa: E402
+from fdistill.apps import cli, images  # noqa: E402
+from fdistill.teachers import diffusers_ddpm  # noqa: E402
+from fdistill.teachers.diffusers_ddpm import DiffusersDenoiser  # noqa: E402
+from fdistill.teachers.loading import build_network, load_network  # noqa: E402
+from fdistill.training.loop import training_loop  # noqa: E402
 
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
                  norm_num_groups=8, attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -53,7 +56,7 @@ def scheduler_x0(unet, sched, x_edm, sigma, t, labels=None):
 
 
 def test_pipeline_folder_loads_as_an_edm_teacher(pipeline_dir):
-    net, precond, kwargs = images.load_network(pipeline_dir)
+    net, precond, kwargs = load_network(pipeline_dir)
     assert precond == "diffusers" and isinstance(net, DiffusersDenoiser) and not net.training
     assert (kwargs["img_resolution"], kwargs["img_channels"], kwargs["label_dim"]) == (8, 1, 10)
     assert kwargs["folder"] == str(pipeline_dir.resolve())
@@ -61,14 +64,14 @@ def test_pipeline_folder_loads_as_an_edm_teacher(pipeline_dir):
     assert (net.img_resolution, net.img_channels, net.label_dim) == (8, 1, 10)
     sched = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler")
     assert net.sigma_min == pytest.approx(grid_sigma(sched, 0)) and net.sigma_max == pytest.approx(157.4, abs=0.1)
-    again = images.build_network(precond, kwargs)  # the architecture alone, for load_state_dict
+    again = build_network(precond, kwargs)  # the architecture alone, for load_state_dict
     again.load_state_dict(net.state_dict(), strict=True)
     x, s, c = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 20.0]), torch.eye(10)[[3, 7]]
     assert torch.equal(net(x, s, c), again.eval()(x, s, c))
 
 
 def test_epsilon_conversion_is_the_schedulers_x0(pipeline_dir):
-    net, _, _ = images.load_network(pipeline_dir)
+    net, _, _ = load_network(pipeline_dir)
     sched = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler")
     x0, eps, labels = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.eye(10)[[2, 9]]
     for t in [0, 1, 10, 250, 500, 998, 999]:
@@ -87,7 +90,7 @@ def test_epsilon_conversion_is_the_schedulers_x0(pipeline_dir):
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_v_and_sample_conversions(prediction_type):
     unet, sched = tiny_unet(), scheduler(prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2")
-    net = DiffusersDenoiser(unet, diffusers_teacher.alphas_cumprod(dict(sched.config)), prediction_type)
+    net = DiffusersDenoiser(unet, diffusers_ddpm.alphas_cumprod(dict(sched.config)), prediction_type)
     assert net.sigma_data == {"v_prediction": 1.0, "sample": 0.5}[prediction_type]
     x0, eps = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
     for t in [3, 400, 900]:
@@ -99,7 +102,7 @@ def test_v_and_sample_conversions(prediction_type):
 
 
 def test_fractional_sigmas_interpolate_log_sigma(pipeline_dir):
-    net, _, _ = images.load_network(pipeline_dir)
+    net, _, _ = load_network(pipeline_dir)
     sched = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler")
     s10, s11 = grid_sigma(sched, 10), grid_sigma(sched, 11)
     mid = torch.tensor([math.sqrt(s10 * s11)], dtype=torch.float64)  # halfway in log sigma
@@ -117,7 +120,7 @@ def test_fractional_sigmas_interpolate_log_sigma(pipeline_dir):
 
 
 def test_features_stop_before_the_up_path(pipeline_dir):
-    net, _, _ = images.load_network(pipeline_dir)
+    net, _, _ = load_network(pipeline_dir)
     assert net.encoder_resolutions == [8, 4] and net.feature_resolutions == [8, 4]
     assert net.feature_channels() == {8: 16, 4: 32}
     x, s, c = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 1.0, 50.0]), torch.eye(10)[:3]
@@ -142,7 +145,7 @@ def test_features_stop_before_the_up_path(pipeline_dir):
 
 
 def test_class_labels_are_indices_without_a_null_label(pipeline_dir):
-    net, _, _ = images.load_network(pipeline_dir)
+    net, _, _ = load_network(pipeline_dir)
     x, s = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 5.0])
     with torch.no_grad():
         d = net(x, s, torch.eye(10)[[4, 0]])
@@ -161,7 +164,7 @@ def test_distill_a_diffusers_teacher(pipeline_dir, tmp_path):
     d = images.make_distiller(cfg, pipeline_dir)
     assert isinstance(d.generator, DiffusersDenoiser) and d.generator.unet is not d.teacher.unet
     assert all(p.requires_grad for p in d.generator.parameters())
-    d.train(run_dir=tmp_path, progress=False)
+    training_loop(d, run_dir=tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in log] == ["student", "critic", "student"]
     assert math.isfinite(log[1]["r1"])  # R1 differentiates twice through the teacher's down-path attention
@@ -180,12 +183,12 @@ def test_bare_unet_folders(tmp_path):
     unet = tiny_unet()
     unet.save_pretrained(tmp_path / "alone")
     with pytest.warns(UserWarning, match="no scheduler config"):
-        net, _, kwargs = images.load_network(tmp_path / "alone")
+        net, _, kwargs = load_network(tmp_path / "alone")
     assert kwargs["label_dim"] == 0 and net.sigma_max == pytest.approx(157.4, abs=0.1)
     unet.save_pretrained(tmp_path / "pipe" / "unet")  # a unet/ folder finds ../scheduler
     scheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
         tmp_path / "pipe" / "scheduler")
-    net, _, _ = images.load_network(tmp_path / "pipe" / "unet")
+    net, _, _ = load_network(tmp_path / "pipe" / "unet")
     assert net.sigma_max == pytest.approx(14.6, abs=0.1)  # SD's schedule
     x = torch.randn(1, 1, 8, 8)
     with torch.no_grad():
@@ -193,19 +196,19 @@ def test_bare_unet_folders(tmp_path):
 
 
 def test_invalid_folders_are_explained(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="teacher not found"):
-        images.load_network(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="missing: nothing is there; expected"):
+        load_network(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="not a diffusers model folder"):
-        images.load_network(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="empty: it is an empty folder; expected .*diffusers model folder"):
+        load_network(tmp_path / "empty")
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(NotImplementedError, match="only UNet2DModel"):
-        images.load_network(tmp_path / "sd")
+        load_network(tmp_path / "sd")
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"vae": ["diffusers", "AutoencoderKL"]}))
     with pytest.raises(ValueError, match="without a UNet"):
-        images.load_network(tmp_path / "pipe")
+        load_network(tmp_path / "pipe")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"fdistill\[diffusers\]"):
-        images.build_network("diffusers", {"unet_config": TINY_UNET})
+        build_network("diffusers", {"unet_config": TINY_UNET})

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fdistill.diffusion import (
+from fdistill.core.diffusion import (
     SigmaSampler,
     denoising_loss,
     edm_preconditioning,
@@ -12,9 +12,9 @@ from fdistill.diffusion import (
     karras_sigmas,
     score_from_denoiser,
 )
-from fdistill.metrics import mode_coverage
+from fdistill.evaluation.metrics import mode_coverage
 from fdistill.networks.mlp import MLPDenoiser
-from fdistill.teachers import GaussianMixture
+from fdistill.teachers.gmm import GaussianMixture
 
 MIX = GaussianMixture([[2.0, 0.0], [-2.0, 1.0], [0.0, -3.0]], [0.3, 0.5, 0.4], [0.6, 0.3, 0.1])
 

@@ -10,8 +10,10 @@ import torch
 from ddp_worker import build
 from safetensors.torch import load_file
 
-from fdistill import cli, images
-from fdistill.trainer import DistillConfig
+from fdistill.apps import cli
+from fdistill.teachers.loading import build_network, save_network
+from fdistill.training.distiller import DistillConfig
+from fdistill.training.loop import training_loop
 
 HERE = Path(__file__).parent
 
@@ -32,7 +34,7 @@ def test_two_ranks_hold_identical_weights_and_match_one_process(tmp_path):
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     single = build(32, None, 9, "js")
-    single.train(progress=False)
+    training_loop(single, progress=False)
     assert close(single.generator.state_dict(), r0)
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").is_file()  # written once, by rank 0
 
@@ -41,11 +43,49 @@ def test_gradient_accumulation_matches_the_full_batch():
     """Micro-batches of 8 (4 passes) give the full batch's update. With reverse-KL h = 1, so the
     per-pass normalization statistics play no part and the two must agree to rounding."""
     full, accum = build(32, None, 7, "reverse_kl"), build(32, 8, 7, "reverse_kl")
-    full.train(progress=False)
-    accum.train(progress=False)
+    training_loop(full, progress=False)
+    training_loop(accum, progress=False)
     for name in ("generator", "generator_ema", "fake_score", "discriminator"):  # not the per-pass ratio bins
-        assert close(full._modules()[name].state_dict(), accum._modules()[name].state_dict()), name
-    assert len(accum.micro_slices) == 4 and accum.micro_slices[-1] == slice(24, 32)
+        assert close(full.modules()[name].state_dict(), accum.modules()[name].state_dict()), name
+    assert len(accum.passes) == 4 and accum.passes[-1] == slice(24, 32)
+
+
+def test_accumulation_normalizes_each_pass_and_moves_the_ratio_ema_once(monkeypatch):
+    """forward-KL (h = r, not constant) with micro_batch 8 of 32: Alg. 1 lines 7 and 9 normalize over each
+    pass of 8 (so h_bar has mean 1 per pass, not only over the batch), and the ratio EMA moves once per
+    optimizer step, by the bin means over all 32 samples. Without micro_batch one call spans the batch."""
+    from fdistill.core import objective
+    from fdistill.training import distiller
+
+    calls = []
+
+    def spy(logits, sigma, *args):
+        w = objective.fdistill_weights(logits, sigma, *args)
+        calls.append((sigma.clone(), w))
+        return w
+
+    monkeypatch.setattr(distiller, "fdistill_weights", spy)
+    d = build(32, 8, 1, "forward_kl")
+    d.ratio_norm.ema = 0.5
+    stored = d.ratio_norm.bin_mean.clone()
+    d.step()  # a student step
+    assert len(calls) == 4
+    sums, counts = torch.zeros_like(stored), torch.zeros_like(stored)
+    for sigma, w in calls:
+        assert w.h_bar.mean().item() == pytest.approx(1.0, rel=1e-5)  # line 9 over the pass
+        idx = d.ratio_norm.bin_index(sigma)
+        pass_mean = torch.zeros_like(stored).index_add_(0, idx, w.r) / torch.bincount(idx, minlength=len(stored))
+        torch.testing.assert_close(w.r_bar, w.r / (0.5 * stored + 0.5 * pass_mean)[idx])  # line 7 over the pass
+        torch.testing.assert_close(w.h_bar, w.h / w.h.mean())
+        sums.index_add_(0, idx, w.r)
+        counts += torch.bincount(idx, minlength=len(stored))
+    seen = counts > 0
+    torch.testing.assert_close(d.ratio_norm.bin_mean[seen], 0.5 * stored[seen] + 0.5 * sums[seen] / counts[seen])
+    calls.clear()
+    full = build(32, None, 1, "forward_kl")
+    full.step()
+    assert len(calls) == 1 and calls[0][1].h_bar.shape == (32,)
+    assert calls[0][1].h_bar.mean().item() == pytest.approx(1.0, rel=1e-5)
 
 
 def test_batch_must_split_into_ranks_and_micro_batches():
@@ -66,7 +106,7 @@ def test_torchrun_cli_and_resume_on_another_world_size(tmp_path):
     """`torchrun -m fdistill distill` on 2 processes for 6 iterations, resumed by 1 process to 9,
     ends where 1 process running 9 iterations straight ends (dropout 0, so the runs are the same)."""
     torch.manual_seed(0)
-    teacher = images.save_network(images.build_network("EDMPrecond", TEACHER), "EDMPrecond", TEACHER,
+    teacher = save_network(build_network("EDMPrecond", TEACHER), "EDMPrecond", TEACHER,
                                   tmp_path / "teacher.safetensors")
     common = ["distill", "--teacher", str(teacher), "--no-progress", "--device", "cpu"]
     torchrun(2, "-m", "fdistill", *common, "--out", str(tmp_path / "a"), *OVERRIDES, "distill.iterations=6")

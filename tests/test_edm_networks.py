@@ -258,3 +258,24 @@ def test_features_only_stops_after_the_last_tap(model_type):
         module.forward = fail
     only = net.features(x, sigma, labels)
     assert only.keys() == full.keys() and all(torch.equal(only[r], full[r]) for r in full)
+
+
+def test_networks_never_drop_labels_and_teacher_training_does():
+    """label_dropout is recorded for NVlabs/edm compatibility but never applied by a network, so the
+    generator and fake score (teacher copies in training mode) always see their labels; dropping labels
+    for CFG is done by teacher training alone (``drop_labels``)."""
+    from fdistill.training.teacher import drop_labels
+
+    for model_type in ("SongUNet", "DhariwalUNet"):
+        net = tiny(model_type=model_type, label_dropout=0.9, dropout=0.0)
+        x, sigma, labels = torch.randn(8, 3, 8, 8), torch.full((8,), 1.0), torch.eye(3)[torch.arange(8) % 3]
+        with torch.no_grad():
+            train_out = net.train()(x, sigma, labels)
+            assert torch.equal(train_out, net.train()(x, sigma, labels))  # no random label dropout
+            assert torch.allclose(train_out, net.eval()(x, sigma, labels), atol=1e-6)
+        assert net.model.label_dropout == 0.9
+    torch.manual_seed(0)
+    dropped = drop_labels(torch.eye(3)[torch.arange(3000) % 3], 0.25)
+    nulls = (dropped.sum(1) == 0).float().mean().item()
+    assert abs(nulls - 0.25) < 0.03 and set(dropped.sum(1).tolist()) == {0.0, 1.0}
+    assert drop_labels(None, 0.5) is None

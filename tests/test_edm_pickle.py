@@ -6,8 +6,8 @@ import pytest
 import torch
 from edm_format import write_snapshot
 
-from fdistill.edm_pickle import load_edm_pickle
 from fdistill.networks import edm
+from fdistill.teachers.edm_pickle import load_edm_pickle
 
 KWARGS = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="SongUNet", model_channels=8,
               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.13)
@@ -52,8 +52,9 @@ def test_missing_network_and_file_errors(tmp_path):
 
 def test_distill_accepts_an_edm_pickle_teacher(tmp_path, persistence_module):
     """`fdistill distill --teacher x.pkl` path: the image pipeline builds its distiller from the pickle."""
-    from fdistill import images
-    from fdistill.cli import DIGITS_PRESET
+    from fdistill.apps import images
+    from fdistill.apps.cli import DIGITS_PRESET
+    from fdistill.training.loop import training_loop
 
     kwargs = dict(KWARGS, img_channels=1, label_dim=10, augment_dim=0)
     torch.manual_seed(0)
@@ -61,5 +62,5 @@ def test_distill_accepts_an_edm_pickle_teacher(tmp_path, persistence_module):
     write_snapshot(tmp_path / "t.pkl", net, persistence_module._reconstruct_persistent_obj, kwargs)
     cfg = images.load_config(DIGITS_PRESET, ["distill.batch_size=4", "distill.iterations=2", "disc_hidden=8"])
     d = images.make_distiller(cfg, tmp_path / "t.pkl")
-    d.train(progress=False)
+    training_loop(d, progress=False)
     assert d.iteration == 2 and d.info["network"]["model_channels"] == 8

@@ -6,8 +6,8 @@ import scipy.linalg
 import torch
 from safetensors import safe_open
 
-from fdistill import digits_classifier as dc
-from fdistill.metrics import (
+from fdistill.evaluation import digits_classifier as dc
+from fdistill.evaluation.metrics import (
     class_accuracy,
     evaluate_features,
     feature_statistics,

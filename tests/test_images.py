@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from fdistill import cli, images
-from fdistill.data import ImageSampler, load_dataset
+from fdistill.apps import cli, images
+from fdistill.data.datasets import load_dataset
+from fdistill.data.sampler import ImageSampler
 from fdistill.networks.heads import ConvHead, Discriminator
-from fdistill.teachers import GuidedDenoiser
+from fdistill.teachers.guidance import GuidedDenoiser
+from fdistill.teachers.loading import build_network, load_network, save_network
+from fdistill.training.loop import training_loop
 
 TINY = ["teacher.network.model_channels=8", "teacher.network.channel_mult=[1, 2]", "teacher.network.num_blocks=1",
         "teacher.network.attn_resolutions=[]", "teacher.batch_size=16", "teacher.warmup=1", "disc_hidden=8"]
@@ -37,19 +40,19 @@ def test_discriminator_averages_heads():
 
 
 def test_teacher_file_round_trip(teacher_path):
-    net, precond, kwargs = images.load_network(teacher_path)
+    net, precond, kwargs = load_network(teacher_path)
     assert precond == "EDMPrecond" and kwargs["label_dim"] == 10 and kwargs["img_resolution"] == 8
     x, s, c = torch.randn(4, 1, 8, 8), torch.full((4,), 1.5), torch.eye(10)[:4]
-    again, _, _ = images.load_network(teacher_path)
+    again, _, _ = load_network(teacher_path)
     assert torch.equal(net(x, s, c), again(x, s, c))
     with pytest.raises(FileNotFoundError, match="EDM pickle"):
-        images.load_network(teacher_path.with_suffix(".pkl"))
+        load_network(teacher_path.with_suffix(".pkl"))
     with pytest.raises(FileNotFoundError):
-        images.load_network(teacher_path.parent / "missing.safetensors")
+        load_network(teacher_path.parent / "missing.safetensors")
 
 
 def test_guided_denoiser_is_cfg(teacher_path):
-    net, _, _ = images.load_network(teacher_path)
+    net, _, _ = load_network(teacher_path)
     x, s, c = torch.randn(3, 1, 8, 8), torch.full((3,), 0.7), torch.eye(10)[:3]
     d_c, d_u = net(x, s, c), net(x, s, torch.zeros_like(c))
     assert torch.allclose(GuidedDenoiser(net, 1.0)(x, s, c), d_c)
@@ -90,15 +93,15 @@ def test_image_resume_is_exact(teacher_path, tmp_path):
     data = load_dataset("digits")
     torch.manual_seed(0)
     full = images.make_distiller(cfg, teacher_path, data)
-    full.train(progress=False)
+    training_loop(full, progress=False)
     cfg.distill.iterations = 3
     first = images.make_distiller(cfg, teacher_path, data)
-    first.train(run_dir=tmp_path, progress=False)
+    training_loop(first, run_dir=tmp_path, progress=False)
     cfg.distill.iterations = 6
     resumed = images.make_distiller(cfg, teacher_path, data)
     resumed.real_data(5)  # advance its data stream: the checkpoint must restore it
     resumed.load(tmp_path / "checkpoint")
-    resumed.train(progress=False)
+    training_loop(resumed, progress=False)
     for k, v in full.generator.state_dict().items():
         assert torch.equal(v, resumed.generator.state_dict()[k]), k
     assert isinstance(resumed.real_data, ImageSampler)
@@ -118,11 +121,12 @@ def test_distill_writes_tensorboard_scalars(teacher_path, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"student/loss_fdistill", "student/h_max", "critic/loss_gan_d", "critic/r1"} <= set(tags)
+    assert {"loss_fdistill", "h_max", "loss_gan_d", "r1"} <= set(tags)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    steps = [e.step for e in events.Scalars("student/loss_fdistill")]
-    assert steps == [e["iteration"] for e in log if e["kind"] == "student"]
-    assert events.Scalars("student/loss_fdistill")[0].value == pytest.approx(log[0]["loss_fdistill"], rel=1e-6)
+    assert [e["iteration"] for e in log] == [0, 1, 2, 3]  # log_every=1: every iteration, once
+    steps = [e.step for e in events.Scalars("loss_gan_d")]
+    assert steps == [e["iteration"] for e in log if "loss_gan_d" in e] == [1, 2, 3]  # from the first critic step on
+    assert events.Scalars("loss_fdistill")[0].value == pytest.approx(log[0]["loss_fdistill"], rel=1e-6)
 
 
 def test_channels_last_gives_the_same_training(tmp_path):
@@ -130,13 +134,13 @@ def test_channels_last_gives_the_same_training(tmp_path):
     since dropout masks are drawn in memory order)."""
     kwargs = dict(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=8,
                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
-    path = images.save_network(images.build_network("EDMPrecond", kwargs), "EDMPrecond", kwargs, tmp_path / "t.st")
+    path = save_network(build_network("EDMPrecond", kwargs), "EDMPrecond", kwargs, tmp_path / "t.st")
     runs = []
     for flag in ("false", "true"):
         cfg = images.load_config(cli.DIGITS_PRESET, [*DISTILL, "disc_hidden=8", "distill.iterations=3",
                                                      f"distill.channels_last={flag}"])
         d = images.make_distiller(cfg, path)
-        d.train(progress=False)
+        training_loop(d, progress=False)
         runs.append(d.generator)
     assert runs[1].model.enc["8x8_conv"].weight.is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(runs[0].parameters(), runs[1].parameters()):

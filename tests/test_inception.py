@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdistill import cli, evaluation, inception
-from fdistill.inception import STATE_DICT_NAME, TORCHSCRIPT_NAME, FIDInceptionV3
-from fdistill.metrics import feature_statistics, frechet_distance
+from fdistill.apps import cli
+from fdistill.config import cache_dir
+from fdistill.evaluation import evaluate as evaluation
+from fdistill.evaluation import inception
+from fdistill.evaluation.inception import STATE_DICT_NAME, TORCHSCRIPT_NAME, FIDInceptionV3
+from fdistill.evaluation.metrics import feature_statistics, frechet_distance
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -312,4 +315,4 @@ def test_evaluate_rejects_mismatched_sample_shape(torchscript_dir, npz_data, tmp
 
 def test_conftest_keeps_the_cache_out_of_home():
     assert os.environ["FDISTILL_CACHE"] and Path(os.environ["FDISTILL_CACHE"]) != Path.home() / ".cache" / "fdistill"
-    assert inception.default_cache_dir() == Path(os.environ["FDISTILL_CACHE"])
+    assert cache_dir() == Path(os.environ["FDISTILL_CACHE"])

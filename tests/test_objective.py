@@ -3,8 +3,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fdistill.diffusion import SigmaSampler
-from fdistill.objective import (
+from fdistill.core.diffusion import SigmaSampler
+from fdistill.core.objective import (
     RatioNormalizer,
     density_ratio,
     fdistill_loss,
@@ -49,20 +49,38 @@ def test_first_stage_makes_each_bin_mean_one():
     idx = norm.bin_index(sigma)
     for b in range(6):
         assert out[idx == b].mean().item() == pytest.approx(1.0, rel=1e-5)
+    norm.commit()  # the step's bin means become the stored ones
     assert torch.allclose(out / r, 1 / norm.bin_mean[idx])  # a per-bin rescaling, nothing else
 
 
 def test_first_stage_ema_and_eval_mode():
     norm = RatioNormalizer(SAMPLER.support, num_bins=1, ema=0.5)
     sigma = SAMPLER.sample(10)
-    norm(torch.full((10,), 3.0), sigma)
+    out = norm(torch.full((10,), 3.0), sigma)
+    assert torch.allclose(out, torch.full((10,), 3.0 / 2.0))  # normalized by 0.5 * 1 + 0.5 * 3
+    assert norm.bin_mean.item() == 1.0  # the EMA moves at commit, once per optimizer step
+    norm.commit()
     assert norm.bin_mean.item() == pytest.approx(0.5 * 1 + 0.5 * 3)
     out = norm(torch.full((10,), 5.0), sigma)
+    norm.commit()
     assert norm.bin_mean.item() == pytest.approx(0.5 * 2 + 0.5 * 5)
     assert torch.allclose(out, torch.full((10,), 5.0 / 3.5))
-    norm.eval()
+    norm.eval()  # eval: the stored means, nothing recorded
     out = norm(torch.full((10,), 4.0), sigma)
-    assert torch.allclose(out, torch.ones(10)) and norm.bin_mean.item() == pytest.approx(3.5)
+    norm.commit()
+    assert torch.allclose(out, torch.full((10,), 4.0 / 3.5)) and norm.bin_mean.item() == pytest.approx(3.5)
+
+
+def test_first_stage_ema_moves_once_per_step_over_all_passes():
+    """Two passes of one optimizer step: each is normalized by its own group's mean blended with the
+    stored EMA; commit folds the mean over both passes in once."""
+    norm = RatioNormalizer(SAMPLER.support, num_bins=1, ema=0.5)
+    sigma = SAMPLER.sample(4)
+    a = norm(torch.full((4,), 3.0), sigma)
+    b = norm(torch.full((4,), 7.0), sigma)
+    assert torch.allclose(a, torch.full((4,), 3.0 / 2.0)) and torch.allclose(b, torch.full((4,), 7.0 / 4.0))
+    norm.commit()
+    assert norm.bin_mean.item() == pytest.approx(0.5 * 1 + 0.5 * 5)
     with pytest.raises(ValueError):
         RatioNormalizer(SAMPLER.support, ema=1.0)
     with pytest.raises(ValueError, match="binning"):

@@ -9,10 +9,11 @@ import pytest
 import torch
 from edm_format import write_snapshot
 
-from fdistill import images
+from fdistill.apps import images
 from fdistill.config import PRESETS, to_dict
-from fdistill.data import write_edm_zip
+from fdistill.data.writers import write_edm_zip
 from fdistill.networks import edm
+from fdistill.training.loop import training_loop
 
 # Table 5 (and NVlabs/FastGen where the table is silent: ratio EMA, generator EMA)
 TABLE5 = {
@@ -73,8 +74,8 @@ def test_preset_runs_with_a_tiny_teacher(tmp_path, persistence_module, name, dat
     stages = ["distill.lr_stages=[[3, 5.0e-7]]"] if name == "imagenet64" else []
     cfg = images.load_config(PRESETS / f"{name}.yaml", [f"data={path}", *RUN, *stages])
     d = images.make_distiller(cfg, teacher)
-    assert len(d.micro_slices) == 2  # batch 4 in two accumulated passes
-    history = d.train(run_dir=tmp_path / "run", progress=False)
+    assert len(d.passes) == 2  # batch 4 in two accumulated passes
+    history = training_loop(d, run_dir=tmp_path / "run", progress=False)
     assert d.iteration == 6 and [h["kind"] for h in history].count("student") == 2
     assert all(np.isfinite(v) for h in history for v in h.values() if isinstance(v, float))
     assert d.sample_cond(3).shape == (3, TINY[name]["label_dim"])

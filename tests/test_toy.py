@@ -1,10 +1,13 @@
 import json
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
-from fdistill import cli, toy
-from fdistill.metrics import mode_coverage, precision_recall
+from fdistill.apps import cli
+from fdistill.apps import lab2d as toy
+from fdistill.evaluation.metrics import mode_coverage, precision_recall
 
 CFG = toy.load_config()
 MIX = toy.build_mixture(CFG)
@@ -61,10 +64,54 @@ def test_demo_cli_end_to_end(tmp_path, capsys):
     assert set(results) == {"reverse_kl", "js", "adversarial"}
     assert all(0 <= r["precision"] <= 1 and 0 <= r["tv"] <= 1 for r in results.values())
     assert len(list(tmp_path.glob("teacher-*.safetensors"))) == 1  # cached for the next run
+    for run in ("reverse_kl", "js", "adversarial"):  # the samples each run was scored on, for other metrics
+        assert np.load(tmp_path / f"samples_{run}.npy").shape == (300, 2)
+    assert np.load(tmp_path / "reference.npy").shape == (300, 2)
+    mixture = yaml.safe_load((tmp_path / "mixture.yaml").read_text())
+    assert np.allclose(mixture["means"], CFG.mixture.means) and np.isclose(sum(mixture["weights"]), 1.0)
 
 
-def test_demo_cli_reports_bad_input(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "distill.nonsense=1"]) == 2
-    assert "unknown key" in capsys.readouterr().err
-    assert cli.main(["demo", "--config", str(tmp_path / "nope.yaml")]) == 2
-    assert "not found" in capsys.readouterr().err
+def test_demo_reads_a_users_mixture_over_the_preset(tmp_path, capsys):
+    """A file holding only a mixture is enough (the rest comes from the preset), in any dimension."""
+    mine = {"mixture": {"means": [[0.0, 0.0, 0.0], [4.0, 0.0, 1.0], [0.0, 4.0, -1.0]], "stds": [0.5, 0.5, 0.5],
+                        "weights": [0.5, 0.3, 0.2]}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
+    cfg = toy.load_config(tmp_path / "mine.yaml")
+    assert cfg.distill.iterations == CFG.distill.iterations and cfg.distill.gan_weight == CFG.distill.gan_weight
+    code = cli.main(["demo", "--config", str(tmp_path / "mine.yaml"), "--out", str(tmp_path / "run"), "--no-progress",
+                     "teacher.steps=40", "teacher.hidden=32", "distill.iterations=6", "distill.batch_size=64",
+                     "runs=[js]", "num_eval=200"])
+    assert code == 0
+    assert "/3" in capsys.readouterr().out  # modes covered out of 3
+    assert np.load(tmp_path / "run" / "samples_js.npy").shape == (200, 3)
+    assert (tmp_path / "run" / "demo.png").is_file()
+    bad = {"mixture": {"means": [[0.0, 0.0], [1.0, 1.0]], "stds": [0.5], "weights": [0.5, 0.5]}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert cli.main(["demo", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")]) == 2
+    assert "stds (K,)" in capsys.readouterr().err
+
+
+def test_fig3_map_shows_the_trainers_weights():
+    """The Fig. 3 weight map is Alg. 1 lines 6-8 as the trainer computes them (the ratio clipped, divided
+    by the trainer's stored bin mean, then h), divided by the mean of h over noisy generator samples."""
+    cfg = toy.load_config(overrides=["teacher.hidden=32", "teacher.steps=30", "distill.iterations=10",
+                                     "distill.batch_size=128", "distill.divergence=forward_kl"])
+    mixture = toy.build_mixture(cfg)
+    d = toy.make_distiller("forward_kl", mixture, toy.train_mlp_teacher(mixture, cfg.teacher, progress=False), cfg, 0)
+    toy.training_loop(d, progress=False)
+    sigma, before = 0.5, d.ratio_norm.bin_mean.clone()
+    torch.manual_seed(0)
+    diff, h_map, _ = toy.score_and_weight_maps(d, mixture, sigma, n_gen=2000)
+    assert torch.equal(d.ratio_norm.bin_mean, before)  # drawing the map leaves the trainer's state alone
+
+    def h(x):  # forward-KL: h(r) = r
+        s = torch.full((len(x),), sigma)
+        r = d.discriminator(d.teacher.features(x, s, None)).clamp(-10, 10).exp().clamp(0.1, 20)
+        return r / before[d.ratio_norm.bin_index(s)]
+
+    with torch.no_grad():
+        torch.manual_seed(0)
+        x_gen = d.sample(2000) + sigma * torch.randn(2000, 2)
+        expected = h(toy._grid(mixture)[0]) / h(x_gen).mean()
+    assert torch.allclose(h_map.flatten(), expected, rtol=1e-5)
+    assert diff.shape == h_map.shape and float(h_map.std()) > 0

@@ -6,11 +6,12 @@ import torch
 import yaml
 
 from fdistill.config import apply_overrides, from_dict, to_dict
-from fdistill.diffusion import SigmaSampler
+from fdistill.core.diffusion import SigmaSampler
 from fdistill.networks.heads import Discriminator
 from fdistill.networks.mlp import MLPDenoiser
-from fdistill.teachers import GaussianMixture
-from fdistill.trainer import DistillConfig, Distiller
+from fdistill.teachers.gmm import GaussianMixture
+from fdistill.training.distiller import DistillConfig, Distiller
+from fdistill.training.loop import training_loop
 
 MIX = GaussianMixture([[2.0, -1.0], [-1.5, 1.0]], [0.4, 0.4], [0.7, 0.3])
 
@@ -98,7 +99,7 @@ def test_config_yaml_round_trip_and_overrides():
     text = yaml.safe_dump(to_dict(cfg))
     back = from_dict(DistillConfig, yaml.safe_load(text))
     assert back == cfg and back.sigmas.index_range == (20, 980) and isinstance(back.betas, tuple)
-    data = apply_overrides(to_dict(cfg), ["lr=3e-4", "sigmas.index_range=[2, 998]", "divergence=kl"])
+    data = apply_overrides(to_dict(cfg), ["lr=3e-4", "sigmas.index_range=[2, 998]", "divergence=fkl"])
     assert from_dict(DistillConfig, data).lr == 3e-4 and data["sigmas"]["index_range"] == [2, 998]
     with pytest.raises(ValueError, match="unknown key"):
         from_dict(DistillConfig, {"learning_rate": 1.0})
@@ -111,12 +112,12 @@ def test_resume_is_exact(tmp_path):
     cfg = small(divergence="js", iterations=14, ratio_ema=0.5)
     full = make(cfg)
     torch.manual_seed(123)
-    full.train(progress=False)
+    training_loop(full, progress=False)
 
     first = make(copy.deepcopy(cfg))
     first.cfg.iterations = 7
     torch.manual_seed(123)
-    first.train(run_dir=tmp_path / "run", progress=False)
+    training_loop(first, run_dir=tmp_path / "run", progress=False)
     torch.manual_seed(999)  # whatever happens in between must not matter
     resumed = make(cfg)  # same frozen teacher; the trained parts must come from the checkpoint
     with torch.no_grad():
@@ -124,20 +125,20 @@ def test_resume_is_exact(tmp_path):
             p.add_(1.0)
     resumed.load(tmp_path / "run" / "checkpoint")
     assert resumed.iteration == 7
-    resumed.train(progress=False)
+    training_loop(resumed, progress=False)
 
-    for name, m in full._modules().items():
-        other = resumed._modules()[name].state_dict()
+    for name, m in full.modules().items():
+        other = resumed.modules()[name].state_dict()
         for k, v in m.state_dict().items():
             assert torch.equal(v, other[k]), f"{name}.{k} differs after resume"
-    for name, opt in full._optimizers().items():
-        a, b = opt.state_dict()["state"], resumed._optimizers()[name].state_dict()["state"]
+    for name, opt in full.optimizers().items():
+        a, b = opt.state_dict()["state"], resumed.optimizers()[name].state_dict()["state"]
         assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
 
 
 def test_load_rejects_other_divergence(tmp_path):
     d = make(small(divergence="js", iterations=2))
-    d.train(run_dir=tmp_path, progress=False)
+    training_loop(d, run_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="divergence"):
         make(small(divergence="reverse_kl")).load(tmp_path / "checkpoint")
     with pytest.raises(FileNotFoundError):
@@ -151,7 +152,7 @@ def test_distills_a_shifted_gaussian():
     cfg = small(divergence="js", iterations=3000, batch_size=256, lr=1e-3, tau=3, gan_weight=0.0, r1_gamma=0.0,
                 ema_beta=0.99)
     d = make(cfg, teacher=target, seed=1)
-    d.train(progress=False)
+    training_loop(d, progress=False)
     x = d.sample(4000)
     # Over seeds 0-5 these settings end within 0.02 of the mean and 0.04 of the std.
     assert torch.allclose(x.mean(0), target.means[0], atol=0.1), x.mean(0)
@@ -173,9 +174,9 @@ def test_lr_stages_switch_both_learning_rates():
 
 def test_bf16_autocast_trains_with_fp32_weights():
     d = make(small(precision="bf16", iterations=6))
-    d.train(progress=False)
+    history = training_loop(d, progress=False)
     assert all(p.dtype == torch.float32 for p in d.generator.parameters())
-    assert d.history and all(v == v for logs in d.history for v in logs.values() if isinstance(v, float))
+    assert history and all(v == v for logs in history for v in logs.values() if isinstance(v, float))
     with pytest.raises(ValueError, match="precision"):
         small(precision="fp16")
 
@@ -184,8 +185,8 @@ def test_bf16_autocast_trains_with_fp32_weights():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_networks_give_the_eager_result():
     eager, compiled = make(small(iterations=4)), make(small(iterations=4, compile=True))
-    eager.train(progress=False)
-    compiled.train(progress=False)
+    training_loop(eager, progress=False)
+    training_loop(compiled, progress=False)
     for a, b in zip(eager.generator.parameters(), compiled.generator.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert eager.generator.state_dict().keys() == compiled.generator.state_dict().keys()  # checkpoints unchanged

@@ -12,6 +12,11 @@ Two additions for fdistill's denoiser interface:
   resolutions), tapped inside the same UNet pass; these feed the discriminator heads (App. B).
 * ``net.feature_channels()`` gives ``{resolution: channels}`` for those maps without a forward pass.
 
+One deliberate difference: the UNets accept NVlabs/edm's ``label_dropout`` (its pickles record it) but
+never drop labels themselves. Label dropout for classifier-free guidance belongs to teacher training
+(``fdistill.apps.images.train_teacher``), so the generator and fake score, copies of the teacher in
+training mode, always see the labels they are given during distillation.
+
 As in EDM, parameters stay float32; with ``use_fp16`` (CUDA only, unless ``force_fp32``) the UNet runs
 in float16 by casting weights per layer, while the embedding path, attention softmax and the
 preconditioning stay float32. ``D_x`` and the returned features are always float32.
@@ -25,6 +30,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fdistill.core.diffusion import edm_preconditioning
+from fdistill.networks.taps import FeatureTaps
 
 # -- layers ---------------------------------------------------------------------------------------
 
@@ -249,55 +257,6 @@ class FourierEmbedding(nn.Module):
 # -- UNets ----------------------------------------------------------------------------------------
 
 
-class FeatureTaps(nn.Module):
-    """Encoder feature taps shared by the UNets (and ``diffusers_teacher.DiffusersDenoiser``).
-
-    Subclasses fill ``self._taps`` ({resolution: where the tap is; for EDM's UNets the name of the last
-    ``enc`` module that writes the main path at that resolution, i.e. ``f'{r}x{r}_block{num_blocks-1}'``})
-    and ``self._tap_channels`` ({resolution: channels}), then call ``_init_taps()``.
-    """
-
-    _taps: dict[int, object]
-    _tap_channels: dict[int, int]
-    _feature_resolutions: list[int]
-
-    def _init_taps(self) -> None:
-        self._feature_resolutions = list(self._taps)
-
-    @property
-    def encoder_resolutions(self) -> list[int]:
-        """All encoder resolutions, highest first."""
-        return list(self._taps)
-
-    @property
-    def feature_resolutions(self) -> list[int]:
-        """Resolutions whose features ``forward(..., return_features=True)`` returns."""
-        return list(self._feature_resolutions)
-
-    @feature_resolutions.setter
-    def feature_resolutions(self, resolutions: Sequence[int]) -> None:
-        resolutions = [int(r) for r in resolutions]
-        bad = [r for r in resolutions if r not in self._taps]
-        if bad:
-            raise ValueError(f"feature_resolutions {bad} are not encoder resolutions of this network "
-                             f"(available: {self.encoder_resolutions})")
-        self._feature_resolutions = list(dict.fromkeys(resolutions))
-
-    def feature_channels(self) -> dict[int, int]:
-        """{resolution: channels} of the features returned for ``feature_resolutions``."""
-        return {r: self._tap_channels[r] for r in self._feature_resolutions}
-
-    def _drop_labels(self, labels: Tensor, batch: int) -> Tensor:
-        """Label dropout in training (zero label = unconditional, for classifier-free guidance)."""
-        if self.training and self.label_dropout:
-            keep = torch.rand([batch, 1], device=labels.device) >= self.label_dropout
-            labels = labels * keep.to(labels.dtype)
-        return labels
-
-    def _wanted_taps(self, return_features: bool) -> dict[str, int]:
-        return {self._taps[r]: r for r in self._feature_resolutions} if return_features else {}
-
-
 class SongUNet(FeatureTaps):
     """DDPM++ / NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs") as
     reimplemented in EDM. DDPM++: positional embedding, standard encoder, filter [1, 1];
@@ -317,7 +276,7 @@ class SongUNet(FeatureTaps):
         num_blocks: int = 4,  # residual blocks per resolution
         attn_resolutions: Sequence[int] = (16,),  # resolutions with self-attention
         dropout: float = 0.10,
-        label_dropout: float = 0,  # probability of zeroing the label in training (for CFG)
+        label_dropout: float = 0,  # recorded, never applied: see the module docstring
         embedding_type: str = "positional",  # 'positional' (DDPM++) or 'fourier' (NCSN++)
         channel_mult_noise: int = 1,  # noise-embedding width multiplier: 1 (DDPM++), 2 (NCSN++)
         encoder_type: str = "standard",  # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++)
@@ -422,8 +381,7 @@ class SongUNet(FeatureTaps):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # [cos, sin] -> [sin, cos]
         if self.map_label is not None:
-            labels = self._drop_labels(class_labels, x.shape[0])
-            emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = F.silu(self.map_layer0(emb))
@@ -484,7 +442,7 @@ class DhariwalUNet(FeatureTaps):
         num_blocks: int = 3,  # residual blocks per resolution
         attn_resolutions: Sequence[int] = (32, 16, 8),  # resolutions with self-attention
         dropout: float = 0.10,
-        label_dropout: float = 0,  # probability of zeroing the label in training (for CFG)
+        label_dropout: float = 0,  # recorded, never applied: see the module docstring
     ) -> None:
         super().__init__()
         self.label_dropout = label_dropout
@@ -560,7 +518,7 @@ class DhariwalUNet(FeatureTaps):
         emb = F.silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            emb = emb + self.map_label(self._drop_labels(class_labels, x.shape[0]))
+            emb = emb + self.map_label(class_labels)
         emb = F.silu(emb)
 
         taps = self._wanted_taps(return_features)
@@ -702,12 +660,7 @@ class EDMPrecond(_Precond):
         self._build_model(model_type, model_kwargs)
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sd**2 + sigma**2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
+        return edm_preconditioning(sigma, self.sigma_data)
 
 
 class VPPrecond(_Precond):
@@ -777,3 +730,6 @@ class VEPrecond(_Precond):
 
     def coefficients(self, sigma: Tensor) -> tuple[float, Tensor, float, Tensor]:
         return 1, sigma, 1, (0.5 * sigma).log()
+
+
+PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")  # the preconditioning classes, by name

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from fdistill.diffusion import edm_preconditioning
-
-
-class FourierEmbedding(nn.Module):
-    """Fixed random Fourier features of the scalar noise input c_noise (as in EDM's NCSN++)."""
-
-    def __init__(self, dim: int, scale: float = 4.0) -> None:
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(dim // 2) * scale)
-
-    def forward(self, t: Tensor) -> Tensor:
-        arg = 2 * math.pi * t[:, None] * self.freqs[None, :]
-        return torch.cat([arg.cos(), arg.sin()], dim=1)
+from fdistill.core.diffusion import edm_preconditioning
+from fdistill.networks.edm import FourierEmbedding
 
 
 class MLPDenoiser(nn.Module):
@@ -35,7 +22,7 @@ class MLPDenoiser(nn.Module):
     ) -> None:
         super().__init__()
         self.dim, self.hidden, self.label_dim, self.sigma_data = dim, hidden, label_dim, sigma_data
-        self.emb = FourierEmbedding(emb_dim)
+        self.emb = FourierEmbedding(emb_dim, scale=4.0)
         layers: list[nn.Module] = []
         width = dim + emb_dim + label_dim
         for _ in range(depth):

@@ -11,26 +11,26 @@ from pathlib import Path
 def _demo(args: argparse.Namespace) -> None:
     import torch
 
-    from fdistill import toy
+    from fdistill.apps import lab2d
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    cfg = toy.load_config(args.config or toy.PRESET, args.overrides)
+    cfg = lab2d.load_config(args.config or lab2d.PRESET, args.overrides)
     t0 = time.perf_counter()
-    print(toy.run_demo(cfg, args.out, progress=not args.no_progress))
+    print(lab2d.run_demo(cfg, args.out, progress=not args.no_progress))
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
 
 
 def _analyze(args: argparse.Namespace) -> None:
-    from fdistill.analysis import analyze
+    from fdistill.apps.analyze import analyze
 
     print(analyze(args.out, args.custom))
 
 
-DIGITS_PRESET = Path(__file__).parent / "configs" / "digits.yaml"
+DIGITS_PRESET = "digits"  # the default preset of the image commands (fdistill/configs/digits.yaml)
 
 
 def _train_teacher(args: argparse.Namespace) -> None:
-    from fdistill import images
+    from fdistill.apps import images
 
     cfg = images.load_config(args.config or DIGITS_PRESET, args.overrides)
     t0 = time.perf_counter()
@@ -39,8 +39,10 @@ def _train_teacher(args: argparse.Namespace) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    """Single process, or one process per GPU under torchrun (data parallel, see fdistill.distributed)."""
-    from fdistill import distributed, images
+    """Single process, or one process per GPU under torchrun (data parallel, see fdistill.training.distributed)."""
+    from fdistill.apps import images
+    from fdistill.training import distributed
+    from fdistill.training.loop import training_loop
 
     cfg = images.load_config(args.config or DIGITS_PRESET, args.overrides)
     device = distributed.init_from_env(args.device)
@@ -54,17 +56,17 @@ def _distill(args: argparse.Namespace) -> None:
                 print(f"resumed {ckpt} at iteration {d.iteration}")
         if main:
             print(f"{distributed.world_size()} process(es) on {device}: global batch {cfg.distill.batch_size}, "
-                  f"{len(d.micro_slices)} pass(es) of {d.micro_slices[0].stop} per process and step")
+                  f"{len(d.passes)} pass(es) of {d.passes[0].stop} per process and step")
         t0 = time.perf_counter()
         writer = tensorboard_writer(Path(args.out) / "tensorboard") if args.tensorboard and main else None
 
         def log_fn(logs: dict) -> None:
             for k, v in logs.items():
                 if isinstance(v, float):
-                    writer.add_scalar(f"{logs['kind']}/{k}", v, logs["iteration"])
+                    writer.add_scalar(k, v, logs["iteration"])
 
-        d.train(run_dir=args.out, progress=not args.no_progress, desc=cfg.distill.divergence,
-                log_fn=log_fn if writer else None)
+        training_loop(d, run_dir=args.out, progress=not args.no_progress, desc=d.divergence.name,
+                      log_fn=log_fn if writer else None)
         if writer:
             writer.close()
         if main:
@@ -84,9 +86,11 @@ def tensorboard_writer(log_dir: Path):
 def _sample(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from fdistill import images
-    from fdistill.data import save_image_grid, to_uint8
-    from fdistill.distributed import pick_device
+    from fdistill.apps import images
+    from fdistill.data.datasets import to_uint8
+    from fdistill.data.writers import save_image_grid
+    from fdistill.device import pick_device
+    from fdistill.teachers.loading import load_network
 
     if bool(args.checkpoint) == bool(args.teacher):
         raise ValueError("give exactly one of --checkpoint (a one-step generator) or --teacher (multi-step sampling)")
@@ -94,7 +98,7 @@ def _sample(args: argparse.Namespace) -> None:
         net, sigma_gen, info = images.load_generator(args.checkpoint)
         kwargs = info["network"]
     else:
-        net, _, kwargs = images.load_network(args.teacher)
+        net, _, kwargs = load_network(args.teacher)
         sigma_gen = None
     shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
     t0 = time.perf_counter()
@@ -115,11 +119,11 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from fdistill import evaluation
+    from fdistill.evaluation import evaluate
 
-    res = evaluation.evaluate_file(args.samples, args.data, k=args.k, inception=args.inception, ref=args.ref,
+    res = evaluate.evaluate_file(args.samples, args.data, k=args.k, inception=args.inception, ref=args.ref,
                                    batch_size=args.batch, progress=not args.no_progress, device=args.device)
-    print(evaluation.format_report(res))
+    print(evaluate.format_report(res))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,9 +19,10 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from fdistill.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 
 class Record:
@@ -69,7 +70,7 @@ def _newobj_record(name: str) -> type:
     return _R
 
 
-_ALLOWED: dict[tuple[str, str], Any] = {
+ALLOWED: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
@@ -82,24 +83,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch.nn.modules.container", "ModuleDict"): _newobj_record("ModuleDict"),
     ("torch.nn.modules.container", "ModuleList"): _newobj_record("ModuleList"),
     ("torch.nn.modules.container", "Sequential"): _newobj_record("Sequential"),
+    **NUMPY_GLOBALS,
 }
-_multiarray = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed numpy.core to numpy._core
-for _np in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    _ALLOWED[(_np, "scalar")] = _multiarray.multiarray.scalar
-    _ALLOWED[(_np, "_reconstruct")] = _multiarray.multiarray._reconstruct
-_ALLOWED[("numpy", "dtype")] = np.dtype
-_ALLOWED[("numpy", "ndarray")] = np.ndarray
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name}: EDM network pickles only need "
-                f"{sorted(f'{m}.{n}' for m, n in _ALLOWED)}"
-            ) from None
 
 
 def _state_dict(record: Record, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -129,14 +114,14 @@ def load_edm_pickle(path: str | Path, key: str = "ema") -> tuple[nn.Module, str,
     if not path.is_file():
         raise FileNotFoundError(f"EDM pickle not found: {path}")
     with open(path, "rb") as f:
-        data = RestrictedUnpickler(f).load()
+        data = restricted_load(f, ALLOWED)
     record = data.get(key) if isinstance(data, dict) else data
     if not isinstance(record, Record):
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path}: no network under {key!r} (found {keys})")
     precond = record.class_name
-    if precond not in ("EDMPrecond", "VPPrecond", "VEPrecond"):
-        raise ValueError(f"{path}: {key!r} is a {precond}, not one of EDMPrecond, VPPrecond, VEPrecond")
+    if precond not in edm.PRECONDS:
+        raise ValueError(f"{path}: {key!r} is a {precond}, not one of {', '.join(edm.PRECONDS)}")
     args, kwargs = record.state.get("_init_args") or (), dict(record.state.get("_init_kwargs") or {})
     if args:
         names = ["img_resolution", "img_channels", "label_dim", "use_fp16"]

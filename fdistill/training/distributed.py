@@ -1,5 +1,5 @@
 """Data parallelism on torch.distributed: process-group setup from torchrun's environment, and the
-two collectives Alg. 1 needs beyond the batch statistics of ``objective`` (gradients, start weights).
+two collectives Alg. 1 needs beyond the batch statistics of ``core.objective`` (gradients, start weights).
 
 We average gradients ourselves instead of wrapping modules in DistributedDataParallel: the student
 step runs the discriminator forward but back-propagates only into the generator
@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fdistill.device import pick_device
+
 BUCKET_ELEMENTS = 1 << 25  # 128 MB of fp32 gradients per all-reduce call
 
 
@@ -29,16 +31,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``device`` as a torch.device; "auto" is cuda when torch sees a GPU, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for, but torch sees no CUDA device")
-    return dev
 
 
 def init_from_env(device: str = "auto") -> torch.device:

@@ -3,11 +3,11 @@
 FID is the Fréchet distance between Gaussians fitted to real and generated features (Heusel et al. 2017);
 precision/recall the k-NN manifold estimates of Kynkäänniemi et al. 2019 (k = 3). Two feature spaces:
 
-- "inception": the standard Inception-v3 pool3 features (``fdistill.inception``; weights from a local file).
+- "inception": the standard Inception-v3 pool3 features (``fdistill.evaluation.inception``; weights from a local file).
   The reference is an EDM-style ``.npz`` with ``mu``/``sigma`` (FID only) or a dataset, whose features and
   statistics are cached in the cache directory (``$FDISTILL_CACHE`` or ~/.cache/fdistill).
-- "digits": the digits classifier's features ("digits-FID", ``digits_classifier``), the same metrics in a
-  space a 2-core CPU can afford.
+- "digits": the digits classifier's features ("digits-FID", ``fdistill.evaluation.digits_classifier``),
+  the same metrics in a space a 2-core CPU can afford.
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fdistill.data import load_dataset, to_float, to_uint8
-from fdistill.metrics import class_accuracy, evaluate_features, feature_statistics, frechet_distance, precision_recall
+from fdistill.config import cache_dir
+from fdistill.data.datasets import load_dataset, to_float, to_uint8
+from fdistill.device import pick_device
+from fdistill.evaluation.metrics import (
+    class_accuracy,
+    evaluate_features,
+    feature_statistics,
+    frechet_distance,
+    precision_recall,
+)
 
 STATS_VERSION = 1  # bump when the cached reference features change meaning
 
@@ -36,7 +44,7 @@ def evaluate_samples(x: Tensor, labels: Tensor | None = None, data: str = "digit
     if data != "digits":
         raise ValueError(f"no feature extractor for {data!r} on this build: evaluation currently scores "
                          "digits in the digits classifier's feature space (--data digits)")
-    from fdistill.digits_classifier import load_digits_classifier
+    from fdistill.evaluation.digits_classifier import load_digits_classifier
 
     clf = load_digits_classifier(progress=False)
     real = to_float(load_dataset(data).images)
@@ -95,14 +103,12 @@ def _dataset_identity(source: str) -> dict:
 def reference_stats_path(data: str, extractor) -> Path:
     """Cache file for ``data``'s features under ``extractor``: keyed by a hash of the dataset's path, size and
     mtime and the weights file's name and size."""
-    from fdistill.inception import default_cache_dir
-
     weights = extractor.path
     key = {**_dataset_identity(str(data)), "weights": weights.name, "weights_size": weights.stat().st_size,
            "kind": extractor.kind, "version": STATS_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(data)).name)[:40]
-    return default_cache_dir() / "fid-stats" / f"{name}-{digest}.npz"
+    return cache_dir() / "fid-stats" / f"{name}-{digest}.npz"
 
 
 def reference_features(data: str, extractor, batch_size: int = 64, progress: bool = False,
@@ -112,7 +118,7 @@ def reference_features(data: str, extractor, batch_size: int = 64, progress: boo
 
     Returns a dict with features (N, d) float32, mu, sigma, shape, path and cached (bool).
     """
-    from fdistill.inception import extract_features
+    from fdistill.evaluation.inception import extract_features
 
     path = reference_stats_path(data, extractor)
     if path.is_file():
@@ -146,8 +152,7 @@ def evaluate_inception(path: str | Path, data: str | None = None, ref: str | Pat
                        device: str = "cpu") -> dict:
     """Inception FID of the samples in ``path`` against ``ref`` (EDM ``.npz`` with mu/sigma) if given, else against
     ``data``; precision/recall (k-NN) when ``data`` provides real features. Fails on missing weights first."""
-    from fdistill.distributed import pick_device
-    from fdistill.inception import extract_features, load_inception
+    from fdistill.evaluation.inception import extract_features, load_inception
 
     device = pick_device(device)  # "auto" -> cuda if present; an unavailable cuda is an error
     extractor = load_inception(inception, device)  # before reading anything else: fail fast

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fdistill.networks.edm import FeatureTaps
+from fdistill.networks.taps import FeatureTaps
 
 INSTALL_HINT = "pip install 'fdistill[diffusers]'"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -140,7 +140,6 @@ class DiffusersDenoiser(FeatureTaps):
         if not (log_sigmas.diff() > 0).all():
             raise ValueError("the schedule's sigma_t = sqrt((1 - abar_t) / abar_t) must increase strictly with t")
         self.register_buffer("log_sigmas", log_sigmas, persistent=False)  # float64: exact integer t on the grid
-        self.num_train_timesteps = len(abar)
         self.sigma_min = float(log_sigmas[0].exp())
         self.sigma_max = float(log_sigmas[-1].exp())
         if sigma_data is None:
@@ -256,10 +255,6 @@ class DiffusersDenoiser(FeatureTaps):
         """The discriminator's features alone, as ``forward(..., return_features=True)[1]``, running the
         UNet only up to the last wanted down block (no mid or up blocks)."""
         return self.forward(x, sigma, class_labels, return_features="only")[1]
-
-    def round_sigma(self, sigma: Tensor | float) -> Tensor:
-        """Noise levels are continuous (fractional timesteps): sigma as a tensor, unchanged."""
-        return torch.as_tensor(sigma)
 
 
 # -- loading ------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """f-divergences for f-distill and their weighting functions h(r) = f''(r) r^2.
 
+Their comparison (mode-seeking limit, tail rates, normalized variance; Sec. 4, Table 6, Fig. 5a) lives
+with the command that prints it, ``fdistill.apps.analyze``.
+
 D_f(p||q) = E_q[f(p/q)] with f convex and f(1) = 0 (Sec. 2.3). Theorem 1 / Eq. (3) turns the gradient of
 D_f(p_t||q_t) into the VSD gradient weighted by h(r_t), r_t = p_t/q_t; Proposition 1 says any continuous,
 non-negative h is the weighting of some f-divergence, which `from_h` builds numerically.
@@ -23,16 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "Divergence",
-    "from_h",
-    "get",
-    "mode_seeking_limit",
-    "names",
-    "normalized_variance",
-    "parse_expression",
-    "tail_rates",
-]
+__all__ = ["Divergence", "check", "from_h", "get", "names", "parse_expression"]
 
 TensorFn = Callable[[Tensor], Tensor]
 
@@ -77,7 +71,7 @@ _ALIASES: dict[str, str] = {
     "srkl": "softened_rkl", "sf": "softened_rkl", "softened_reverse_kl": "softened_rkl",
     "jsd": "js", "jensen_shannon": "js",
     "sh": "squared_hellinger", "hellinger": "squared_hellinger",
-    "kl": "forward_kl", "fkl": "forward_kl",
+    "fkl": "forward_kl",  # no bare "kl": DMD readers mean the reverse, others the forward
     "jeffrey": "jeffreys", "jf": "jeffreys",
     "chi2": "pearson", "pearson_chi2": "pearson", "neyman_chi2": "neyman",
 }
@@ -254,83 +248,31 @@ def from_h(h: TensorFn | str, name: str = "custom") -> Divergence:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def get(name: str | TensorFn | Divergence) -> Divergence:
-    """Resolve a name/alias (case-insensitive, '-' = '_'), a Divergence, a callable h or an h expression."""
-    if isinstance(name, Divergence):
-        return name
-    if isinstance(name, str):
-        key = name.strip().lower().replace("-", "_").replace(" ", "_")
-        key = _ALIASES.get(key, key)
-        if key in _REGISTRY:
-            return _REGISTRY[key]
+def _registered(name: str) -> Divergence | None:
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return _REGISTRY.get(_ALIASES.get(key, key))
+
+
+def check(name: str | TensorFn | Divergence) -> None:
+    """Raise ValueError unless ``name`` is a registered name/alias, an h expression that parses, a
+    callable or a Divergence. Cheap: a custom h's f (Prop. 1) is not built here."""
+    if isinstance(name, str) and _registered(name) is None:
         try:
             parse_expression(name)
         except ValueError as e:
             raise ValueError(f"unknown divergence {name!r}: valid names are {', '.join(names())} (aliases: "
                              f"{', '.join(sorted(_ALIASES))}), or an expression h(r) ({e})") from None
-        return from_h(name, name=name.strip())
-    if callable(name):
-        return from_h(name)
-    raise TypeError(f"expected a divergence name, expression, callable h or Divergence, "
-                    f"got {type(name).__name__}")
+    elif not (isinstance(name, (str, Divergence)) or callable(name)):
+        raise TypeError(f"expected a divergence name, expression, callable h or Divergence, "
+                        f"got {type(name).__name__}")
 
 
-def normalized_variance(div: str | TensorFn | Divergence, mean_gap: float) -> float:
-    """Var_q(h(p/q) / E_q[h(p/q)]) for p = N(0,1), q = N(mean_gap,1) (Sec. 4, Fig. 5a).
-
-    Under q, log r = -g y - g^2/2 with y ~ N(0,1), so both moments are 1-D Gaussian integrals, done by the
-    (spectrally accurate) trapezoid rule on y in [-(12+4g), 12+4g] in float64.
-    """
-    hfn = get(div).h
-    g = abs(float(mean_gap))
-    L = 12.0 + 4.0 * g
-    y = torch.linspace(-L, L, 8001, dtype=torch.float64)
-    w = torch.exp(-0.5 * y * y)
-    w = w / w.sum()
-    hv = hfn(torch.exp(-g * y - 0.5 * g * g))
-    if not torch.isfinite(hv).all():
-        raise ValueError(f"h is not finite on the ratios of N(0,1)/N({g:g},1)")
-    mean = (w * hv).sum()
-    if mean <= 0:
-        raise ValueError("E_q[h] is zero; the normalized variance is undefined")
-    return float((w * (hv / mean - 1) ** 2).sum())
-
-
-def _log_slope(h: TensorFn, r: float, delta: float = 0.5) -> float:
-    """d log h / d log r at r by a central difference (nan if h is not positive and finite there)."""
-    hv = h(torch.tensor([r * math.exp(-delta), r * math.exp(delta)], dtype=torch.float64))
-    if not torch.isfinite(hv).all() or (hv < 0).any():
-        return math.nan
-    if (hv == 0).all():
-        return -math.inf if r < 1 else math.inf  # h vanishes: f'' decays faster than any power there
-    return float((torch.log(hv[1]) - torch.log(hv[0])) / (2 * delta))
-
-
-def tail_rates(div: str | TensorFn | Divergence) -> tuple[float, float]:
-    """Exponents (a, b) with f''(r) ~ r^a as r -> inf and f''(r) ~ r^b as r -> 0 (Table 6), f'' = h/r^2.
-
-    Measured at r = 1e6 and 1e-6 (falling back to 1e4 / 1e-4 where h is not finite that far out).
-    """
-    h = get(div).h
-    big = next((v for v in (_log_slope(h, 1e6), _log_slope(h, 1e4)) if not math.isnan(v)), math.nan)
-    small = next((v for v in (_log_slope(h, 1e-6), _log_slope(h, 1e-4)) if not math.isnan(v)), math.nan)
-    return big - 2, small - 2
-
-
-def mode_seeking_limit(div: str | TensorFn | Divergence) -> float:
-    """lim_{r->inf} f(r)/r (Sec. 4, App. C.1.1); math.inf when it diverges.
-
-    The limit equals f'(inf), finite iff f'' is integrable at infinity, i.e. iff the right tail rate is
-    below -1 (checked with `tail_rates`). A finite limit is extrapolated from f(r)/r at r = 1e6, 1e7, 1e8
-    with Aitken's delta-squared process.
-    """
-    d = get(div)
-    a, _ = tail_rates(d)
-    if not a < -1 - 1e-3:
-        return math.inf
-    r = torch.tensor([1e6, 1e7, 1e8], dtype=torch.float64)
-    g0, g1, g2 = (d.f(r) / r).tolist()
-    d1, d2 = g1 - g0, g2 - g1
-    if d1 != 0 and 0 < d2 / d1 < 1:
-        return g2 - d2 * d2 / (d2 - d1)
-    return g2
+def get(name: str | TensorFn | Divergence) -> Divergence:
+    """Resolve a name/alias (case-insensitive, '-' = '_'), a Divergence, a callable h or an h expression.
+    A custom h builds its f by Prop. 1 (``from_h``), so resolve once per run and keep the result."""
+    check(name)
+    if isinstance(name, Divergence):
+        return name
+    if isinstance(name, str):
+        return _registered(name) or from_h(name, name=name.strip())
+    return from_h(name)

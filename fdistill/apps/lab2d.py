@@ -1,6 +1,7 @@
 """The 2-D lab: distill one-step generators of a hard Gaussian mixture and compare divergences.
 
-``fdistill demo`` runs ``run_demo`` with ``configs/toy2d.yaml``; ``benchmarks/toy2d.py`` runs the
+``fdistill demo`` runs ``run_demo`` with ``configs/toy2d.yaml`` (a user's config is read over it, so a
+file holding only ``mixture: {means, stds, weights}`` is enough); ``benchmarks/toy2d.py`` runs the
 longer multi-seed comparison. Everything here is small enough for a 2-core CPU.
 """
 
@@ -10,24 +11,29 @@ import copy
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fdistill.config import apply_overrides, from_dict, load_yaml, to_dict
-from fdistill.diffusion import edm_loss
-from fdistill.metrics import mode_coverage, precision_recall
+from fdistill.config import PRESETS, apply_overrides, from_dict, load_yaml, merge, to_dict
+from fdistill.core.diffusion import edm_loss, score_from_denoiser
+from fdistill.core.objective import fdistill_weights
+from fdistill.evaluation.metrics import mode_coverage, precision_recall
 from fdistill.networks.heads import Discriminator
 from fdistill.networks.mlp import MLPDenoiser
-from fdistill.teachers import GaussianMixture
-from fdistill.trainer import DistillConfig, Distiller
+from fdistill.teachers.gmm import GaussianMixture
+from fdistill.training.distiller import DistillConfig, Distiller
+from fdistill.training.loop import training_loop
 
-PRESET = Path(__file__).parent / "configs" / "toy2d.yaml"
+PRESET = PRESETS / "toy2d.yaml"
 ADVERSARIAL = "adversarial"  # the name the lab gives the GAN-only ablation (fdistill_weight = 0)
 
 
@@ -69,7 +75,10 @@ class ToyConfig:
 
 
 def load_config(path: str | Path = PRESET, overrides: list[str] = ()) -> ToyConfig:
-    return from_dict(ToyConfig, apply_overrides(load_yaml(path), list(overrides)), where=str(path))
+    """The lab's config: ``path`` read over the ``toy2d`` preset (so a file may hold only a mixture),
+    then the ``key=value`` overrides."""
+    data = load_yaml(PRESET) if Path(path) == PRESET else merge(load_yaml(PRESET), load_yaml(path))
+    return from_dict(ToyConfig, apply_overrides(data, list(overrides)), where=str(path))
 
 
 def build_mixture(cfg: ToyConfig) -> GaussianMixture:
@@ -139,16 +148,17 @@ def evaluate(samples: Tensor, mixture: GaussianMixture, reference: Tensor) -> di
 
 
 def run_one(run: str, mixture, mlp, cfg: ToyConfig, seed: int, progress: bool = True):
-    """Distill one generator and evaluate its EMA samples. Returns (metrics, distiller)."""
+    """Distill one generator and evaluate its EMA samples. Returns (metrics, distiller, the samples scored)."""
     t0 = time.perf_counter()
     d = make_distiller(run, mixture, mlp, cfg, seed)
-    d.train(progress=progress, desc=run)
+    training_loop(d, progress=progress, desc=run)
     seconds = time.perf_counter() - t0
     torch.manual_seed(10_000 + seed)
     samples, reference = d.sample(cfg.num_eval), mixture.sample(cfg.num_eval)
     ratio = ratio_check(d, mixture)
     r_corr = sum(v["corr"] for v in ratio.values()) / len(ratio)
-    return {**evaluate(samples, mixture, reference), "r_corr": r_corr, "ratio_check": ratio, "seconds": seconds}, d
+    metrics = {**evaluate(samples, mixture, reference), "r_corr": r_corr, "ratio_check": ratio, "seconds": seconds}
+    return metrics, d, samples
 
 
 COLUMNS = [("modes", "modes", "{:d}"), ("tv", "TV", "{:.3f}"), ("precision", "prec", "{:.3f}"),
@@ -205,47 +215,67 @@ def _grid(mixture: GaussianMixture, n: int = 160, pad: float = 1.5):
 
 
 @torch.no_grad()
-def score_and_weight_maps(d: Distiller, mixture: GaussianMixture, sigma: float):
-    """Fig. 3 on the plane at one noise level: |s_teacher - s_fake| and h(r) with r from the head."""
+def score_and_weight_maps(d: Distiller, mixture: GaussianMixture, sigma: float, n_gen: int = 4096):
+    """Fig. 3 on the plane at one noise level: |s_teacher - s_fake| and the weight h_bar the trainer
+    would give a sample there: Alg. 1 lines 6-8 (``fdistill_weights``) with the first-stage bin means the
+    trainer last used, h divided by its mean over generator samples noised to this sigma (line 9)."""
     pts, extent, n = _grid(mixture)
     s = torch.full((len(pts),), sigma)
     x0_t, feats = d.teacher(pts, s, None, return_features=True)
     x0_f = d.fake_score(pts, s, None)
-    diff = ((x0_t - x0_f) / sigma**2).norm(dim=1)
-    r = d.discriminator(feats).clamp(-d.cfg.logit_clip, d.cfg.logit_clip).exp().clamp(d.cfg.r_min, d.cfg.r_max)
-    h = d.divergence.h(r)
-    return diff.reshape(n, n), (h / h.mean()).reshape(n, n), extent
+    diff = (score_from_denoiser(x0_t, pts, s) - score_from_denoiser(x0_f, pts, s)).norm(dim=1)
+    x_gen = d.sample(n_gen) + sigma * torch.randn(n_gen, mixture.dim)
+    s_gen = torch.full((n_gen,), sigma)
+    norm = copy.deepcopy(d.ratio_norm).eval()  # the stored bin means, left untouched
+    cfg = d.cfg
+
+    def weights(x: Tensor, sig: Tensor):
+        logits = d.discriminator(d.teacher.features(x, sig, None))
+        return fdistill_weights(logits, sig, d.divergence.h, norm, cfg.logit_clip, cfg.r_min, cfg.r_max)
+
+    h_bar = weights(pts, s).h / weights(x_gen, s_gen).h.mean()
+    return diff.reshape(n, n), h_bar.reshape(n, n), extent
 
 
 def plot_demo(path: Path, mixture: GaussianMixture, samples: dict[str, Tensor], shares: dict[str, list[float]],
-              fig3: tuple, fig3_run: str, sigma: float) -> None:
-    """Top: samples over the teacher density per run. Bottom: the Fig. 3 pair and the mode shares."""
+              fig3: tuple | None, fig3_run: str, sigma: float) -> None:
+    """Top: samples over the teacher density per run. Bottom: the Fig. 3 pair and the mode shares.
+    Mixtures of another dimension show their first two coordinates (or a histogram in 1-D) and no Fig. 3."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts, extent, n = _grid(mixture)
-    logp = mixture.log_prob(pts).reshape(n, n).clamp_min(-12).numpy()
+    planar = mixture.dim == 2
+    if planar:
+        pts, extent, n = _grid(mixture)
+        logp = mixture.log_prob(pts).reshape(n, n).clamp_min(-12).numpy()
     cols = max(len(samples), 3)
     fig = plt.figure(figsize=(3.6 * cols, 7.4))
     grid = fig.add_gridspec(2, cols)
     for i, (name, x) in enumerate(samples.items()):
         ax = fig.add_subplot(grid[0, i])
-        ax.imshow(logp, origin="lower", extent=extent, cmap="Greys", alpha=0.8)
-        ax.scatter(x[:2000, 0].numpy(), x[:2000, 1].numpy(), s=2, c="tab:red", alpha=0.5)
-        ax.set(title=name, xlim=extent[:2], ylim=extent[2:])
-    diff, h, _ = fig3
-    gx, gy = torch.meshgrid(torch.linspace(*extent[:2], n), torch.linspace(*extent[2:], n), indexing="xy")
-    gx, gy = gx.numpy(), gy.numpy()
-    for i, (img, title, cmap) in enumerate([(diff.log10().numpy(), "log10 |s_teacher - s_fake|", "magma"),
-                                            (h.numpy(), f"h(r) / mean, {fig3_run}", "viridis")]):
-        ax = fig.add_subplot(grid[1, i])
-        im = ax.imshow(img, origin="lower", extent=extent, cmap=cmap)
-        ax.contour(gx, gy, logp, levels=6, colors="white", linewidths=0.4)
-        ax.set_title(f"{title} (sigma={sigma:.2g})", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = fig.add_subplot(grid[1, 2:])
+        x = x[:2000].numpy()
+        if planar:
+            ax.imshow(logp, origin="lower", extent=extent, cmap="Greys", alpha=0.8)
+            ax.set(xlim=extent[:2], ylim=extent[2:])
+        if mixture.dim == 1:
+            ax.hist(x[:, 0], bins=80, color="tab:red", alpha=0.7)
+        else:
+            ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:red", alpha=0.5)
+        ax.set_title(name if planar else f"{name} (coordinates 1-2 of {mixture.dim})" if mixture.dim > 2 else name)
+    if fig3 is not None:
+        diff, h, _ = fig3
+        gx, gy = torch.meshgrid(torch.linspace(*extent[:2], n), torch.linspace(*extent[2:], n), indexing="xy")
+        gx, gy = gx.numpy(), gy.numpy()
+        for i, (img, title, cmap) in enumerate([(diff.log10().numpy(), "log10 |s_teacher - s_fake|", "magma"),
+                                                (h.numpy(), f"h_bar, {fig3_run}", "viridis")]):
+            ax = fig.add_subplot(grid[1, i])
+            im = ax.imshow(img, origin="lower", extent=extent, cmap=cmap)
+            ax.contour(gx, gy, logp, levels=6, colors="white", linewidths=0.4)
+            ax.set_title(f"{title} (sigma={sigma:.2g})", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = fig.add_subplot(grid[1, 2:] if fig3 is not None else grid[1, :])
     k = torch.arange(mixture.num_modes).numpy()
     width = 0.8 / (len(shares) + 1)
     ax.bar(k, mixture.weights.numpy(), width, color="black", label="teacher weight")
@@ -253,14 +283,17 @@ def plot_demo(path: Path, mixture: GaussianMixture, samples: dict[str, Tensor], 
         ax.bar(k + (j + 1) * width, sh, width, label=name)
     ax.set(xlabel="mode (order of the config)", ylabel="share of samples", title="mode shares")
     ax.legend(fontsize=8)
-    fig.suptitle("fdistill demo: one-step samples (red) over the teacher density; bottom left: Fig. 3 pair")
+    fig.suptitle("fdistill demo: one-step samples (red) over the teacher density"
+                 + ("; bottom left: Fig. 3 pair" if fig3 is not None else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
-    """Distill every run in cfg.runs, print the table, write demo.png and results.json to out_dir."""
+    """Distill every run in cfg.runs and print the table. Writes to out_dir: demo.png, results.json,
+    mixture.yaml (the teacher's means, stds and weights) and samples_<run>.npy (the cfg.num_eval one-step
+    samples each run was scored on), with reference.npy (as many samples of the mixture itself)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -269,16 +302,25 @@ def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
     teacher_seconds = time.perf_counter() - t0
     rows, samples, distillers = {}, {}, {}
     for run in cfg.runs:
-        rows[run], d = run_one(run, mixture, mlp, cfg, cfg.seed, progress)
-        samples[run] = d.sample(2000)
-        distillers[run] = d
+        rows[run], distillers[run], samples[run] = run_one(run, mixture, mlp, cfg, cfg.seed, progress)
+        np.save(out_dir / f"samples_{_filename(run)}.npy", samples[run].numpy())
+    reference = mixture.sample(cfg.num_eval, generator=torch.Generator().manual_seed(cfg.seed))
+    np.save(out_dir / "reference.npy", reference.numpy())
+    params = {"means": mixture.means.tolist(), "stds": mixture.stds.tolist(), "weights": mixture.weights.tolist()}
+    (out_dir / "mixture.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fig3_run = next((r for r in ("forward_kl", "js") if r in distillers), cfg.runs[0])
     sigma = 0.5 * mixture.data_std()
-    fig3 = score_and_weight_maps(distillers[fig3_run], mixture, sigma)
+    fig3 = score_and_weight_maps(distillers[fig3_run], mixture, sigma) if mixture.dim == 2 else None
     shares = {run: m["share"] for run, m in rows.items()}
     plot_demo(out_dir / "demo.png", mixture, samples, shares, fig3, fig3_run, sigma)
     (out_dir / "results.json").write_text(json.dumps({"config": to_dict(cfg), "results": rows}, indent=1))
     table = format_table(rows, mixture.num_modes)
     return (f"teacher: {cfg.teacher.kind} ({teacher_seconds:.0f} s incl. training/caching); "
             f"{cfg.distill.iterations} iterations, batch {cfg.distill.batch_size}, seed {cfg.seed}\n"
-            f"{table}\nwrote {out_dir / 'demo.png'} and {out_dir / 'results.json'}")
+            f"{table}\nwrote {out_dir / 'demo.png'}, results.json, mixture.yaml, reference.npy and "
+            f"samples_<run>.npy ({cfg.num_eval} x {mixture.dim} each) in {out_dir}")
+
+
+def _filename(run: str) -> str:
+    """A run name (a divergence, or an expression such as 'sqrt(r)') as a safe file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run).strip("_") or "run"

@@ -78,17 +78,34 @@ def save(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict
     return path
 
 
+def _module_weights(weights: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """The entries of module ``name`` in a checkpoint's weights, without the ``name.`` prefix."""
+    return {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+
+
+def _check_files(path: Path) -> None:
+    for name in ("model.safetensors", "state.safetensors", "state.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is missing {name}")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` a checkpoint was saved with (iteration, config, info), without loading any weights.
+    Tensors in it come back as tensors."""
+    path = Path(path)
+    _check_files(path)
+    state = json.loads((path / "state.json").read_text())
+    return _unflatten(state["meta"], load_file(path / "state.safetensors"))
+
+
 def load(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
          restore_rng: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by ``save`` into existing modules/optimizers (strict); returns ``meta``."""
     path = Path(path)
-    for name in ("model.safetensors", "state.safetensors", "state.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint {path} is missing {name}")
+    _check_files(path)
     weights = load_file(path / "model.safetensors")
     for name, m in modules.items():
-        sub = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
-        m.load_state_dict(sub, strict=True)
+        m.load_state_dict(_module_weights(weights, name), strict=True)
     tensors = load_file(path / "state.safetensors")
     state = json.loads((path / "state.json").read_text())
     for name, opt in optimizers.items():
@@ -107,7 +124,7 @@ def load_weights(path: str | Path, name: str) -> dict[str, Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"no weights at {file}")
     weights = load_file(file)
-    sub = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+    sub = _module_weights(weights, name)
     if not sub:
         names = sorted({k.split(".")[0] for k in weights})
         raise KeyError(f"{file} holds no module {name!r}; it holds {names}")

@@ -1,13 +1,14 @@
-"""Real data for Alg. 1 (x ~ p_data) and its class conditioning (DESIGN.md, "data").
+"""Reading real images for Alg. 1 (x ~ p_data) and their class labels.
 
-Images live in memory as uint8 NCHW; ``ImageSampler`` hands the trainer float32 in [-1, 1]
-(x / 127.5 - 1) with one-hot labels. ``load_dataset`` reads scikit-learn's digits, a folder of
+Images live in memory as uint8 NCHW. ``load_dataset`` reads scikit-learn's digits, a folder of
 images, an EDM dataset zip (NVlabs/edm ``dataset_tool.py``), ``.npz``/``.npy`` arrays and CIFAR-10
 python batches. Nothing is resized or downloaded: a mismatch is an error that names the file.
+``to_float``/``to_uint8`` convert between uint8 [0, 255] and float [-1, 1].
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import math
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from fdistill.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SOURCES = ("'digits', a folder of images (optionally with dataset.json), an EDM dataset .zip, "
@@ -290,34 +293,15 @@ def _load_array(path: Path) -> ImageDataset:
 
 
 # -- CIFAR-10 python batches --------------------------------------------------------------------
-_SAFE_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles built-in containers, bytes and numpy arrays; refuses every other global."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
-        return super().find_class(module, name)
+_CIFAR_GLOBALS = {**NUMPY_GLOBALS, ("_codecs", "encode"): codecs.encode}  # how protocol-2 pickles store bytes
 
 
 def _unpickle(path: Path) -> object:
     with open(path, "rb") as f:
         try:
-            return _RestrictedUnpickler(f, encoding="bytes").load()
+            return restricted_load(f, _CIFAR_GLOBALS, encoding="bytes")
         except pickle.UnpicklingError as e:
-            raise ValueError(f"{path}: {e} (only built-in containers, bytes and numpy arrays are allowed)") from e
+            raise ValueError(f"{path}: {e}") from e
         except Exception as e:
             raise ValueError(f"cannot unpickle {path}: {e}; expected a CIFAR-10 python batch") from e
 
@@ -341,57 +325,7 @@ def _load_cifar10(path: Path) -> ImageDataset:
     return _dataset(np.concatenate(images), np.concatenate(labels), str(path))
 
 
-# -- writing ------------------------------------------------------------------------------------
-def _encode_png(img: np.ndarray) -> bytes:
-    """uint8 (C, H, W), C in {1, 3}, to PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_edm_zip(path: str | Path, images: np.ndarray, labels: np.ndarray | None) -> Path:
-    """Write uint8 (N, C, H, W) images (C = 1 or 3) and optional labels as an EDM dataset zip
-    (``00000/img00000000.png`` ... plus ``dataset.json``), as NVlabs/edm ``dataset_tool.py`` does."""
-    path = Path(path)
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"write_edm_zip({path}): expected uint8 (N, C, H, W) with C in (1, 3), got "
-                         f"{images.dtype} {images.shape}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"write_edm_zip({path}): {len(labels)} labels for {len(images)} images")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
-    meta = {"labels": None if labels is None else [[n, int(y)] for n, y in zip(names, labels)]}
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, img in zip(names, images):
-            zf.writestr(name, _encode_png(img))
-        zf.writestr("dataset.json", json.dumps(meta))
-    return path
-
-
-def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Save (N, C, H, W) images, float in [-1, 1] or uint8, as one PNG grid with ``nrow`` images per
-    row (default ceil(sqrt(N))); empty cells are black; ``scale`` enlarges pixels (nearest)."""
-    images = to_uint8(images)
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
-        raise ValueError(f"save_image_grid({path}): expected (N, C, H, W) images with C in (1, 3), got "
-                         f"{images.shape}")
-    n, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((c, rows * h, nrow * w), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, nrow)
-        grid[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = img
-    grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_encode_png(grid))
-    return path
-
-
+# -- pixel values ---------------------------------------------------------------------------------
 def to_float(images: np.ndarray | Tensor) -> Tensor:
     """uint8 images [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1); float input is taken as [-1, 1] already."""
     x = torch.as_tensor(images)
@@ -404,41 +338,3 @@ def to_uint8(x: np.ndarray | Tensor) -> np.ndarray:
     if x.dtype == np.uint8:
         return x
     return np.clip(np.round((x.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
-
-
-# -- sampling -----------------------------------------------------------------------------------
-class ImageSampler:
-    """Random minibatches for Alg. 1's real data (x ~ p_data) with its own torch.Generator (seeded), so
-    training resumes exactly: state_dict()/load_state_dict() (the generator state as a uint8 tensor).
-
-    Draws indices uniformly with replacement; images stay uint8 on the CPU, batches go to ``device``.
-    """
-
-    def __init__(self, dataset: ImageDataset, seed: int = 0, device: str | torch.device = "cpu") -> None:
-        self.dataset, self.device = dataset, torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.images = torch.from_numpy(dataset.images)
-        self.labels = None if dataset.labels is None else torch.from_numpy(dataset.labels)
-
-    def _one_hot(self, labels: Tensor) -> Tensor:
-        return torch.nn.functional.one_hot(labels, self.dataset.label_dim).float().to(self.device)
-
-    def __call__(self, n: int, part: slice = slice(None)) -> tuple[Tensor, Tensor | None]:
-        """Draws n samples' indices and returns the samples at positions ``part`` (data-parallel ranks
-        draw the same n and keep their own part): x float32 in [-1, 1] (m, C, H, W), one-hot labels
-        (m, label_dim) or None."""
-        idx = torch.randint(len(self.images), (n,), generator=self.generator)[part]
-        x = to_float(self.images[idx].to(self.device))
-        return x, None if self.labels is None else self._one_hot(self.labels[idx])
-
-    def sample_labels(self, n: int) -> Tensor | None:
-        """One-hot labels with classes uniform over [0, label_dim), for the generator; None if unconditional."""
-        if self.labels is None:
-            return None
-        return self._one_hot(torch.randint(self.dataset.label_dim, (n,), generator=self.generator))
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.generator.set_state(state["generator"].cpu().to(torch.uint8))

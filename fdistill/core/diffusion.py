@@ -24,9 +24,18 @@ def score_from_denoiser(x0_hat: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
 
 
 def edm_preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """EDM Table 1 preconditioning: returns (c_skip, c_out, c_in, c_noise) for D = c_skip x + c_out F(c_in x)."""
+    """EDM Table 1 preconditioning: returns (c_skip, c_out, c_in, c_noise) for D = c_skip x + c_out F(c_in x),
+    c_skip = s_d^2 / (sigma^2 + s_d^2), c_out = sigma s_d / sqrt(sigma^2 + s_d^2),
+    c_in = 1 / sqrt(sigma^2 + s_d^2), c_noise = ln(sigma) / 4."""
     s2 = sigma**2 + sigma_data**2
     return sigma_data**2 / s2, sigma * sigma_data / s2.sqrt(), 1 / s2.sqrt(), sigma.log() / 4
+
+
+def one_step(net, z: Tensor, sigma_gen: float, cond=None) -> Tensor:
+    """The one-step generator G(z) = D(sigma_gen z; sigma_gen) (Sec. 2.2; Alg. 1 line 4): a copy of the
+    teacher's denoiser evaluated once at its largest noise level on a pure-noise input, z ~ N(0, I)."""
+    sigma = torch.full((z.shape[0],), sigma_gen, device=z.device)
+    return net(z * sigma_gen, sigma, cond)
 
 
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:

@@ -2,17 +2,20 @@
 lines 6-9), and the auxiliary GAN losses (Sec. 3) with R1.
 
 Statistics that span the batch (per-bin means of r, the mean of h) are all-reduced when
-torch.distributed is initialized, so a data-parallel run normalizes by the global batch.
+torch.distributed is initialized, so a data-parallel run normalizes over all ranks' samples.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdistill.diffusion import append_dims
+from fdistill.core.diffusion import append_dims
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
@@ -40,8 +43,13 @@ class RatioNormalizer(nn.Module):
         distribution, so every bin receives the same expected number of samples;
       - ``"linear"``: equal-width bins linear in sigma, as NVlabs/FastGen does (most samples land
         in the first bin because the Karras grid is dense at small sigma).
-    ``ema`` in [0, 1): the bin means are an EMA across steps (0 = this batch only; FastGen uses 0.5
-    on ImageNet-64). The EMA buffer is part of the state dict, so it is checkpointed.
+
+    In training mode, ``forward`` divides by ema * bin_mean + (1 - ema) * (this group's bin means), the
+    group being the samples of one call across all ranks (bins the group misses use bin_mean alone),
+    and keeps the group's sums for ``commit``, which the trainer calls once per optimizer step:
+    bin_mean <- ema * bin_mean + (1 - ema) * (the step's bin means). With ``ema`` = 0 (FastGen's default)
+    r is normalized by its own group alone; FastGen uses 0.5 on ImageNet-64. In eval mode ``forward``
+    divides by the stored ``bin_mean`` and records nothing. ``bin_mean`` is checkpointed.
     """
 
     def __init__(
@@ -63,31 +71,64 @@ class RatioNormalizer(nn.Module):
         self.ema = ema
         self.register_buffer("log_edges", inner.float())
         self.register_buffer("bin_mean", torch.ones(num_bins))
+        self.register_buffer("step_stats", torch.zeros(2, num_bins), persistent=False)  # sums, counts
 
     def bin_index(self, sigma: Tensor) -> Tensor:
         return torch.bucketize(sigma.float().log(), self.log_edges)
 
     def forward(self, r: Tensor, sigma: Tensor) -> Tensor:
         idx = self.bin_index(sigma)
+        if not self.training:
+            return r / self.bin_mean[idx]
         n = len(self.bin_mean)
         sums = torch.zeros(n, device=r.device).index_add_(0, idx, r.float())
         counts = torch.zeros(n, device=r.device).index_add_(0, idx, torch.ones_like(r, dtype=torch.float32))
         stats = all_reduce_sum(torch.stack([sums, counts]))
-        seen = stats[1] > 0
-        batch_mean = torch.where(seen, stats[0] / stats[1].clamp_min(1), self.bin_mean)
-        if self.training:
-            updated = self.ema * self.bin_mean + (1 - self.ema) * batch_mean
-            self.bin_mean.copy_(torch.where(seen, updated, self.bin_mean))
-            mean = self.bin_mean
-        else:
-            mean = batch_mean
+        self.step_stats += stats
+        mean = torch.where(stats[1] > 0, self.ema * self.bin_mean + (1 - self.ema) * stats[0] / stats[1].clamp_min(1),
+                           self.bin_mean)
         return r / mean[idx]
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Fold the statistics gathered since the last commit (one optimizer step) into ``bin_mean``."""
+        sums, counts = self.step_stats
+        step_mean = sums / counts.clamp_min(1)
+        self.bin_mean.copy_(torch.where(counts > 0, self.ema * self.bin_mean + (1 - self.ema) * step_mean,
+                                        self.bin_mean))
+        self.step_stats.zero_()
 
 
 def normalize_by_batch_mean(h: Tensor) -> Tensor:
-    """Second-stage normalization (Sec. 4; Alg. 1 line 9): h_bar = h / mean(h) over the global batch."""
+    """Second-stage normalization (Sec. 4; Alg. 1 line 9): h_bar = h / mean(h) over the group of samples
+    given, across all ranks."""
     stats = all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(h.numel()), device=h.device)]))
     return h / (stats[0] / stats[1])
+
+
+class Weights(NamedTuple):
+    r: Tensor  # clipped density ratio (line 6)
+    r_bar: Tensor  # after the first-stage normalization (line 7)
+    h: Tensor  # h(r_bar) (line 8)
+    h_bar: Tensor  # after the second-stage normalization (line 9)
+
+
+@torch.no_grad()
+def fdistill_weights(logits: Tensor, sigma: Tensor, h: Callable[[Tensor], Tensor], ratio_norm: RatioNormalizer,
+                     logit_clip: float = 10.0, r_min: float = 0.1, r_max: float = 20.0) -> Weights:
+    """Alg. 1 lines 6-9, the per-sample weight h_bar of Eq. (4) from the discriminator's logits:
+    r = clip(exp(logit), r_min, r_max) (line 6), r_bar = r / mean r in r's noise-level bin (line 7, Sec. 4),
+    h(r_bar) with h = f'' r^2 (line 8, Theorem 1), h_bar = h / mean h (line 9).
+
+    The means run over the samples given, across all ranks: the trainer calls this once per forward
+    pass, so without gradient accumulation they span the global batch (Alg. 1's B), and with
+    ``micro_batch`` each accumulation pass (world size x micro_batch samples) is normalized on its own,
+    as NVlabs/FastGen normalizes each forward pass.
+    """
+    r = density_ratio(logits, logit_clip, r_min, r_max)
+    r_bar = ratio_norm(r, sigma)
+    h_r = h(r_bar)
+    return Weights(r, r_bar, h_r, normalize_by_batch_mean(h_r))
 
 
 def fdistill_loss(
@@ -125,11 +166,13 @@ def r1_penalty(logits_real: Tensor, x_real_t: Tensor) -> Tensor:
     return grad.square().flatten(1).sum(1).mean()
 
 
-def ratio_stats(r: Tensor, h: Tensor, score_diff: Tensor) -> dict[str, float]:
-    """Per-step log values: ratio and weight statistics and the mean score-difference norm."""
+def ratio_stats(w: Weights, score_diff: Tensor) -> dict[str, Tensor]:
+    """Per-step log values (0-d tensors, so nothing waits for the device): statistics of r and h_bar and
+    the mean norm of the score difference s_teacher - s_fake."""
+    r, h = w.r, w.h_bar
     return {
-        "r_mean": float(r.mean()), "r_min": float(r.min()), "r_max": float(r.max()),
-        "log_r_std": float(r.log().std()) if r.numel() > 1 else 0.0,
-        "h_min": float(h.min()), "h_mean": float(h.mean()), "h_max": float(h.max()),
-        "score_diff": float(score_diff.flatten(1).norm(dim=1).mean()),
+        "r_mean": r.mean(), "r_min": r.min(), "r_max": r.max(),
+        "log_r_std": r.log().std() if r.numel() > 1 else r.new_zeros(()),
+        "h_min": h.min(), "h_mean": h.mean(), "h_max": h.max(),
+        "score_diff": score_diff.flatten(1).norm(dim=1).mean(),
     }

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fdistill.data import load_dataset, to_float
+from fdistill.config import cache_dir
+from fdistill.data.datasets import load_dataset, to_float
 
 RECIPE_VERSION = 1
 FILENAME = f"digits_classifier-v{RECIPE_VERSION}.safetensors"
@@ -127,19 +128,17 @@ def train_digits_classifier(
     return net, _accuracy(net, x[test_idx], y[test_idx])
 
 
-def digits_classifier_path(cache_dir: str | Path | None = None) -> Path:
-    """Cached weights: ``cache_dir``, else $FDISTILL_CACHE, else ~/.cache/fdistill; file named by recipe version."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("FDISTILL_CACHE") or Path.home() / ".cache" / "fdistill"
-    return Path(cache_dir).expanduser() / FILENAME
+def digits_classifier_path(cache: str | Path | None = None) -> Path:
+    """Cached weights: in ``cache``, else the cache folder (``config.cache_dir``); file named by recipe version."""
+    return (Path(cache).expanduser() if cache is not None else cache_dir()) / FILENAME
 
 
-def load_digits_classifier(cache_dir: str | Path | None = None, progress: bool = True) -> DigitsClassifier:
+def load_digits_classifier(cache: str | Path | None = None, progress: bool = True) -> DigitsClassifier:
     """The digits-FID network in eval mode without gradients; trained (a few seconds) and cached on first use.
 
     ``net.heldout_accuracy`` holds the held-out accuracy recorded when it was trained.
     """
-    path = digits_classifier_path(cache_dir)
+    path = digits_classifier_path(cache)
     if not path.is_file():
         if progress:
             print(f"training the digits-FID classifier once (recipe v{RECIPE_VERSION}), caching it at {path}",

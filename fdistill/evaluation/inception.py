@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fdistill.config import cache_dir
+
 TORCHSCRIPT_NAME = "inception-2015-12-05.pt"
 STATE_DICT_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHT_NAMES = (TORCHSCRIPT_NAME, STATE_DICT_NAME)  # lookup order in a directory
@@ -222,19 +224,12 @@ class FIDInceptionV3(nn.Module):
 
 
 # -- loading -----------------------------------------------------------------------------------------
-def default_cache_dir() -> Path:
-    """$FDISTILL_CACHE, else ~/.cache/fdistill (the digits classifier's cache directory)."""
-    from fdistill.digits_classifier import digits_classifier_path
-
-    return digits_classifier_path().parent
-
-
 def missing_weights_message(looked: list[Path]) -> str:
     where = ", ".join(str(p) for p in looked)
     return (f"Inception-v3 weights not found (looked at: {where}). The standard FID needs {TORCHSCRIPT_NAME} "
             f"(NVIDIA's TorchScript, used by EDM: {URLS[TORCHSCRIPT_NAME]}) or {STATE_DICT_NAME} (pytorch-fid's "
             f"state dict: {URLS[STATE_DICT_NAME]}). fdistill does not download: place one of them in "
-            f"{default_cache_dir()}, set {ENV_VAR}=PATH, or pass --inception PATH.")
+            f"{cache_dir()}, set {ENV_VAR}=PATH, or pass --inception PATH.")
 
 
 def find_weights(path: str | Path | None = None) -> Path:
@@ -242,7 +237,7 @@ def find_weights(path: str | Path | None = None) -> Path:
     else the cache directory. Raises FileNotFoundError naming both files and where to put them."""
     if path is None:
         path = os.environ.get(ENV_VAR) or None
-    candidates = [Path(path).expanduser()] if path is not None else [default_cache_dir()]
+    candidates = [Path(path).expanduser()] if path is not None else [cache_dir()]
     looked = []
     for p in candidates:
         if p.is_file():

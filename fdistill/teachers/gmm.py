@@ -1,8 +1,5 @@
-"""Teachers presented as EDM denoisers ``D(x, sigma, cond) -> x0_hat`` (DESIGN.md, "teachers").
-
-``GaussianMixture`` is the analytic teacher of the 2-D lab: its denoiser, score and density are
-exact at every noise level, so the lab can compare estimated quantities with the truth.
-"""
+"""The analytic teacher of the 2-D lab: a Gaussian mixture whose denoiser, score and density are exact
+at every noise level, so the lab can compare estimated quantities with the truth."""
 
 from __future__ import annotations
 
@@ -66,10 +63,6 @@ class GaussianMixture(nn.Module):
         """log p_sigma(x), exact."""
         return self._component_log_probs(x, sigma)[0].logsumexp(1)
 
-    def responsibilities(self, x: Tensor, sigma: Tensor | float = 0.0) -> Tensor:
-        """Posterior p(k | x_sigma), shape (B, K)."""
-        return self._component_log_probs(x, sigma)[0].softmax(1)
-
     def feature_channels(self) -> dict[int, int]:
         return {0: 2 * self.dim + 1 + self.num_modes}
 
@@ -92,31 +85,3 @@ class GaussianMixture(nn.Module):
         s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
         feat = torch.cat([x / (s**2 + sd**2).sqrt(), s.log() / 4, d / sd, gamma], dim=1)
         return d, {0: feat}
-
-
-class GuidedDenoiser(nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser, for distilling a guided teacher
-    (App. D.5: the teacher score in Eq. (3) is replaced by its CFG version):
-    D_w(x) = D(x | null) + w (D(x | c) - D(x | null)), the null label being all zeros (what label
-    dropout trains). The discriminator's features come from the conditional pass. w = 1 is D itself.
-    """
-
-    def __init__(self, net: nn.Module, scale: float) -> None:
-        super().__init__()
-        self.net, self.scale = net, float(scale)
-        self.sigma_data = getattr(net, "sigma_data", 0.5)
-
-    def feature_channels(self) -> dict[int, int]:
-        return self.net.feature_channels()
-
-    def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> dict[int, Tensor]:
-        return self.net.features(x, sigma, cond)  # the conditional pass, as in forward
-
-    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, return_features: bool = False):
-        out = self.net(x, sigma, cond, return_features=return_features)
-        if self.scale == 1.0 or cond is None:
-            return out
-        d_cond, features = out if return_features else (out, None)
-        d_null = self.net(x, sigma, torch.zeros_like(cond))
-        d = d_null + self.scale * (d_cond - d_null)
-        return (d, features) if return_features else d

@@ -1,0 +1,2 @@
+"""Evaluation: metrics (FID, precision/recall, mode coverage), the feature spaces they are computed
+in (Inception-v3, the digits classifier) and ``fdistill evaluate``."""

@@ -1,0 +1,34 @@
+"""Classifier-free guidance of a teacher, as a denoiser."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class GuidedDenoiser(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser, for distilling a guided teacher
+    (App. D.5: the teacher score in Eq. (3) is replaced by its CFG version):
+    D_w(x) = D(x | null) + w (D(x | c) - D(x | null)), the null label being all zeros (what label
+    dropout trains). The discriminator's features come from the conditional pass. w = 1 is D itself.
+    """
+
+    def __init__(self, net: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.net, self.scale = net, float(scale)
+        self.sigma_data = getattr(net, "sigma_data", 0.5)
+
+    def feature_channels(self) -> dict[int, int]:
+        return self.net.feature_channels()
+
+    def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> dict[int, Tensor]:
+        return self.net.features(x, sigma, cond)  # the conditional pass, as in forward
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, return_features: bool = False):
+        out = self.net(x, sigma, cond, return_features=return_features)
+        if self.scale == 1.0 or cond is None:
+            return out
+        d_cond, features = out if return_features else (out, None)
+        d_null = self.net(x, sigma, torch.zeros_like(cond))
+        d = d_null + self.scale * (d_cond - d_null)
+        return (d, features) if return_features else d

@@ -1,0 +1,16 @@
+"""Exponential moving average of a network's weights (the generator's in distillation, the teacher's in
+EDM training): theta_ema <- beta theta_ema + (1 - beta) theta after every optimizer step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
+    """Parameters move by lerp towards ``net``'s; buffers (e.g. fixed Fourier frequencies) are copied."""
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.lerp_(p, 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+        b_ema.copy_(b)

@@ -1,0 +1,140 @@
+"""The training loop: run a trainer's steps to ``cfg.iterations``, with progress, logs, a divergence guard
+and checkpoints. One loop serves distillation (``Distiller``) and teacher training (``TeacherTrainer``).
+
+A trainer has ``cfg`` (``iterations``, ``log_every``, ``checkpoint_every``), ``iteration``, ``rank``,
+``step() -> {"iteration", "kind", quantity: 0-d tensor, ...}``, ``modules()`` and ``save(path)``.
+Step values stay on the device between log lines: nothing waits for the accelerator except on the
+iterations that log or checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+STATUS_SECONDS = 30.0  # without a terminal, a plain status line at most this often
+SHOWN = {"score_diff": "|s_t - s_f|", "h_min": "h min", "h_max": "h max", "loss_gan_d": "D loss",
+         "loss": "loss"}  # steady quantities for the progress bar
+
+
+class FiniteGuard:
+    """Remembers, on the device, the first iteration at which each logged quantity was not finite
+    (one comparison per step, no synchronization); ``check`` reads it back and raises."""
+
+    def __init__(self) -> None:
+        self.first_bad: dict[str, tuple[list[str], Tensor]] = {}  # step kind -> (quantity names, iterations)
+
+    def update(self, kind: str, iteration: int, values: dict[str, Tensor]) -> None:
+        names = sorted(values)
+        if not names:
+            return
+        flags = ~torch.isfinite(torch.stack([values[k].float() for k in names]))
+        known = self.first_bad.get(kind)
+        if known is None or known[0] != names:
+            known = (names, torch.full((len(names),), -1, dtype=torch.long, device=flags.device))
+        first = torch.where(flags & (known[1] < 0), iteration, known[1])
+        self.first_bad[kind] = (names, first)
+
+    def check(self, modules: dict[str, torch.nn.Module]) -> None:
+        for names, first in self.first_bad.values():
+            bad = [(it, name) for name, it in zip(names, first.tolist()) if it >= 0]
+            if bad:
+                it, name = min(bad)
+                raise FloatingPointError(f"training diverged: {name} is not finite at iteration {it}; "
+                                         "try a lower lr or gan_weight")
+        for name, module in modules.items():
+            tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+            if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+                raise FloatingPointError(f"training diverged: the weights of {name} are not finite")
+
+
+def _record(logs: dict, latest: dict[str, Tensor]) -> dict:
+    """A log line: the iteration, its step kind, and the latest value of every quantity, as floats
+    (one transfer from the device)."""
+    names = sorted(latest)
+    values = torch.stack([latest[k].float().reshape(()) for k in names]).tolist() if names else []
+    return {"iteration": logs["iteration"], "kind": logs.get("kind", ""), **dict(zip(names, values))}
+
+
+def _summary(record: dict) -> dict[str, str]:
+    return {label: f"{record[k]:.3g}" for k, label in SHOWN.items() if k in record}
+
+
+class RunLog:
+    """``<run_dir>/log.jsonl``, one JSON line per logged iteration. On resume at iteration N, lines of
+    iterations >= N (written after the checkpoint being resumed) are dropped, so each iteration appears once."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if start > 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", -1) < start]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif start == 0:
+            path.write_text("")
+        self.file = open(path, "a")  # noqa: SIM115 - closed by close()
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def training_loop(trainer, run_dir: str | Path | None = None, progress: bool = True, desc: str = "",
+                  log_fn: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run ``trainer`` from its current iteration to ``cfg.iterations``.
+
+    Every ``log_every`` iterations and at the last one, the latest value of every quantity is logged
+    (returned, appended to <run_dir>/log.jsonl, passed to ``log_fn``, e.g. a TensorBoard writer).
+    A quantity that turned non-finite at any step, or non-finite weights, stop the run with the
+    iteration and the quantity named, before anything is logged or checkpointed. Checkpoints go to
+    <run_dir>/checkpoint every ``checkpoint_every`` iterations and at the end. With several ranks,
+    only rank 0 shows progress and writes files; logged values are rank 0's.
+    """
+    cfg = trainer.cfg
+    main = trainer.rank == 0
+    run_dir = Path(run_dir) if run_dir else None
+    log = RunLog(run_dir / "log.jsonl", trainer.iteration) if run_dir and main else None
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=cfg.iterations, initial=trainer.iteration, desc=desc, disable=not (progress and main and tty),
+               leave=False, dynamic_ncols=True)
+    guard, latest, history = FiniteGuard(), {}, []
+    last_status = time.monotonic()
+    try:
+        while trainer.iteration < cfg.iterations:
+            logs = trainer.step()
+            values = {k: v for k, v in logs.items() if isinstance(v, Tensor)}
+            guard.update(logs.get("kind", ""), logs["iteration"], values)
+            latest.update(values)
+            bar.update(1)
+            done = trainer.iteration == cfg.iterations
+            if logs["iteration"] % cfg.log_every == 0 or done:
+                guard.check(trainer.modules())
+                record = _record(logs, latest)
+                history.append(record)
+                if log:
+                    log.write(record)
+                if log_fn and main:
+                    log_fn(record)
+                bar.set_postfix(_summary(record))
+                if progress and main and not tty and (done or time.monotonic() - last_status >= STATUS_SECONDS):
+                    shown = " ".join(f"{k} {v}" for k, v in _summary(record).items())
+                    print(f"{desc} iteration {trainer.iteration}/{cfg.iterations} {shown}", flush=True)
+                    last_status = time.monotonic()
+            if run_dir and (done or (cfg.checkpoint_every and trainer.iteration % cfg.checkpoint_every == 0)):
+                guard.check(trainer.modules())
+                trainer.save(run_dir / "checkpoint")
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return history
