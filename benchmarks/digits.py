@@ -67,8 +67,8 @@ def main() -> None:
             run_cfg.distill.fdistill_weight = 0.0
         else:
             run_cfg.distill.divergence = run
-        ckpt = out / run / "checkpoint"
-        if not ckpt.is_dir():
+        ckpt = out / run
+        if not (ckpt / "checkpoints").is_dir():
             t0 = time.perf_counter()
             training_loop(images.make_distiller(run_cfg, teacher_path, data), run_dir=out / run, progress=False)
             print(f"[{time.perf_counter() - t_start:5.0f} s] distilled {run} in {time.perf_counter() - t0:.0f} s",

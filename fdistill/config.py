@@ -4,6 +4,7 @@ the presets ship and where cached artefacts live."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -28,9 +29,19 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+class ConfigError(ValueError):
+    """A bad config value or key; ``key`` is its dotted path (e.g. ``distill.lr``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def _convert(tp, value, where: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(where, f"{where}: expected a mapping of keys, got {value!r}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -38,10 +49,10 @@ def _convert(tp, value, where: str):
     if origin in (tuple, list):
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(where, f"{where}: expected a list, got {value!r}")
         if origin is tuple and len(args) > 1 and args[-1] is not Ellipsis:  # fixed length, e.g. tuple[int, float]
             if len(value) != len(args):
-                raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+                raise ConfigError(where, f"{where}: expected {len(args)} values, got {value!r}")
             return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
         seq = [_convert(inner, v, where) for v in value]
@@ -50,35 +61,50 @@ def _convert(tp, value, where: str):
         try:  # PyYAML reads "3e-4" (no dot) as a string
             return float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(where, f"{where}: expected a number, got {value!r}") from None
     if tp in (int, str, bool) and not isinstance(value, tp):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(where, f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 
 
-def from_dict(cls: type[T], data: dict | None, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a dict; unknown keys are an error naming the valid ones."""
+def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a dict. An unknown key is a ConfigError naming it by its dotted path,
+    with the closest valid key when one is close."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            dotted = f"{where}.{key}" if where else key
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"did you mean '{where + '.' if where else ''}{close[0]}'?" if close else \
+                f"valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+            raise ConfigError(dotted, f"unknown config key '{dotted}'; {hint}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own validation (__post_init__)
+        raise ConfigError(where, f"{where + ': ' if where else ''}{e}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=value`` strings (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like key=value (e.g. distill.iterations=100)")
         node = data
         *parents, leaf = key.strip().split(".")
         for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ValueError(f"override {item!r}: {p} is a value, not a group of keys")
+            node = node[p]
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return data
 
 
@@ -99,19 +125,57 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FDISTILL_CACHE") or Path.home() / ".cache" / "fdistill").expanduser()
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
 def load_yaml(path: str | Path) -> dict:
-    """A YAML file, or a preset shipped with fdistill by name (``cifar10`` = fdistill/configs/cifar10.yaml)."""
+    """A YAML file, or a preset shipped with fdistill by name (``cifar10`` = fdistill/configs/cifar10.yaml).
+    A run folder's ``config.yaml`` (``{run: ..., config: ...}``) gives its ``config``."""
     path = Path(path)
     if not path.is_file() and (PRESETS / f"{path}.yaml").is_file():
         path = PRESETS / f"{path}.yaml"
+    if path.is_dir() and (path / RUN_CONFIG).is_file():
+        path = path / RUN_CONFIG
     if not path.is_file():
-        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise FileNotFoundError(f"config file not found: {path} (presets shipped with fdistill: {names})")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        raise FileNotFoundError(f"config file not found: {path} (presets shipped with fdistill: "
+                                f"{', '.join(preset_names())}; `fdistill presets` lists them)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (YAML) file") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a YAML mapping at the top level")
+        raise ValueError(f"{path}: expected a YAML mapping of keys at the top level, got {type(data).__name__}")
+    if set(data) == {"run", "config"}:  # a run folder's config.yaml
+        data = data["config"] or {}
     return data
+
+
+def load(cls: type[T], path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> T:
+    """Config ``cls`` from ``path`` (a YAML file, a preset name or a run folder; read over ``base`` when
+    given), then the ``key=value`` overrides. Errors name the override or the file the bad key came from."""
+    data = {} if path is None else load_yaml(path)
+    if base is not None:
+        data = merge(base, data)
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        keys = {o.partition("=")[0].strip(): o for o in overrides}
+        given = [o for k, o in keys.items() if e.key == k or e.key.startswith((k + ".", k + "["))]
+        source = f"the override {given[-1]}" if given else str(path) if path is not None else "the defaults"
+        raise ConfigError(e.key, f"{e} (in {source})") from None
+
+
+RUN_CONFIG = "config.yaml"  # what a run folder records at start: {run: {command, teacher, ...}, config: {...}}
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

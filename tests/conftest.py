@@ -1,6 +1,7 @@
 import pytest
 import torch
 from edm_format import install_persistence_module
+from tiny import TINY
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -23,3 +24,13 @@ def _cache(tmp_path_factory):
 def persistence_module(monkeypatch):
     """A stand-in for NVlabs/edm's torch_utils.persistence (see edm_format)."""
     return install_persistence_module(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def teacher_path(tmp_path_factory):
+    """A digits teacher trained for 3 iterations by `fdistill train-teacher` (its run folder's teacher file)."""
+    from fdistill.apps import cli
+
+    out = tmp_path_factory.mktemp("teacher")
+    assert cli.main(["train-teacher", "--out", str(out), "--no-progress", "teacher.iterations=3", *TINY]) == 0
+    return out / "teacher.safetensors"

@@ -262,21 +262,32 @@ def test_sample_labels_uniform():
     assert ((counts - 1000).abs() < 120).all()
 
 
-@pytest.mark.parametrize("nrow, size", [(None, (4 * 8, 3 * 8)), (5, (5 * 8, 2 * 8)), (10, (10 * 8, 8))])
+@pytest.mark.parametrize("nrow, size", [(None, (4 * 9 - 1, 3 * 9 - 1)), (5, (5 * 9 - 1, 2 * 9 - 1)),
+                                        (10, (10 * 9 - 1, 8))])
 def test_save_image_grid(tmp_path, nrow, size):
     x = torch.rand(10, 3, 8, 8) * 2 - 1
     path = save_image_grid(x, tmp_path / "sub" / "grid.png", nrow=nrow)
     with Image.open(path) as img:
         assert img.size == size and img.mode == "RGB"
         first = np.asarray(img)[:8, :8].transpose(2, 0, 1)
+        assert (np.asarray(img)[:, 8] == 255).all()  # a one-pixel white gap between columns
     np.testing.assert_array_equal(first, ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().numpy())
 
 
 def test_save_image_grid_uint8_gray(tmp_path):
     images = coded_dataset(n=6).images
-    with Image.open(save_image_grid(images, tmp_path / "g.png", nrow=3)) as img:
+    with Image.open(save_image_grid(images, tmp_path / "g.png", nrow=3, gap=0)) as img:
         assert img.size == (12, 8) and img.mode == "L"
         grid = np.asarray(img)
     for i in range(6):  # image i sits at row i // 3, column i % 3
         r, c = divmod(i, 3)
         np.testing.assert_array_equal(grid[4 * r:4 * r + 4, 4 * c:4 * c + 4], images[i, 0])
+
+
+def test_save_image_grid_scales_cells_and_labels_columns(tmp_path):
+    images = coded_dataset(n=6).images  # 4x4 gray
+    with Image.open(save_image_grid(images, tmp_path / "g.png", nrow=3, scale=2, column_labels=["0", "1", "2"])) as img:
+        grid = np.asarray(img)
+    assert grid.shape == (12 + 2 * 9 - 1, 3 * 9 - 1)  # a 12-pixel label strip, cells of 8 px, 1-pixel gaps
+    assert (grid[:12] < 255).any()  # the labels are drawn
+    np.testing.assert_array_equal(grid[12 + 9:12 + 17, 9:17], images[4, 0].repeat(2, 0).repeat(2, 1))

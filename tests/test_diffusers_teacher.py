@@ -171,7 +171,7 @@ def test_distill_a_diffusers_teacher(pipeline_dir, tmp_path):
     losses = [v for e in log for k, v in e.items() if k.startswith("loss")]
     assert losses and all(math.isfinite(v) for v in losses)
 
-    net, sigma_gen, info = images.load_generator(tmp_path / "checkpoint")
+    net, sigma_gen, info = images.load_generator(tmp_path)
     assert info["precond"] == "diffusers" and isinstance(net, DiffusersDenoiser)
     for k, v in d.generator_ema.state_dict().items():
         assert torch.equal(v, net.state_dict()[k]), k

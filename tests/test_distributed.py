@@ -18,11 +18,17 @@ from fdistill.training.loop import training_loop
 HERE = Path(__file__).parent
 
 
-def torchrun(nproc: int, *args: str) -> None:
+def torchrun(nproc: int, *args: str, logs: Path) -> None:
+    """Run ``args`` under torchrun; each rank's output goes to its own file under ``logs`` and, on a
+    failure, every rank's last lines are shown (the launcher's own summary hides them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--log-dir", str(logs), "--redirects", "3", *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    if res.returncode != 0:
+        ranks = "\n".join(f"--- {f.relative_to(logs)}:\n" + "\n".join(f.read_text().splitlines()[-25:])
+                          for f in sorted(logs.rglob("std*.log")))
+        pytest.fail(f"torchrun exited {res.returncode}\n{ranks}\n--- launcher:\n{res.stderr[-2000:]}")
 
 
 def close(a: dict, b: dict) -> bool:
@@ -30,13 +36,13 @@ def close(a: dict, b: dict) -> bool:
 
 
 def test_two_ranks_hold_identical_weights_and_match_one_process(tmp_path):
-    torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path), "32", "0", "9", "js")
+    torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path), "32", "0", "9", "js", logs=tmp_path / "logs")
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     single = build(32, None, 9, "js")
     training_loop(single, progress=False)
     assert close(single.generator.state_dict(), r0)
-    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").is_file()  # written once, by rank 0
+    assert (tmp_path / "run" / "checkpoints" / "000000009" / "model.safetensors").is_file()  # by rank 0
 
 
 def test_gradient_accumulation_matches_the_full_batch():
@@ -109,9 +115,10 @@ def test_torchrun_cli_and_resume_on_another_world_size(tmp_path):
     teacher = save_network(build_network("EDMPrecond", TEACHER), "EDMPrecond", TEACHER,
                                   tmp_path / "teacher.safetensors")
     common = ["distill", "--teacher", str(teacher), "--no-progress", "--device", "cpu"]
-    torchrun(2, "-m", "fdistill", *common, "--out", str(tmp_path / "a"), *OVERRIDES, "distill.iterations=6")
+    torchrun(2, "-m", "fdistill", *common, "--out", str(tmp_path / "a"), *OVERRIDES, "distill.iterations=6",
+             logs=tmp_path / "logs")
     assert cli.main([*common, "--out", str(tmp_path / "a"), "--resume", *OVERRIDES, "distill.iterations=9"]) == 0
     assert cli.main([*common, "--out", str(tmp_path / "b"), *OVERRIDES, "distill.iterations=9"]) == 0
-    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    a = load_file(tmp_path / "a" / "checkpoints" / "000000009" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "000000009" / "model.safetensors")
     assert a.keys() == b.keys() and close(a, b)

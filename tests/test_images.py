@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import DISTILL, TINY
 
 from fdistill.apps import cli, images
 from fdistill.data.datasets import load_dataset
@@ -13,17 +14,6 @@ from fdistill.networks.heads import ConvHead, Discriminator
 from fdistill.teachers.guidance import GuidedDenoiser
 from fdistill.teachers.loading import build_network, load_network, save_network
 from fdistill.training.loop import training_loop
-
-TINY = ["teacher.network.model_channels=8", "teacher.network.channel_mult=[1, 2]", "teacher.network.num_blocks=1",
-        "teacher.network.attn_resolutions=[]", "teacher.batch_size=16", "teacher.warmup=1", "disc_hidden=8"]
-DISTILL = ["distill.batch_size=8", "distill.tau=2", "distill.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    assert cli.main(["train-teacher", "--out", str(out), "--no-progress", "teacher.iterations=3", *TINY]) == 0
-    return out / "teacher.safetensors"
 
 
 @pytest.mark.parametrize("res", [2, 4, 8, 16, 32])
@@ -70,17 +60,17 @@ def test_distill_sample_evaluate_cli(teacher_path, tmp_path, capsys):
     assert [e["kind"] for e in log] == ["student", "critic", "student", "critic"]
     assert "h_mean" in log[0] and "r1" in log[1]
 
-    samples = tmp_path / "s.npz"
-    assert cli.main(["sample", "--checkpoint", str(run / "checkpoint"), "--num", "40", "--out", str(samples)]) == 0
-    with np.load(samples) as f:
+    assert cli.main(["sample", "--checkpoint", str(run), "--num", "40"]) == 0  # the run folder is enough
+    samples = run / "samples"
+    with np.load(samples / "samples.npz") as f:
         assert f["images"].shape == (40, 1, 8, 8) and f["images"].dtype == np.uint8
         assert (f["labels"] == np.arange(40) % 10).all()
-    assert samples.with_suffix(".png").is_file()
+    assert (samples / "grid.png").is_file()
     assert "1 NFE" in capsys.readouterr().out
 
     assert cli.main(["sample", "--teacher", str(teacher_path), "--num", "20", "--steps", "3",
-                     "--out", str(tmp_path / "t.npz")]) == 0
-    assert "5 NFE" in capsys.readouterr().out
+                     "--out", str(tmp_path / "t")]) == 0
+    assert "5 NFE" in capsys.readouterr().out and (tmp_path / "t" / "samples.npz").is_file()
 
     assert cli.main(["evaluate", str(samples)]) == 0
     out = capsys.readouterr().out
@@ -100,7 +90,7 @@ def test_image_resume_is_exact(teacher_path, tmp_path):
     cfg.distill.iterations = 6
     resumed = images.make_distiller(cfg, teacher_path, data)
     resumed.real_data(5)  # advance its data stream: the checkpoint must restore it
-    resumed.load(tmp_path / "checkpoint")
+    resumed.load(tmp_path)  # the run folder: its newest checkpoint
     training_loop(resumed, progress=False)
     for k, v in full.generator.state_dict().items():
         assert torch.equal(v, resumed.generator.state_dict()[k]), k

@@ -233,7 +233,7 @@ def test_cli_fails_on_missing_weights_before_reading_samples(tmp_path, monkeypat
     def no_samples(*args, **kwargs):
         raise AssertionError("samples were read before the weights were checked")
 
-    monkeypatch.setattr(evaluation, "_read_samples", no_samples)
+    monkeypatch.setattr(evaluation, "read_samples", no_samples)
     monkeypatch.setattr(np, "load", no_samples)
     rc = cli.main(["evaluate", str(tmp_path / "samples.npz"), "--data", "digits", "--inception", "/nonexistent"])
     err = capsys.readouterr().err

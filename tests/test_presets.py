@@ -81,7 +81,7 @@ def test_preset_runs_with_a_tiny_teacher(tmp_path, persistence_module, name, dat
     assert d.sample_cond(3).shape == (3, TINY[name]["label_dim"])
     if name == "imagenet64":
         assert d.opt_g.param_groups[0]["lr"] == 5e-7
-    net, sigma, info = images.load_generator(tmp_path / "run" / "checkpoint")
+    net, sigma, info = images.load_generator(tmp_path / "run")
     res = info["network"]["img_resolution"]
     x, _ = images.generate(net, 2, (3, res, res), info["network"]["label_dim"], sigma)
     assert res == TINY[name]["img_resolution"] and x.shape == (2, 3, res, res) and x.isfinite().all()

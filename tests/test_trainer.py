@@ -101,8 +101,10 @@ def test_config_yaml_round_trip_and_overrides():
     assert back == cfg and back.sigmas.index_range == (20, 980) and isinstance(back.betas, tuple)
     data = apply_overrides(to_dict(cfg), ["lr=3e-4", "sigmas.index_range=[2, 998]", "divergence=fkl"])
     assert from_dict(DistillConfig, data).lr == 3e-4 and data["sigmas"]["index_range"] == [2, 998]
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
         from_dict(DistillConfig, {"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="did you mean 'iterations'"):
+        from_dict(DistillConfig, {"iteratons": 1})
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides({}, ["lr"])
 
@@ -123,7 +125,7 @@ def test_resume_is_exact(tmp_path):
     with torch.no_grad():
         for p in [*resumed.generator.parameters(), *resumed.fake_score.parameters()]:
             p.add_(1.0)
-    resumed.load(tmp_path / "run" / "checkpoint")
+    resumed.load(tmp_path / "run" / "checkpoints" / "000000007")
     assert resumed.iteration == 7
     training_loop(resumed, progress=False)
 
@@ -140,7 +142,7 @@ def test_load_rejects_other_divergence(tmp_path):
     d = make(small(divergence="js", iterations=2))
     training_loop(d, run_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="divergence"):
-        make(small(divergence="reverse_kl")).load(tmp_path / "checkpoint")
+        make(small(divergence="reverse_kl")).load(tmp_path)
     with pytest.raises(FileNotFoundError):
         d.load(tmp_path / "missing")
 

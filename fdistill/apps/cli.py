@@ -1,20 +1,59 @@
-"""The ``fdistill`` command line."""
+"""fdistill: distill a diffusion model into a one-step generator by f-divergence distribution matching
+(Xu, Nie & Vahdat, CVPR 2025).
+
+Conventions shared by every command: --out is a folder; configuration overrides KEY=VALUE may stand
+anywhere on the line; --seed, --device and --threads exist wherever they matter; a run folder (what
+train-teacher and distill write) is accepted wherever a run is expected. Details: fdistill COMMAND --help.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from fdistill import __version__
 
-def _demo(args: argparse.Namespace) -> None:
+DIGITS_PRESET = "digits"  # the default preset of the image commands (fdistill/configs/digits.yaml)
+# What --resume may change; every other difference from the run's config.yaml is refused, by name.
+RESUMABLE = {
+    "distill": {f"distill.{k}" for k in ("iterations", "log_every", "checkpoint_every", "keep_checkpoints",
+                                         "micro_batch", "precision", "tf32", "channels_last", "compile", "lr",
+                                         "lr_critic", "lr_stages")},
+    "train-teacher": {f"teacher.{k}" for k in ("iterations", "log_every", "checkpoint_every", "keep_checkpoints")},
+}
+UNUSED = {"distill": ("teacher.",), "train-teacher": ("distill.", "disc_", "guidance")}  # parts a command ignores
+
+
+def _threads(args: argparse.Namespace) -> None:
     import torch
 
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _seed_override(args: argparse.Namespace, key: str) -> list[str]:
+    return [*args.overrides, f"{key}={args.seed}"] if args.seed is not None else list(args.overrides)
+
+
+def _print_config(cfg) -> None:
+    import yaml
+
+    from fdistill.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+
+# -- the 2-D lab and the divergence table ---------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> None:
     from fdistill.apps import lab2d
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    cfg = lab2d.load_config(args.config or lab2d.PRESET, args.overrides)
+    cfg = lab2d.load_config(args.config or lab2d.PRESET, _seed_override(args, "seed"))
+    if args.print_config:
+        return _print_config(cfg)
     t0 = time.perf_counter()
     print(lab2d.run_demo(cfg, args.out, progress=not args.no_progress))
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
@@ -26,51 +65,122 @@ def _analyze(args: argparse.Namespace) -> None:
     print(analyze(args.out, args.custom))
 
 
-DIGITS_PRESET = "digits"  # the default preset of the image commands (fdistill/configs/digits.yaml)
+def _presets(args: argparse.Namespace) -> None:
+    from fdistill.config import PRESETS
+
+    for path in sorted(PRESETS.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# ")
+        print(f"{path.stem:12s} {first.lstrip('# ').strip()}")
+
+
+# -- run folders: train-teacher and distill ----------------------------------------------------------------
+def _open_run(args: argparse.Namespace, command: str, overrides: list[str]):
+    """The run's config and, when resuming, its record: a new run refuses a folder holding another run
+    (unless --overwrite); --resume reads <out>/config.yaml, applies the overrides and refuses changes that
+    define the run."""
+    from fdistill.apps import images
+    from fdistill.config import RUN_CONFIG, to_dict
+    from fdistill.training import run
+
+    out = Path(args.out)
+    if not args.resume:
+        run.refuse_existing(out, args.overwrite)
+        return images.load_config(args.config or DIGITS_PRESET, overrides), None
+    if args.overwrite or args.config:
+        raise ValueError(f"--resume continues the run in {out} with its own {RUN_CONFIG}; give changes as key=value "
+                         "overrides (not --config), and drop --overwrite")
+    record = run.read(out)
+    if record is None:
+        raise FileNotFoundError(f"nothing to resume in {out}: it has no {RUN_CONFIG} (start the run without --resume)")
+    if record["run"].get("command") != command:
+        raise ValueError(f"{out} holds a {record['run'].get('command')} run, not a {command} run")
+    cfg = images.load_config(out, overrides)
+    run.check_resume(out, record["config"], to_dict(cfg), RESUMABLE[command], UNUSED[command])
+    return cfg, record
+
+
+def _resume_point(out: Path):
+    from fdistill.training import checkpoint
+
+    ckpt = checkpoint.latest(out)
+    if ckpt is None:
+        print(f"{out} has no complete checkpoint: starting at iteration 0")
+    return ckpt
 
 
 def _train_teacher(args: argparse.Namespace) -> None:
     from fdistill.apps import images
+    from fdistill.device import pick_device
+    from fdistill.training import run
 
-    cfg = images.load_config(args.config or DIGITS_PRESET, args.overrides)
+    cfg, record = _open_run(args, "train-teacher", _seed_override(args, "teacher.seed"))
+    if args.print_config:
+        return _print_config(cfg)
+    out, device = Path(args.out), pick_device(args.device)
+    resume = _resume_point(out) if record else None
+    if args.overwrite:
+        run.clear(out)
+    run.write(out, "train-teacher", cfg, data=cfg.data)
+    if resume:
+        print(f"resuming {resume} (iteration {int(resume.name)})")
     t0 = time.perf_counter()
-    path = images.train_teacher(cfg, args.out, progress=not args.no_progress)
-    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s, {cfg.teacher.iterations} iterations)")
+    path = images.train_teacher(cfg, out, progress=not args.no_progress, device=device, resume=resume)
+    print(f"wrote {path} ({cfg.teacher.iterations} iterations, {time.perf_counter() - t0:.0f} s this run); "
+          f"{out}/samples.png, log.jsonl, checkpoints/, config.yaml. Next: fdistill distill --teacher {out}")
 
 
 def _distill(args: argparse.Namespace) -> None:
     """Single process, or one process per GPU under torchrun (data parallel, see fdistill.training.distributed)."""
     from fdistill.apps import images
-    from fdistill.training import distributed
+    from fdistill.training import distributed, run
     from fdistill.training.loop import training_loop
 
-    cfg = images.load_config(args.config or DIGITS_PRESET, args.overrides)
+    cfg, record = _open_run(args, "distill", _seed_override(args, "distill.seed"))
+    teacher = args.teacher or (record["run"].get("teacher") if record else None)
+    if teacher is None:
+        raise ValueError("distill needs --teacher (a teacher file or folder); see `fdistill distill --help`")
+    if record and args.teacher and Path(args.teacher).resolve() != Path(record["run"]["teacher"]).resolve():
+        raise ValueError(f"cannot resume {args.out} with another teacher: it was distilled from "
+                         f"{record['run']['teacher']}")
+    if args.print_config:
+        return _print_config(cfg)
+    out = Path(args.out)
     device = distributed.init_from_env(args.device)
     try:
         main = distributed.rank() == 0
-        d = images.make_distiller(cfg, args.teacher, device=device)
-        ckpt = Path(args.out) / "checkpoint"
-        if args.resume:
-            d.load(ckpt)
-            if main:
-                print(f"resumed {ckpt} at iteration {d.iteration}")
+        d = images.make_distiller(cfg, teacher, device=device)
+        resume = _resume_point(out) if record else None
         if main:
-            print(f"{distributed.world_size()} process(es) on {device}: global batch {cfg.distill.batch_size}, "
-                  f"{len(d.passes)} pass(es) of {d.passes[0].stop} per process and step")
+            if args.overwrite:
+                run.clear(out)
+            run.write(out, "distill", cfg, teacher=str(Path(teacher).resolve()), data=cfg.data)
+        distributed.barrier()
+        if resume:
+            d.load(resume)
+        if main:
+            div = d.divergence
+            print(f"distill {out}: divergence {div.name} ({div.description}), teacher {teacher}, data {cfg.data}; "
+                  f"{distributed.world_size()} process(es) on {device}, global batch {cfg.distill.batch_size} in "
+                  f"{len(d.passes)} pass(es) of {d.passes[0].stop} per process"
+                  + (f"; resuming at iteration {d.iteration}" if resume else ""))
         t0 = time.perf_counter()
-        writer = tensorboard_writer(Path(args.out) / "tensorboard") if args.tensorboard and main else None
+        writer = tensorboard_writer(out / "tensorboard") if args.tensorboard and main else None
 
         def log_fn(logs: dict) -> None:
             for k, v in logs.items():
                 if isinstance(v, float):
                     writer.add_scalar(k, v, logs["iteration"])
 
-        training_loop(d, run_dir=args.out, progress=not args.no_progress, desc=d.divergence.name,
+        training_loop(d, run_dir=out, progress=not args.no_progress, desc=d.divergence.name,
                       log_fn=log_fn if writer else None)
         if writer:
             writer.close()
         if main:
-            print(f"wrote {ckpt} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this run)")
+            from fdistill.training import checkpoint
+
+            print(f"wrote {checkpoint.latest(out)} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this "
+                  f"run), {out}/log.jsonl{', tensorboard/' if writer else ''}, config.yaml. "
+                  f"Next: fdistill sample --checkpoint {out}")
     finally:
         distributed.shutdown()
 
@@ -78,141 +188,198 @@ def _distill(args: argparse.Namespace) -> None:
 def tensorboard_writer(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install 'fdistill[tensorboard]'") from e
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'fdistill[tensorboard]'") from None
     return SummaryWriter(str(log_dir))
 
 
+# -- sampling and evaluation --------------------------------------------------------------------------------
 def _sample(args: argparse.Namespace) -> None:
-    import numpy as np
-
     from fdistill.apps import images
-    from fdistill.data.datasets import to_uint8
-    from fdistill.data.writers import save_image_grid
     from fdistill.device import pick_device
     from fdistill.teachers.loading import load_network
 
     if bool(args.checkpoint) == bool(args.teacher):
-        raise ValueError("give exactly one of --checkpoint (a one-step generator) or --teacher (multi-step sampling)")
+        raise ValueError("give exactly one of --checkpoint (a one-step generator: a distill run folder or one of its "
+                         "checkpoints) or --teacher (multi-step sampling)")
     if args.checkpoint:
+        ignored = [f"--{name}" for name in ("steps", "guidance") if getattr(args, name) is not None]
+        if ignored:
+            raise ValueError(f"{' and '.join(ignored)} apply to --teacher sampling; a one-step generator "
+                             "(--checkpoint) samples in one network call, unguided")
         net, sigma_gen, info = images.load_generator(args.checkpoint)
-        kwargs = info["network"]
+        kwargs, steps, guidance = info["network"], 1, 1.0
+        given = Path(args.checkpoint)  # a run folder, or run/checkpoints/<iteration>
+        run_dir = given if (given / "checkpoints").is_dir() else given.parent.parent
+        out = Path(args.out) if args.out else run_dir / "samples"
     else:
         net, _, kwargs = load_network(args.teacher)
-        sigma_gen = None
+        sigma_gen, steps, guidance = None, args.steps or 18, args.guidance or 1.0
+        out = Path(args.out or "runs/samples")
     shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
     t0 = time.perf_counter()
-    device = pick_device(args.device)
-    x, labels = images.generate(net, args.num, shape, kwargs.get("label_dim", 0), sigma_gen, args.steps,
-                                args.guidance, batch_size=args.batch, seed=args.seed, device=device,
+    x, labels = images.generate(net, args.num, shape, kwargs.get("label_dim", 0), sigma_gen, steps, guidance,
+                                batch_size=args.batch, seed=args.seed, device=pick_device(args.device),
                                 progress=not args.no_progress)
     seconds = time.perf_counter() - t0
-    uint8 = to_uint8(x)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"images": uint8} if labels is None else {"images": uint8, "labels": labels.argmax(1).numpy()}
-    np.savez(out, **arrays)
-    grid = save_image_grid(x[: args.grid_size], out.with_suffix(".png"), nrow=10, scale=max(1, 64 // shape[1]))
-    nfe = 1 if sigma_gen is not None else 2 * args.steps - 1
-    print(f"wrote {out} and {grid}: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
-          f"({1000 * seconds / args.num:.1f} s per 1000)")
+    npz, grid = images.write_samples(out, x, labels, args.grid_size)
+    nfe = 1 if sigma_gen is not None else 2 * steps - 1
+    print(f"wrote {npz} and {grid}: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
+          f"({1000 * seconds / args.num:.1f} s per 1000). Next: fdistill evaluate {out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from fdistill.evaluation import evaluate
 
     res = evaluate.evaluate_file(args.samples, args.data, k=args.k, inception=args.inception, ref=args.ref,
-                                   batch_size=args.batch, progress=not args.no_progress, device=args.device)
+                                 batch_size=args.batch, progress=not args.no_progress, device=args.device)
     print(evaluate.format_report(res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json}")
+
+
+# -- the parser ---------------------------------------------------------------------------------------------
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        meaningless = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not meaningless and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fdistill", description=__doc__.strip() + " See README.md.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="fdistill", description=__doc__, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"fdistill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="distill one-step generators on the 2-D lab and compare divergences")
-    d.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. distill.iterations=500 "
-                   "'runs=[js]' teacher.kind=gmm")
-    d.add_argument("--config", default=None, help="YAML config (default: configs/toy2d.yaml)")
-    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    d.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    d.set_defaults(func=_demo)
+    def command(name: str, help: str, func, description: str | None = None) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=description or help, formatter_class=_Help)
+        c.set_defaults(func=func)
+        return c
 
-    a = sub.add_parser("analyze", help="print the f-divergence table (Table 1/6, Fig. 5a) and write Fig. 4/5a")
+    def configured(c: argparse.ArgumentParser, preset: str) -> None:
+        c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, anywhere on the line, e.g. distill.iterations=500")
+        c.add_argument("--config", help=f"YAML preset name (`fdistill presets`), file or run folder "
+                       f"(default: {preset})")
+        c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    def runtime(c: argparse.ArgumentParser, seed: str | None, device: bool = True) -> None:
+        if seed:
+            c.add_argument("--seed", type=int, default=None, help=f"random seed (sets {seed})")
+        if device:
+            c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+        c.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+        c.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run_folder(c: argparse.ArgumentParser, default: str) -> None:
+        c.add_argument("--out", default=default, help="run folder: config.yaml, log.jsonl, checkpoints/")
+        c.add_argument("--resume", action="store_true", help="continue the run in --out (overrides may change "
+                       "iterations, logging, checkpointing, precision and learning rates)")
+        c.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+
+    d = command("demo", "distill one-step generators on the 2-D lab and compare divergences", _demo)
+    configured(d, "toy2d")
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    runtime(d, "seed", device=False)
+
+    a = command("analyze", "print the f-divergence table (Table 1/6, Fig. 5a) and write Fig. 4/5a", _analyze)
     a.add_argument("--custom", action="append", default=[], metavar="H",
                    help="a custom weighting h(r) as an expression in r (Prop. 1), e.g. 'sqrt(r)/(1+r)'; repeatable")
-    a.add_argument("--out", default="runs/analyze", help="directory for the PNG figures (default: runs/analyze)")
-    a.set_defaults(func=_analyze)
+    a.add_argument("--out", default="runs/analyze", help="folder for the PNG figures")
 
-    t = sub.add_parser("train-teacher", help="train an EDM teacher on images (default preset: configs/digits.yaml)")
-    t.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. teacher.iterations=500")
-    t.add_argument("--config", help="YAML preset (default: configs/digits.yaml)")
-    t.add_argument("--out", default="runs/digits", help="output directory (default: runs/digits)")
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=_train_teacher)
+    command("presets", "list the configuration presets shipped with fdistill", _presets)
 
-    s = sub.add_parser("distill", help="distill a teacher into a one-step generator (Algorithm 1)",
-                       description="Distill a teacher into a one-step generator (Algorithm 1). Several GPUs: "
-                       "torchrun --standalone --nproc_per_node=N -m fdistill distill ...")
-    s.add_argument("overrides", nargs="*", help="config overrides, e.g. distill.divergence=js distill.iterations=2000 "
-                   "(after the options or before them, not between)")
-    s.add_argument("--teacher", required=True,
-                   help="teacher: .safetensors from train-teacher, an NVlabs/edm .pkl snapshot, or a diffusers "
-                   "folder with a DDPM UNet2DModel")
-    s.add_argument("--config", help="YAML preset (default: configs/digits.yaml)")
-    s.add_argument("--out", default="runs/distill", help="run directory: log.jsonl and checkpoint/")
-    s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    t = command("train-teacher", "train an EDM teacher on images", _train_teacher)
+    configured(t, DIGITS_PRESET)
+    run_folder(t, "runs/teacher")
+    runtime(t, "teacher.seed")
+
+    s = command("distill", "distill a teacher into a one-step generator (Algorithm 1)", _distill,
+                "Distill a teacher into a one-step generator (Algorithm 1). Several GPUs: "
+                "torchrun --standalone --nproc_per_node=N -m fdistill distill ...")
+    configured(s, DIGITS_PRESET)
+    s.add_argument("--teacher", help="a train-teacher run folder or its teacher.safetensors, an NVlabs/edm .pkl "
+                   "snapshot, or a diffusers model folder (with --resume: the run's own teacher)")
+    run_folder(s, "runs/distill")
     s.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
-    s.add_argument("--device", default="auto",
-                   help="cpu, cuda or auto (default: cuda if available). Under torchrun each process takes "
-                   "cuda:LOCAL_RANK; ranks talk over NCCL on GPUs, gloo on CPU")
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=_distill)
+    runtime(s, "distill.seed")
 
-    m = sub.add_parser("sample", help="sample a one-step generator or a teacher into .npz (uint8 NCHW, labels) + PNG")
-    m.add_argument("--checkpoint", help="distillation checkpoint directory (one-step sampling)")
-    m.add_argument("--teacher", help="teacher .safetensors or NVlabs/edm .pkl (multi-step EDM Heun sampling)")
-    m.add_argument("--num", type=int, default=1000)
-    m.add_argument("--steps", type=int, default=18, help="Heun steps for --teacher (18 = 35 NFE)")
-    m.add_argument("--guidance", type=float, default=1.0, help="CFG scale for --teacher")
-    m.add_argument("--seed", type=int, default=0)
+    m = command("sample", "sample a one-step generator or a teacher into <out>/samples.npz and <out>/grid.png",
+                _sample)
+    m.add_argument("--checkpoint", help="a distill run folder (its newest checkpoint) or a checkpoint folder: "
+                   "one-step sampling")
+    m.add_argument("--teacher", help="a teacher (as for distill): multi-step EDM Heun sampling")
+    m.add_argument("--num", type=int, default=1000, help="number of samples")
+    m.add_argument("--steps", type=int, default=None, help="Heun steps for --teacher, 18 = 35 NFE (default: 18)")
+    m.add_argument("--guidance", type=float, default=None, help="CFG scale for --teacher (default: 1)")
     m.add_argument("--grid-size", type=int, default=100, help="samples in the PNG grid")
-    m.add_argument("--batch", type=int, default=256, help="samples per network call (default: 256)")
-    m.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
-    m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    m.add_argument("--out", default="runs/samples.npz")
-    m.set_defaults(func=_sample)
+    m.add_argument("--batch", type=int, default=256, help="samples per network call")
+    m.add_argument("--out", default=None,
+                   help="output folder (default: <run folder>/samples, or runs/samples for --teacher)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the latents")
+    runtime(m, None)
 
-    e = sub.add_parser("evaluate", help="FID / precision / recall (and class accuracy) of a samples .npz")
-    e.add_argument("samples", help=".npz written by `fdistill sample`")
+    e = command("evaluate", "FID / precision / recall (and class accuracy) of samples", _evaluate)
+    e.add_argument("samples", help="a `fdistill sample` folder or its samples.npz; also .npy arrays and ADM's "
+                   "arr_0 .npz files (uint8 NCHW or NHWC)")
     e.add_argument("--data", default=None,
-                   help="real images to compare with: 'digits' or any dataset `load_dataset` reads (folder, EDM .zip, "
-                   ".npz, CIFAR-10 batches). Default: digits, scored in digits-FID space unless --inception/--ref is "
+                   help="real images to compare with: 'digits' or any dataset fdistill reads (folder, EDM .zip, .npz, "
+                   "CIFAR-10 batches). Default: digits, scored in digits-FID space unless --inception/--ref is "
                    "given; any other dataset is scored in Inception space, its features cached")
     e.add_argument("--inception", metavar="PATH",
                    help="Inception-v3 weights for the standard FID: inception-2015-12-05.pt (NVIDIA TorchScript) or "
                    "pt_inception-2015-12-05-6726825d.pth (pytorch-fid), or a folder holding one. Default: "
                    "$FDISTILL_INCEPTION, else the cache folder ($FDISTILL_CACHE or ~/.cache/fdistill)")
-    e.add_argument("--ref", metavar="PATH.npz",
-                   help="Inception reference statistics (EDM-style .npz with mu, sigma): FID against them; "
-                   "precision/recall also need --data")
-    e.add_argument("--k", type=int, default=3, help="k of k-NN precision/recall (default: 3)")
-    e.add_argument("--batch", type=int, default=64, help="images per Inception batch (default: 64)")
-    e.add_argument("--device", default="auto", help="device for the Inception network: cpu, cuda or auto "
-                   "(default: cuda if available)")
-    e.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    e.set_defaults(func=_evaluate)
+    e.add_argument("--ref", metavar="PATH.npz", help="Inception reference statistics (EDM-style .npz with mu, sigma): "
+                   "FID against them; precision/recall also need --data")
+    e.add_argument("--k", type=int, default=3, help="k of k-NN precision/recall")
+    e.add_argument("--batch", type=int, default=64, help="images per feature-network batch")
+    e.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    runtime(e, None)
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may stand anywhere (argparse alone takes them only in one run)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)  # --help and --version answer here, before torch is imported
+    from fdistill.training.loop import EXIT_PREEMPTED, Preempted
+
+    def warn(message, category, *_args, **_kwargs) -> None:  # one line, no source echo
+        print(f"fdistill {args.command}: warning: {message}", file=sys.stderr)
+
+    shown, warnings.showwarning = warnings.showwarning, warn
     try:
+        _threads(args)
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"fdistill {args.command}: error: {e}", file=sys.stderr)
+    except Preempted as e:
+        print(f"fdistill {args.command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except FloatingPointError as e:
+        print(f"fdistill {args.command}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, KeyError, ImportError, NotImplementedError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"fdistill {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

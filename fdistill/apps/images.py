@@ -12,14 +12,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fdistill.config import apply_overrides, from_dict, load_yaml
+from fdistill import config
+from fdistill.config import from_dict
 from fdistill.core.diffusion import edm_sampler, one_step
-from fdistill.data.datasets import ImageDataset, load_dataset
+from fdistill.data.datasets import ImageDataset, load_dataset, to_uint8
 from fdistill.data.sampler import ImageSampler
+from fdistill.data.writers import save_image_grid
 from fdistill.networks.heads import Discriminator
 from fdistill.teachers.guidance import GuidedDenoiser
 from fdistill.teachers.loading import TEACHER_FILE, build_network, load_network, save_network
@@ -41,7 +44,8 @@ class ImageConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ImageConfig:
-    return from_dict(ImageConfig, apply_overrides(load_yaml(path), list(overrides)), where=str(path))
+    """The image pipeline's config: a preset name, a YAML file or a run folder, then ``key=value`` overrides."""
+    return config.load(ImageConfig, path, overrides)
 
 
 # -- teacher training ---------------------------------------------------------------------------
@@ -53,15 +57,31 @@ def network_kwargs(cfg: TeacherConfig, data: ImageDataset) -> dict:
 
 
 def train_teacher(cfg: ImageConfig, out_dir: str | Path, progress: bool = True,
-                  device: str | torch.device = "cpu") -> Path:
-    """Train an EDM teacher on cfg.data; writes <out_dir>/teacher.safetensors (the EMA weights)."""
+                  device: str | torch.device = "cpu", resume: Path | None = None) -> Path:
+    """Train an EDM teacher on cfg.data in run folder ``out_dir`` (log.jsonl, checkpoints/, continuing
+    from checkpoint ``resume`` if given); writes <out_dir>/teacher.safetensors (the EMA weights) and a
+    grid of its samples, <out_dir>/samples.png."""
     tc = cfg.teacher
     data = load_dataset(cfg.data)
+    check_batch(data, tc.batch_size)
     torch.manual_seed(tc.seed)
     kwargs = network_kwargs(tc, data)
     trainer = TeacherTrainer(tc, build_network(tc.precond, kwargs), ImageSampler(data, seed=tc.seed), device)
+    if resume is not None:
+        trainer.load(resume)
     training_loop(trainer, run_dir=out_dir, progress=progress, desc="teacher (EDM loss)")
-    return save_network(trainer.ema, tc.precond, kwargs, Path(out_dir) / TEACHER_FILE)
+    path = save_network(trainer.ema, tc.precond, kwargs, Path(out_dir) / TEACHER_FILE)
+    shape = (data.channels, data.resolution, data.resolution)
+    n = 10 * data.label_dim if 0 < data.label_dim <= 10 else 100
+    x, _ = generate(trainer.ema, n, shape, data.label_dim, steps=cfg.sampler_steps, device=device)
+    write_grid(x, data.label_dim, Path(out_dir) / "samples.png")
+    return path
+
+
+def check_batch(data: ImageDataset, batch_size: int) -> None:
+    if len(data) < batch_size:
+        raise ValueError(f"{data.source} holds {len(data)} images, fewer than the batch of {batch_size}: every batch "
+                         "would repeat images; give more data or a smaller batch_size")
 
 
 # -- distillation -------------------------------------------------------------------------------
@@ -70,6 +90,7 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
     """Alg. 1 for images: generator and fake score are copies of the teacher (generator evaluated once
     at sigma_max on sigma_max z); the discriminator is conv heads on the teacher's encoder features."""
     data = data if data is not None else load_dataset(cfg.data)
+    check_batch(data, cfg.distill.batch_size)
     net, precond, kwargs = load_network(teacher_path)
     if (kwargs["img_resolution"], kwargs["img_channels"]) != (data.resolution, data.channels):
         raise ValueError(f"teacher {teacher_path} is for {kwargs['img_channels']}x{kwargs['img_resolution']}^2 "
@@ -146,3 +167,23 @@ def generate(
             x = edm_sampler(teacher, z, cond, num_steps=steps)
         out.append(x.cpu())
     return torch.cat(out).clamp(-1, 1), labels
+
+
+def write_grid(x: Tensor, label_dim: int, path: Path, size: int = 100) -> Path:
+    """A PNG grid of the first ``size`` samples; for a class-conditional model with at most 10 classes
+    (samples in class order, as ``generate`` makes them) each column is one class, labelled."""
+    columns = label_dim if 0 < label_dim <= 10 else 10
+    labels = [str(c) for c in range(columns)] if 0 < label_dim <= 10 else None
+    return save_image_grid(x[:size], path, nrow=columns, scale=max(1, 64 // x.shape[-1]), column_labels=labels)
+
+
+def write_samples(out_dir: str | Path, x: Tensor, labels: Tensor | None, grid_size: int = 100) -> tuple[Path, Path]:
+    """``out_dir/samples.npz`` (``images``: uint8 NCHW, ``labels``: class indices) and ``out_dir/grid.png``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": to_uint8(x)}
+    if labels is not None:
+        arrays["labels"] = labels.argmax(1).numpy()
+    np.savez(out_dir / "samples.npz", **arrays)
+    label_dim = 0 if labels is None else labels.shape[1]
+    return out_dir / "samples.npz", write_grid(x, label_dim, out_dir / "grid.png", grid_size)

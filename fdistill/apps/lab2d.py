@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fdistill.config import PRESETS, apply_overrides, from_dict, load_yaml, merge, to_dict
+from fdistill import config
+from fdistill.config import PRESETS, to_dict
 from fdistill.core.diffusion import edm_loss, score_from_denoiser
 from fdistill.core.objective import fdistill_weights
 from fdistill.evaluation.metrics import mode_coverage, precision_recall
@@ -77,8 +78,7 @@ class ToyConfig:
 def load_config(path: str | Path = PRESET, overrides: list[str] = ()) -> ToyConfig:
     """The lab's config: ``path`` read over the ``toy2d`` preset (so a file may hold only a mixture),
     then the ``key=value`` overrides."""
-    data = load_yaml(PRESET) if Path(path) == PRESET else merge(load_yaml(PRESET), load_yaml(path))
-    return from_dict(ToyConfig, apply_overrides(data, list(overrides)), where=str(path))
+    return config.load(ToyConfig, path, overrides, base=None if Path(path) == PRESET else config.load_yaml(PRESET))
 
 
 def build_mixture(cfg: ToyConfig) -> GaussianMixture:

@@ -219,7 +219,7 @@ def _load_zip(path: Path) -> ImageDataset:
         return _load_images(names, zf.read, str(path), meta)
 
 
-def _to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
+def pixels_to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
     """Pixel values to uint8. uint8 is kept; other integers must lie in 0..255. Floats are read by
     their range: any value below 0 means [-1, 1] (round((x + 1) * 127.5)); else a maximum <= 1 means
     [0, 1] (round(x * 255)); else [0, 255] (round(x)). Values beyond those ranges are an error."""
@@ -249,7 +249,7 @@ def _to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def _to_nchw(arr: np.ndarray, where: str) -> np.ndarray:
+def to_nchw(arr: np.ndarray, where: str) -> np.ndarray:
     """(N, H, W) -> (N, 1, H, W); (N, H, W, C) -> (N, C, H, W) with C in {1, 3}. Where both layouts fit,
     the one with square images wins, then NCHW."""
     if arr.ndim == 3:
@@ -288,7 +288,7 @@ def _load_array(path: Path) -> ImageDataset:
             label_key = next((k for k in ("labels", "y") if k in keys), None)
             images = loaded[image_key]
             labels = loaded[label_key] if label_key else None
-    images = np.ascontiguousarray(_to_nchw(_to_uint8(images, str(path)), str(path)))
+    images = np.ascontiguousarray(to_nchw(pixels_to_uint8(images, str(path)), str(path)))
     return _dataset(images, labels, str(path))
 
 

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from fdistill.data.datasets import to_uint8
@@ -42,24 +42,39 @@ def write_edm_zip(path: str | Path, images: np.ndarray, labels: np.ndarray | Non
     return path
 
 
-def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 1,
+                    gap: int = 1, column_labels: list[str] | None = None) -> Path:
     """Save (N, C, H, W) images, float in [-1, 1] or uint8, as one PNG grid with ``nrow`` images per
-    row (default ceil(sqrt(N))); empty cells are black; ``scale`` enlarges pixels (nearest)."""
+    row (default ceil(sqrt(N))), ``gap`` white pixels between cells; empty cells are black. ``scale``
+    enlarges pixels (nearest). ``column_labels`` (one per column, e.g. the class each column shows) are
+    written in a strip above the grid."""
     images = to_uint8(images)
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
         raise ValueError(f"save_image_grid({path}): expected (N, C, H, W) images with C in (1, 3), got "
                          f"{images.shape}")
+    images = images.repeat(scale, axis=2).repeat(scale, axis=3)
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
-    grid = np.zeros((c, rows * h, nrow * w), dtype=np.uint8)
+    top = 12 if column_labels else 0
+    grid = np.full((c, top + rows * (h + gap) - gap, nrow * (w + gap) - gap), 255, dtype=np.uint8)
+    grid[:, top:] = 0
     for i, img in enumerate(images):
         r, k = divmod(i, nrow)
-        grid[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = img
-    grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
+        y, x = top + r * (h + gap), k * (w + gap)
+        grid[:, y:y + h, x:x + w] = img
+    for k in range(nrow):  # the gaps between columns stay white
+        grid[:, top:, (k + 1) * (w + gap) - gap:(k + 1) * (w + gap)] = 255
+    for r in range(rows):
+        grid[:, top + (r + 1) * (h + gap) - gap:top + (r + 1) * (h + gap)] = 255
+    out = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
+    if column_labels:
+        draw = ImageDraw.Draw(out)
+        for k, label in enumerate(column_labels[:nrow]):
+            draw.text((k * (w + gap) + w // 2, top // 2), str(label), fill=0, anchor="mm")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(grid))
+    out.save(path, format="PNG")
     return path

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fdistill.config import cache_dir
-from fdistill.data.datasets import load_dataset, to_float, to_uint8
+from fdistill.data.datasets import load_dataset, pixels_to_uint8, to_float, to_nchw
 from fdistill.device import pick_device
 from fdistill.evaluation.metrics import (
     class_accuracy,
@@ -34,6 +35,7 @@ from fdistill.evaluation.metrics import (
 )
 
 STATS_VERSION = 1  # bump when the cached reference features change meaning
+SMALL_FID = 10_000  # below this many samples, FID carries a noticeable bias
 
 
 @torch.no_grad()
@@ -60,14 +62,44 @@ def evaluate_samples(x: Tensor, labels: Tensor | None = None, data: str = "digit
     return out
 
 
-def _read_samples(path: Path) -> tuple[np.ndarray, Tensor | None]:
+def read_samples(path: str | Path) -> tuple[np.ndarray, Tensor | None]:
+    """Generated images to score: a `fdistill sample` folder or its ``samples.npz`` (``images``, ``labels``),
+    an ``.npy`` array, or ADM's ``.npz`` (``arr_0`` images, optional ``arr_1`` labels). Returns uint8 NCHW
+    images and integer labels (or None). NHWC layouts and float pixels are converted with a warning naming
+    the reading; an unreadable layout or range is an error saying how to convert."""
+    path = Path(path)
+    if path.is_dir() and (path / "samples.npz").is_file():
+        path = path / "samples.npz"
     if not path.is_file():
-        raise FileNotFoundError(f"samples file not found: {path} (write one with `fdistill sample`)")
-    with np.load(path, allow_pickle=False) as f:
-        if "images" not in f:
-            raise ValueError(f"{path} has no 'images' array (keys: {sorted(f.keys())})")
-        labels = torch.as_tensor(f["labels"]) if "labels" in f and f["labels"].ndim == 1 else None
-        return f["images"], labels
+        raise FileNotFoundError(f"samples not found: {path} (write them with `fdistill sample`: a folder holding "
+                                "samples.npz; .npy and ADM's arr_0 .npz files are read too)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as a numpy .npz/.npy file: {e}") from None
+    labels = None
+    if isinstance(loaded, np.ndarray):
+        images = loaded
+    else:
+        with loaded:
+            keys = sorted(loaded.keys())
+            image_key = next((k for k in ("images", "arr_0") if k in keys), None)
+            if image_key is None:
+                raise ValueError(f"{path} has no 'images' (fdistill) or 'arr_0' (ADM) array; found {keys}")
+            label_key = {"images": "labels", "arr_0": "arr_1"}[image_key]
+            images = loaded[image_key]
+            if label_key in keys and loaded[label_key].ndim == 1:
+                labels = torch.as_tensor(loaded[label_key].astype(np.int64))
+    where = str(path)
+    if images.dtype != np.uint8:
+        lo, hi = float(images.min()), float(images.max())
+        reading = "[-1, 1]" if lo < 0 else "[0, 1] (x 255)" if hi <= 1 + 1e-3 else "[0, 255]"
+        warnings.warn(f"{where}: {images.dtype} pixels in [{lo:.3g}, {hi:.3g}] read as {reading} and rounded to "
+                      "uint8; save uint8 images to be sure of the scale", stacklevel=2)
+    images = pixels_to_uint8(images, where)
+    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        warnings.warn(f"{where}: images of shape {images.shape} read as NHWC", stacklevel=2)
+    return np.ascontiguousarray(to_nchw(images, where)), labels
 
 
 def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -160,12 +192,13 @@ def evaluate_inception(path: str | Path, data: str | None = None, ref: str | Pat
     if data is None and ref is None:
         data = "digits"
     path = Path(path)
-    images, _ = _read_samples(path)
-    fake_u8 = torch.from_numpy(np.ascontiguousarray(to_uint8(images)))
+    images, _ = read_samples(path)
+    fake_u8 = torch.from_numpy(images)
     if fake_u8.ndim != 4 or fake_u8.shape[1] not in (1, 3):
         raise ValueError(f"{path}: images must be (N, 1|3, H, W), got shape {tuple(fake_u8.shape)}")
     if len(fake_u8) < 2:
         raise ValueError(f"{path}: FID needs at least 2 samples, got {len(fake_u8)}")
+    _warn_small(len(fake_u8))
     out: dict = {"samples": str(path), "feature_space": "inception", "extractor": extractor.path.name}
     real = None
     if data is not None:
@@ -195,9 +228,16 @@ def evaluate_file(path: str | Path, data: str | None = None, k: int = 3, incepti
     "digits" (``evaluate_inception``); otherwise digits-FID space against scikit-learn's digits."""
     if inception is not None or ref is not None or (data is not None and data != "digits"):
         return evaluate_inception(path, data, ref, k, inception, batch_size, progress, device)
-    images, labels = _read_samples(Path(path))
+    images, labels = read_samples(path)
+    _warn_small(len(images))
     return {"samples": str(path), "feature_space": "digits",
             **evaluate_samples(to_float(images), labels, "digits", k)}
+
+
+def _warn_small(n: int) -> None:
+    if n < SMALL_FID:
+        warnings.warn(f"FID from {n} samples is biased upwards (the paper's numbers use 50,000): compare only numbers "
+                      "computed from the same number of samples", stacklevel=3)
 
 
 REPORT_KEYS = ("feature_space", "extractor", "reference", "fid", "precision", "recall", "class_accuracy", "num_real",

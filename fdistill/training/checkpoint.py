@@ -1,8 +1,13 @@
-"""Checkpoints as safetensors (all tensors) plus JSON (everything else), with RNG states for exact resume."""
+"""Checkpoints as safetensors (all tensors) plus JSON (everything else), with RNG states for exact resume;
+written crash-safe, verified on load, named by iteration in a run folder and pruned to the newest few."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,31 +56,138 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+FILES = ("model.safetensors", "state.safetensors", "state.json")
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints: checkpoints/<iteration, 9 digits>/
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to the disk (a folder: its entries, e.g. after a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
          meta: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` (module weights), ``state.safetensors`` + ``state.json``
-    (optimizers, RNG, ``meta``: JSON values and tensors) into directory ``path``; written to a temp
-    dir, then renamed."""
+    """Write ``model.safetensors`` (module weights), ``state.safetensors`` + ``state.json`` (optimizers, RNG,
+    ``meta``: JSON values and tensors, and the size and sha256 of both safetensors files) into folder ``path``.
+
+    Crash-safe at every instant: the files go into a temporary sibling folder and are fsynced, the folder
+    is renamed to ``path`` and the parent fsynced, so ``path`` is either absent or complete and durable;
+    any other checkpoint is untouched. On an error (e.g. a full disk) the temporary folder is removed."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    weights = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
-               for name, m in modules.items() for k, v in m.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors")
-    tensors: dict[str, Tensor] = {}
-    state = {
-        "optimizers": {n: _flatten(f"optim.{n}", o.state_dict(), tensors) for n, o in optimizers.items()},
-        "rng": _flatten("rng", rng_state(), tensors),
-        "meta": _flatten("meta", meta, tensors),
-    }
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if path.exists():
-        for f in path.iterdir():
-            f.unlink()
-        path.rmdir()
-    tmp.rename(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        weights = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
+                   for name, m in modules.items() for k, v in m.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors")
+        tensors: dict[str, Tensor] = {}
+        state = {
+            "optimizers": {n: _flatten(f"optim.{n}", o.state_dict(), tensors) for n, o in optimizers.items()},
+            "rng": _flatten("rng", rng_state(), tensors),
+            "meta": _flatten("meta", meta, tensors),
+        }
+        save_file(tensors, tmp / "state.safetensors")
+        state["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)}
+                          for name in FILES[:2]}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for name in FILES:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if path.exists():  # the same iteration again: put the old one aside first
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
+
+
+def _read_state(path: Path) -> dict:
+    """state.json of checkpoint ``path``, after checking that every file is there with the recorded size."""
+    for name in FILES:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is missing {name}")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path}: state.json is damaged ({e})") from None
+    for name, rec in state.get("files", {}).items():
+        size = (path / name).stat().st_size
+        if size != rec["bytes"]:
+            raise ValueError(f"checkpoint {path}: {name} is truncated or damaged ({size} bytes, "
+                             f"{rec['bytes']} expected)")
+    return state
+
+
+def _verify(path: Path, state: dict) -> None:
+    for name, rec in state.get("files", {}).items():
+        if _digest(path / name) != rec["sha256"]:
+            raise ValueError(f"checkpoint {path}: {name} is corrupt (its sha256 differs from the one recorded)")
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``run_dir/checkpoints`` (all files present with their recorded
+    sizes), or None. Incomplete ones are skipped with a warning; temporary folders are ignored."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = sorted((p for p in folder.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    for path in reversed(found):
+        try:
+            _read_state(path)
+            return path
+        except (OSError, ValueError) as e:
+            warnings.warn(f"skipping an incomplete checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints of ``run_dir`` (by iteration) and remove the rest, and any
+    temporary folder left by an interrupted save."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = sorted((p for p in folder.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    for path in found[: max(len(found) - max(keep, 1), 0)]:
+        shutil.rmtree(path)
+    for stale in folder.glob(".*.tmp-*"):
+        if not stale.name.endswith(f".tmp-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{iteration:09d}"
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder given either directly or as the run folder holding it (its newest one)."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    if (path / CHECKPOINTS).is_dir():
+        found = latest(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}/{CHECKPOINTS} holds no complete checkpoint")
+        return found
+    what = "nothing is there" if not path.exists() else \
+        f"a folder holding {sorted(p.name for p in path.iterdir())[:8]}" if path.is_dir() else "a file"
+    raise FileNotFoundError(f"{path} is not a checkpoint or a run folder ({what}); expected a run folder with "
+                            f"{CHECKPOINTS}/ or a checkpoint folder with {', '.join(FILES)}")
 
 
 def _module_weights(weights: dict[str, Tensor], name: str) -> dict[str, Tensor]:
@@ -83,31 +195,29 @@ def _module_weights(weights: dict[str, Tensor], name: str) -> dict[str, Tensor]:
     return {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
 
 
-def _check_files(path: Path) -> None:
-    for name in ("model.safetensors", "state.safetensors", "state.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint {path} is missing {name}")
-
-
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The ``meta`` a checkpoint was saved with (iteration, config, info), without loading any weights.
     Tensors in it come back as tensors."""
-    path = Path(path)
-    _check_files(path)
-    state = json.loads((path / "state.json").read_text())
+    path = resolve(path)
+    state = _read_state(path)
     return _unflatten(state["meta"], load_file(path / "state.safetensors"))
 
 
 def load(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
          restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint written by ``save`` into existing modules/optimizers (strict); returns ``meta``."""
-    path = Path(path)
-    _check_files(path)
+    """Load a checkpoint written by ``save`` into existing modules/optimizers (strict), after verifying the
+    checksums of its files; returns ``meta``."""
+    path = resolve(path)
+    state = _read_state(path)
+    _verify(path, state)
     weights = load_file(path / "model.safetensors")
     for name, m in modules.items():
-        m.load_state_dict(_module_weights(weights, name), strict=True)
+        try:
+            m.load_state_dict(_module_weights(weights, name), strict=True)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:300]
+            raise ValueError(f"checkpoint {path} does not fit this run's {name}: {detail}") from None
     tensors = load_file(path / "state.safetensors")
-    state = json.loads((path / "state.json").read_text())
     for name, opt in optimizers.items():
         sd = _unflatten(state["optimizers"][name], tensors)
         sd["state"] = _int_keys(sd["state"])
@@ -118,14 +228,16 @@ def load(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict
 
 
 def load_weights(path: str | Path, name: str) -> dict[str, Tensor]:
-    """The state dict of one module (e.g. ``generator_ema``) from a checkpoint directory or file."""
+    """The state dict of one module (e.g. ``generator_ema``) from a checkpoint (a run folder, a checkpoint
+    folder, whose checksums are verified, or its model.safetensors)."""
     path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no weights at {file}")
-    weights = load_file(file)
+    if path.is_dir() or not path.exists():
+        path = resolve(path)
+        _verify(path, _read_state(path))
+        path = path / "model.safetensors"
+    weights = load_file(path)
     sub = _module_weights(weights, name)
     if not sub:
         names = sorted({k.split(".")[0] for k in weights})
-        raise KeyError(f"{file} holds no module {name!r}; it holds {names}")
+        raise KeyError(f"{path} holds no module {name!r}; it holds {names}")
     return sub

@@ -63,7 +63,8 @@ class DistillConfig:
     ema_beta: float = 0.999  # EMA of the generator
     seed: int = 0
     log_every: int = 10  # iterations between log lines (the last iteration is always logged)
-    checkpoint_every: int = 0  # 0 = only at the end (when a run directory is given)
+    checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end (with a run folder)
+    keep_checkpoints: int = 2  # the newest checkpoints kept in <run>/checkpoints/
     # Scale: batch_size is the global batch (Table 5). Each of the world_size ranks takes
     # batch_size / world_size of it, in forward passes of micro_batch (None = all at once);
     # gradients accumulate over the passes and are averaged over ranks. The two-stage normalization

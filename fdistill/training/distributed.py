@@ -10,6 +10,7 @@ needs no ``no_sync`` bookkeeping. One all-reduce per optimizer step, in buckets.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -35,13 +36,18 @@ def world_size() -> int:
 
 def init_from_env(device: str = "auto") -> torch.device:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
-    Returns this process's device: ``cuda:LOCAL_RANK`` for CUDA, else ``pick_device(device)``."""
+    Returns this process's device: ``cuda:LOCAL_RANK`` for CUDA, else ``pick_device(device)``.
+
+    gloo on one machine talks over the loopback interface (GLOO_SOCKET_IFNAME, unless set), so it does
+    not depend on the host name resolving to a reachable address."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = pick_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else dev.index or 0)
         torch.cuda.set_device(dev)
     if world > 1 and not is_initialized():
+        if dev.type != "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dev
 
@@ -49,6 +55,15 @@ def init_from_env(device: str = "auto") -> torch.device:
 def shutdown() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` is set on any rank (all ranks get the same answer; no communication in one process)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier() -> None:

@@ -1,16 +1,20 @@
-"""The training loop: run a trainer's steps to ``cfg.iterations``, with progress, logs, a divergence guard
-and checkpoints. One loop serves distillation (``Distiller``) and teacher training (``TeacherTrainer``).
+"""The training loop: run a trainer's steps to ``cfg.iterations``, with progress, logs, a divergence guard,
+checkpoints and preemption. One loop serves distillation (``Distiller``) and teacher training
+(``TeacherTrainer``).
 
-A trainer has ``cfg`` (``iterations``, ``log_every``, ``checkpoint_every``), ``iteration``, ``rank``,
-``step() -> {"iteration", "kind", quantity: 0-d tensor, ...}``, ``modules()`` and ``save(path)``.
-Step values stay on the device between log lines: nothing waits for the accelerator except on the
-iterations that log or checkpoint.
+A trainer has ``cfg`` (``iterations``, ``log_every``, ``checkpoint_every``, ``keep_checkpoints``),
+``iteration``, ``rank``, ``device``, ``step() -> {"iteration", "kind", quantity: 0-d tensor, ...}``,
+``modules()`` and ``save(path)``. Step values stay on the device between log lines: nothing waits for
+the accelerator except on the iterations that log or checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +22,41 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from fdistill.training import checkpoint, distributed
+
+EXIT_PREEMPTED = 75  # the exit status of a run stopped by SIGTERM/SIGINT after its checkpoint (EX_TEMPFAIL)
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM or SIGINT, after finishing its step and writing a checkpoint."""
+
+    def __init__(self, iteration: int, path: Path | None) -> None:
+        super().__init__(f"stopped by a signal at iteration {iteration}"
+                         + (f"; wrote {path}, continue with --resume" if path else ""))
+        self.iteration, self.path = iteration, path
+
+
+@contextlib.contextmanager
+def stop_signals(enabled: bool = True):
+    """While active, SIGTERM (how SLURM and Kubernetes preempt) and SIGINT set ``flag["stop"]`` instead of
+    killing the process; a second SIGINT stops at once. Only in the main thread."""
+    flag = {"stop": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 STATUS_SECONDS = 30.0  # without a terminal, a plain status line at most this often
 SHOWN = {"score_diff": "|s_t - s_f|", "h_min": "h min", "h_max": "h max", "loss_gan_d": "D loss",
@@ -96,9 +135,11 @@ def training_loop(trainer, run_dir: str | Path | None = None, progress: bool = T
     Every ``log_every`` iterations and at the last one, the latest value of every quantity is logged
     (returned, appended to <run_dir>/log.jsonl, passed to ``log_fn``, e.g. a TensorBoard writer).
     A quantity that turned non-finite at any step, or non-finite weights, stop the run with the
-    iteration and the quantity named, before anything is logged or checkpointed. Checkpoints go to
-    <run_dir>/checkpoint every ``checkpoint_every`` iterations and at the end. With several ranks,
-    only rank 0 shows progress and writes files; logged values are rank 0's.
+    iteration and the quantity named, before anything is logged or checkpointed, so the last good
+    checkpoint stays. Checkpoints go to <run_dir>/checkpoints/<iteration> every ``checkpoint_every``
+    iterations and at the end; the newest ``keep_checkpoints`` are kept. With a run folder, SIGTERM and
+    SIGINT finish the current step, write a checkpoint and raise ``Preempted`` (all ranks stop at the
+    same step). With several ranks, only rank 0 shows progress and writes files; logged values are rank 0's.
     """
     cfg = trainer.cfg
     main = trainer.rank == 0
@@ -108,31 +149,45 @@ def training_loop(trainer, run_dir: str | Path | None = None, progress: bool = T
     bar = tqdm(total=cfg.iterations, initial=trainer.iteration, desc=desc, disable=not (progress and main and tty),
                leave=False, dynamic_ncols=True)
     guard, latest, history = FiniteGuard(), {}, []
-    last_status = time.monotonic()
+    last_status, saved_at = time.monotonic(), trainer.iteration
+
+    def save() -> Path:
+        nonlocal saved_at
+        guard.check(trainer.modules())
+        path = checkpoint.checkpoint_path(run_dir, trainer.iteration)
+        trainer.save(path)
+        if main:
+            checkpoint.prune(run_dir, cfg.keep_checkpoints)
+        saved_at = trainer.iteration
+        return path
+
     try:
-        while trainer.iteration < cfg.iterations:
-            logs = trainer.step()
-            values = {k: v for k, v in logs.items() if isinstance(v, Tensor)}
-            guard.update(logs.get("kind", ""), logs["iteration"], values)
-            latest.update(values)
-            bar.update(1)
-            done = trainer.iteration == cfg.iterations
-            if logs["iteration"] % cfg.log_every == 0 or done:
-                guard.check(trainer.modules())
-                record = _record(logs, latest)
-                history.append(record)
-                if log:
-                    log.write(record)
-                if log_fn and main:
-                    log_fn(record)
-                bar.set_postfix(_summary(record))
-                if progress and main and not tty and (done or time.monotonic() - last_status >= STATUS_SECONDS):
-                    shown = " ".join(f"{k} {v}" for k, v in _summary(record).items())
-                    print(f"{desc} iteration {trainer.iteration}/{cfg.iterations} {shown}", flush=True)
-                    last_status = time.monotonic()
-            if run_dir and (done or (cfg.checkpoint_every and trainer.iteration % cfg.checkpoint_every == 0)):
-                guard.check(trainer.modules())
-                trainer.save(run_dir / "checkpoint")
+        with stop_signals(run_dir is not None) as signals:
+            while trainer.iteration < cfg.iterations:
+                logs = trainer.step()
+                values = {k: v for k, v in logs.items() if isinstance(v, Tensor)}
+                guard.update(logs.get("kind", ""), logs["iteration"], values)
+                latest.update(values)
+                bar.update(1)
+                done = trainer.iteration == cfg.iterations
+                if logs["iteration"] % cfg.log_every == 0 or done:
+                    guard.check(trainer.modules())
+                    record = _record(logs, latest)
+                    history.append(record)
+                    if log:
+                        log.write(record)
+                    if log_fn and main:
+                        log_fn(record)
+                    bar.set_postfix(_summary(record))
+                    if progress and main and not tty and (done or time.monotonic() - last_status >= STATUS_SECONDS):
+                        shown = " ".join(f"{k} {v}" for k, v in _summary(record).items())
+                        print(f"{desc} iteration {trainer.iteration}/{cfg.iterations} {shown}", flush=True)
+                        last_status = time.monotonic()
+                if run_dir and (done or (cfg.checkpoint_every and trainer.iteration % cfg.checkpoint_every == 0)):
+                    save()
+                if run_dir and distributed.any_rank(signals["stop"], trainer.device):
+                    raise Preempted(trainer.iteration, (save() if saved_at != trainer.iteration else
+                                                        checkpoint.checkpoint_path(run_dir, trainer.iteration)))
     finally:
         bar.close()
         if log:

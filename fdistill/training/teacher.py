@@ -33,7 +33,8 @@ class TeacherConfig:
     P_std: float = 1.2
     seed: int = 0
     log_every: int = 50  # iterations between log lines
-    checkpoint_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # the newest checkpoints kept in <run>/checkpoints/
 
 
 def drop_labels(labels: Tensor | None, p: float) -> Tensor | None:
