@@ -84,8 +84,10 @@ def _open_run(args: argparse.Namespace, command: str, overrides: list[str]):
 
     out = Path(args.out)
     if not args.resume:
-        run.refuse_existing(out, args.overwrite)
-        return images.load_config(args.config or DIGITS_PRESET, overrides), None
+        cfg = images.load_config(args.config or DIGITS_PRESET, overrides)
+        if not args.print_config:
+            run.refuse_existing(out, args.overwrite)
+        return cfg, None
     if args.overwrite or args.config:
         raise ValueError(f"--resume continues the run in {out} with its own {RUN_CONFIG}; give changes as key=value "
                          "overrides (not --config), and drop --overwrite")
@@ -136,14 +138,14 @@ def _distill(args: argparse.Namespace) -> None:
     from fdistill.training.loop import training_loop
 
     cfg, record = _open_run(args, "distill", _seed_override(args, "distill.seed"))
+    if args.print_config:
+        return _print_config(cfg)
     teacher = args.teacher or (record["run"].get("teacher") if record else None)
     if teacher is None:
         raise ValueError("distill needs --teacher (a teacher file or folder); see `fdistill distill --help`")
     if record and args.teacher and Path(args.teacher).resolve() != Path(record["run"]["teacher"]).resolve():
         raise ValueError(f"cannot resume {args.out} with another teacher: it was distilled from "
                          f"{record['run']['teacher']}")
-    if args.print_config:
-        return _print_config(cfg)
     out = Path(args.out)
     device = distributed.init_from_env(args.device)
     try:
@@ -358,28 +360,29 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A mistake in the input ends in one line (exit 2), a diverged run in one line (exit 1),
+    a preempted run (SIGTERM/SIGINT) after its checkpoint with EXIT_PREEMPTED; warnings are one line each."""
     args = parse(argv)  # --help and --version answer here, before torch is imported
     from fdistill.training.loop import EXIT_PREEMPTED, Preempted
 
-    def warn(message, category, *_args, **_kwargs) -> None:  # one line, no source echo
-        print(f"fdistill {args.command}: warning: {message}", file=sys.stderr)
+    def say(message: object, *_) -> None:
+        print(f"fdistill {args.command}: {message}", file=sys.stderr)
 
-    shown, warnings.showwarning = warnings.showwarning, warn
-    try:
-        _threads(args)
-        args.func(args)
-    except Preempted as e:
-        print(f"fdistill {args.command}: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except FloatingPointError as e:
-        print(f"fdistill {args.command}: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, KeyError, ImportError, NotImplementedError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"fdistill {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    finally:
-        warnings.showwarning = shown
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = lambda message, *_: say(f"warning: {message}")
+        try:
+            _threads(args)
+            args.func(args)
+        except Preempted as e:
+            say(e)
+            return EXIT_PREEMPTED
+        except FloatingPointError as e:
+            say(e)
+            return 1
+        except (ValueError, OSError, KeyError, ImportError, NotImplementedError) as e:
+            say(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+            return 2
     return 0
 
 

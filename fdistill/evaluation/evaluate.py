@@ -77,7 +77,7 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, Tensor | None]:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path} as a numpy .npz/.npy file: {e}") from None
-    labels = None
+    labels, image_key = None, None
     if isinstance(loaded, np.ndarray):
         images = loaded
     else:
@@ -97,7 +97,7 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, Tensor | None]:
         warnings.warn(f"{where}: {images.dtype} pixels in [{lo:.3g}, {hi:.3g}] read as {reading} and rounded to "
                       "uint8; save uint8 images to be sure of the scale", stacklevel=2)
     images = pixels_to_uint8(images, where)
-    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+    if image_key != "arr_0" and images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         warnings.warn(f"{where}: images of shape {images.shape} read as NHWC", stacklevel=2)
     return np.ascontiguousarray(to_nchw(images, where)), labels
 

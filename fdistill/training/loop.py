@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -108,17 +109,20 @@ def _summary(record: dict) -> dict[str, str]:
 
 class RunLog:
     """``<run_dir>/log.jsonl``, one JSON line per logged iteration. On resume at iteration N, lines of
-    iterations >= N (written after the checkpoint being resumed) are dropped, so each iteration appears once."""
+    iterations >= N (written after the checkpoint being resumed) and a line torn by a crash are dropped
+    (the file is replaced atomically), so each iteration appears once."""
 
     def __init__(self, path: Path, start: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if start > 0 and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", -1) < start]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif start == 0:
-            path.write_text("")
+        kept = [line for line in self._lines(path) if _iteration(line) < start] if start > 0 else []
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
         self.file = open(path, "a")  # noqa: SIM115 - closed by close()
+
+    @staticmethod
+    def _lines(path: Path) -> list[str]:
+        return path.read_text().splitlines() if path.is_file() else []
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -126,6 +130,14 @@ class RunLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _iteration(line: str) -> float:
+    """A log line's iteration; a line torn by a crash counts as past every checkpoint (dropped)."""
+    try:
+        return json.loads(line)["iteration"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def training_loop(trainer, run_dir: str | Path | None = None, progress: bool = True, desc: str = "",
