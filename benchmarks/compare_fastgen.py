@@ -121,7 +121,7 @@ def ours_worker(args: argparse.Namespace) -> None:
         return x[part], torch.eye(10)[torch.randint(10, (n,))][part]
 
     d = Distiller(cfg, net, generator, fake_score, disc, real_data, sample_shape=(3, 32, 32),
-                  sample_cond=lambda n: real_data(n)[1], device="cpu")
+                  sample_cond=lambda n, part: real_data(n, part)[1], device="cpu")
     dropout = kwargs.get("dropout", 0.10)
     top = str(max(preset.disc_resolutions))
     head_shapes = [f"{c.in_channels}->{c.out_channels}" for c in d.discriminator.heads[top].modules()

@@ -83,7 +83,7 @@ def main() -> None:
         return x[part], torch.eye(10, device=device)[torch.randint(10, (n,))][part]
 
     d = Distiller(cfg, teacher, copy.deepcopy(teacher).train(), copy.deepcopy(teacher).train(), disc, real_data,
-                  sample_shape=(3, 32, 32), sample_cond=lambda n: real_data(n)[1], device=device)
+                  sample_shape=(3, 32, 32), sample_cond=lambda n, part: real_data(n, part)[1], device=device)
 
     def under_amp(fn):  # the components as the steps run them (the steps enter autocast themselves)
         def run():

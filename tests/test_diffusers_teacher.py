@@ -15,8 +15,8 @@ pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 from fdistill.apps import cli, images  # noqa: E402
-from fdistill.teachers import diffusers_ddpm  # noqa: E402
-from fdistill.teachers.diffusers_ddpm import DiffusersDenoiser  # noqa: E402
+from fdistill.teachers import diffusers_unet  # noqa: E402
+from fdistill.teachers.diffusers_unet import DiffusersDenoiser  # noqa: E402
 from fdistill.teachers.loading import build_network, load_network  # noqa: E402
 from fdistill.training.loop import training_loop  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_epsilon_conversion_is_the_schedulers_x0(pipeline_dir):
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_v_and_sample_conversions(prediction_type):
     unet, sched = tiny_unet(), scheduler(prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2")
-    net = DiffusersDenoiser(unet, diffusers_ddpm.alphas_cumprod(dict(sched.config)), prediction_type)
+    net = DiffusersDenoiser(unet, diffusers_unet.alphas_cumprod(dict(sched.config)), prediction_type)
     assert net.sigma_data == {"v_prediction": 1.0, "sample": 0.5}[prediction_type]
     x0, eps = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
     for t in [3, 400, 900]:

@@ -97,7 +97,8 @@ def _open_run(args: argparse.Namespace, command: str, overrides: list[str]):
     if record["run"].get("command") != command:
         raise ValueError(f"{out} holds a {record['run'].get('command')} run, not a {command} run")
     cfg = images.load_config(out, overrides)
-    run.check_resume(out, record["config"], to_dict(cfg), RESUMABLE[command], UNUSED[command])
+    saved = to_dict(images.load_config(out))  # through the config classes: keys added since then take defaults
+    run.check_resume(out, saved, to_dict(cfg), RESUMABLE[command], UNUSED[command])
     return cfg, record
 
 

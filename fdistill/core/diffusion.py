@@ -33,9 +33,12 @@ def edm_preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tenso
 
 def one_step(net, z: Tensor, sigma_gen: float, cond=None) -> Tensor:
     """The one-step generator G(z) = D(sigma_gen z; sigma_gen) (Sec. 2.2; Alg. 1 line 4): a copy of the
-    teacher's denoiser evaluated once at its largest noise level on a pure-noise input, z ~ N(0, I)."""
+    teacher's denoiser evaluated once at its largest noise level on a pure-noise input, z ~ N(0, I).
+    A network may scale its noise otherwise (``net.prior_std(sigma)``, e.g. sqrt(1 + sigma^2) for the
+    unit-variance latents of Stable Diffusion)."""
     sigma = torch.full((z.shape[0],), sigma_gen, device=z.device)
-    return net(z * sigma_gen, sigma, cond)
+    scale = net.prior_std(sigma_gen) if hasattr(net, "prior_std") else sigma_gen
+    return net(z * scale, sigma, cond)
 
 
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
@@ -45,12 +48,32 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     return (sigma_max**inv + i / (n - 1) * (sigma_min**inv - sigma_max**inv)) ** rho
 
 
+def vp_sigmas(num_levels: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+              schedule: str = "scaled_linear") -> Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t), t = 0..num_levels-1, of a DDPM schedule (Ho et al. 2020),
+    ascending: abar_t = prod_{s<=t} (1 - beta_s) with betas linear in beta ("linear") or in sqrt(beta)
+    ("scaled_linear", Stable Diffusion v1.5 and SDXL: 0.00085 to 0.012, sigma in [0.029, 14.6]). abar is
+    computed in float32 as diffusers' schedulers compute it, so the levels are the teacher's own; sigma is
+    float64."""
+    if schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_levels, dtype=torch.float32)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_levels, dtype=torch.float32) ** 2
+    else:
+        raise ValueError(f"unknown DDPM beta schedule {schedule!r}; expected 'linear' or 'scaled_linear'")
+    abar = torch.cumprod(1 - betas, 0).double()
+    return ((1 - abar) / abar).sqrt()
+
+
 @dataclass
 class SigmaSampler:
     """Noise levels for the distillation losses (Alg. 1 line 3: t ~ U{1..T}).
 
-    An integer index uniform in ``index_range`` (inclusive) on a ``num_levels``-point Karras grid;
-    FastGen uses [2, 998] of 1000 levels over [0.002, 80] with rho = 7 (median sigma about 2.5).
+    An integer index uniform in ``index_range`` (inclusive) on a ``num_levels``-point grid:
+    ``schedule: karras`` (default) is EDM's grid over [sigma_min, sigma_max] with ``rho`` (FastGen uses
+    [2, 998] of 1000 levels over [0.002, 80] with rho = 7, median sigma about 2.5); ``scaled_linear`` or
+    ``linear`` are the timesteps of a DDPM teacher's own schedule (``beta_start``, ``beta_end``), so
+    t is uniform over its timesteps as FastGen and DMD2 draw them for Stable Diffusion.
     """
 
     sigma_min: float = 0.002
@@ -58,18 +81,29 @@ class SigmaSampler:
     rho: float = 7.0
     num_levels: int = 1000
     index_range: tuple[int, int] = (2, 998)
+    schedule: str = "karras"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
 
     def __post_init__(self) -> None:
         lo, hi = self.index_range
         if not 0 <= lo <= hi < self.num_levels:
             raise ValueError(f"index_range {self.index_range} must lie in [0, {self.num_levels - 1}]")
-        self.grid = karras_sigmas(self.num_levels, self.sigma_min, self.sigma_max, self.rho).float()
+        if self.schedule == "karras":
+            self.grid = karras_sigmas(self.num_levels, self.sigma_min, self.sigma_max, self.rho).float()
+        else:
+            self.grid = vp_sigmas(self.num_levels, self.beta_start, self.beta_end, self.schedule).float()
 
     @property
     def support(self) -> Tensor:
-        """The sigma values that ``sample`` can return, each equally likely (descending)."""
+        """The sigma values that ``sample`` can return, each equally likely."""
         lo, hi = self.index_range
         return self.grid[lo : hi + 1]
+
+    @property
+    def largest(self) -> float:
+        """The largest noise level of the schedule: where the one-step generator is evaluated by default."""
+        return self.sigma_max if self.schedule == "karras" else float(self.grid.max())
 
     def sample(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
         lo, hi = self.index_range

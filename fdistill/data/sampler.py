@@ -32,11 +32,12 @@ class ImageSampler:
         x = to_float(self.images[idx].to(self.device))
         return x, None if self.labels is None else self._one_hot(self.labels[idx])
 
-    def sample_labels(self, n: int) -> Tensor | None:
-        """One-hot labels with classes uniform over [0, label_dim), for the generator; None if unconditional."""
+    def sample_labels(self, n: int, part: slice = slice(None)) -> Tensor | None:
+        """One-hot labels with classes uniform over [0, label_dim), for the generator: n drawn, those at
+        positions ``part`` returned; None if unconditional."""
         if self.labels is None:
             return None
-        return self._one_hot(torch.randint(self.dataset.label_dim, (n,), generator=self.generator))
+        return self._one_hot(torch.randint(self.dataset.label_dim, (n,), generator=self.generator)[part])
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}

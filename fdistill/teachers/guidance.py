@@ -9,8 +9,11 @@ from torch import Tensor, nn
 class GuidedDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022) as a denoiser, for distilling a guided teacher
     (App. D.5: the teacher score in Eq. (3) is replaced by its CFG version):
-    D_w(x) = D(x | null) + w (D(x | c) - D(x | null)), the null label being all zeros (what label
-    dropout trains). The discriminator's features come from the conditional pass. w = 1 is D itself.
+    D_w(x) = D(x | null) + w (D(x | c) - D(x | null)). In x0 space this equals guidance of eps,
+    eps_null + w (eps_c - eps_null), since D = x - sigma eps is affine in eps. The null condition is the
+    network's own (``net.null_condition(cond)``: Stable Diffusion's empty prompt, SDXL's zeros), else the
+    all-zero label that label dropout trains. The unconditional pass runs without autograd; the
+    discriminator's features come from the conditional pass. w = 1 is D itself.
     """
 
     def __init__(self, net: nn.Module, scale: float) -> None:
@@ -29,6 +32,8 @@ class GuidedDenoiser(nn.Module):
         if self.scale == 1.0 or cond is None:
             return out
         d_cond, features = out if return_features else (out, None)
-        d_null = self.net(x, sigma, torch.zeros_like(cond))
+        null = self.net.null_condition(cond) if hasattr(self.net, "null_condition") else torch.zeros_like(cond)
+        with torch.no_grad():
+            d_null = self.net(x, sigma, null)
         d = d_null + self.scale * (d_cond - d_null)
         return (d, features) if return_features else d

@@ -21,7 +21,7 @@ def build_network(precond: str, kwargs: dict) -> nn.Module:
     """A randomly initialised network: an EDM preconditioning class with its constructor kwargs, or
     "diffusers" with ``load_diffusers_teacher``'s kwargs (the UNet and scheduler configs)."""
     if precond == "diffusers":
-        from fdistill.teachers.diffusers_ddpm import build_diffusers_network
+        from fdistill.teachers.diffusers_unet import build_diffusers_network
 
         return build_diffusers_network(kwargs)
     if precond not in edm.PRECONDS:
@@ -50,7 +50,7 @@ def _what_is_there(path: Path) -> str:
 def load_network(path: str | Path) -> tuple[nn.Module, str, dict]:
     """Load a teacher: a ``.safetensors`` written by ``save_network`` (or a folder holding ``teacher.safetensors``),
     an NVlabs/edm ``.pkl`` snapshot (``edm_pickle``) or a local diffusers folder with a DDPM ``UNet2DModel``
-    (``diffusers_ddpm``, precond "diffusers"). Returns (net in eval mode, precond, constructor kwargs)."""
+    (``diffusers_unet``, precond "diffusers"). Returns (net in eval mode, precond, constructor kwargs)."""
     path = Path(path)
     if path.suffix == ".pkl":  # an NVlabs/edm snapshot, loaded without running any of its code
         from fdistill.teachers.edm_pickle import load_edm_pickle
@@ -59,7 +59,7 @@ def load_network(path: str | Path) -> tuple[nn.Module, str, dict]:
     if path.is_dir() and (path / TEACHER_FILE).is_file():  # a `fdistill train-teacher` run folder
         path = path / TEACHER_FILE
     elif path.is_dir() and ((path / "model_index.json").is_file() or (path / "config.json").is_file()):
-        from fdistill.teachers.diffusers_ddpm import load_diffusers_teacher
+        from fdistill.teachers.diffusers_unet import load_diffusers_teacher
 
         return load_diffusers_teacher(path)
     if not path.is_file():

@@ -59,7 +59,7 @@ class DistillConfig:
     ratio_ema: float = 0.0
     fake_score_weighting: str = "edm"  # or "none" (FastGen's plain MSE)
     sigmas: SigmaSampler = field(default_factory=SigmaSampler)
-    generator_sigma: float | None = None  # sigma the generator is evaluated at; None = sigmas.sigma_max
+    generator_sigma: float | None = None  # sigma the generator is evaluated at; None = the schedule's largest
     ema_beta: float = 0.999  # EMA of the generator
     seed: int = 0
     log_every: int = 10  # iterations between log lines (the last iteration is always logged)
@@ -108,8 +108,9 @@ class Distiller:
     """Holds the four networks, their optimizers and the EMA; ``step()`` runs one iteration of Alg. 1.
 
     ``real_data(n, part) -> (x, cond)`` draws n real samples for the GAN and returns those at
-    positions ``part`` (a slice); ``sample_cond(n) -> cond`` draws the generator's conditioning (None
-    for unconditional models). Both must give every rank the same draws (own seeded streams).
+    positions ``part`` (a slice); ``sample_cond(n, part) -> cond`` draws the generator's conditioning
+    likewise (one-hot labels, a TextCondition, or None for unconditional models). Both must give every
+    rank the same draws (own seeded streams), so each rank computes only its own part.
 
     Data parallel (``fdistill.training.distributed``): every rank draws the random inputs of the whole
     global batch from one shared stream and keeps its own slice, so a run's samples do not depend on
@@ -125,14 +126,14 @@ class Distiller:
         discriminator: nn.Module,
         real_data: Callable[[int, slice], tuple[Tensor, Tensor | None]],
         sample_shape: tuple[int, ...],
-        sample_cond: Callable[[int], Tensor | None] = lambda n: None,
+        sample_cond: Callable[[int, slice], Tensor | None] = lambda n, part: None,
         device: str | torch.device = "cpu",
     ) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.real_data, self.sample_cond, self.sample_shape = real_data, sample_cond, tuple(sample_shape)
         self.divergence = divergences.get(cfg.divergence)  # resolved once: a custom h builds its f here
         self.sigmas = cfg.sigmas
-        self.sigma_gen = cfg.generator_sigma or cfg.sigmas.sigma_max
+        self.sigma_gen = cfg.generator_sigma or cfg.sigmas.largest
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} ranks")
@@ -199,7 +200,8 @@ class Distiller:
         for i in range(0, n, batch_size):
             m = min(batch_size, n - i)
             z = torch.randn(m, *self.sample_shape, device=self.device)
-            out.append(self.generate(z, self.sample_cond(m), ema=ema))
+            cond = self.sample_cond(m, slice(None))
+            out.append(self.generate(z, None if cond is None else cond.to(self.device), ema=ema))
         return torch.cat(out)
 
     # -- this rank's share of the global batch (Alg. 1 line 3) ---------------------------------
@@ -210,8 +212,8 @@ class Distiller:
     def _sigma(self) -> Tensor:
         return self.sigmas.sample(self.cfg.batch_size, self.device, self.rng)[self.local]
 
-    def _mine(self, t: Tensor | None) -> Tensor | None:
-        return None if t is None else t[self.local].to(self.device)
+    def _mine(self, cond):
+        return None if cond is None else cond.to(self.device)
 
     # -- Alg. 1 --------------------------------------------------------------------------------
     def student_step(self) -> dict[str, Tensor]:
@@ -219,7 +221,7 @@ class Distiller:
         Each pass of the loop is one gradient-accumulation slice of this rank's batch."""
         cfg = self.cfg
         z, sigma, eps = self._randn(), self._sigma(), self._randn()
-        cond = self._mine(self.sample_cond(cfg.batch_size))
+        cond = self._mine(self.sample_cond(cfg.batch_size, self.local))
         self.opt_g.zero_grad(set_to_none=True)
         parts = []
         for sl in self.passes:
@@ -267,7 +269,7 @@ class Distiller:
         discriminator head by the GAN loss (+ gamma/2 R1) on real vs generated noisy samples."""
         cfg, n = self.cfg, self.cfg.batch_size
         z, sigma, eps, eps_dsm = self._randn(), self._sigma(), self._randn(), self._randn()
-        cond = self._mine(self.sample_cond(n))
+        cond = self._mine(self.sample_cond(n, self.local))
         x_real, cond_real = self.real_data(n, self.local)  # only this rank's part is gathered
         x_real, cond_real = x_real.to(self.device), None if cond_real is None else cond_real.to(self.device)
         sigma_real, eps_real = self._sigma(), self._randn()  # real data gets its own sigma and noise

@@ -1,4 +1,6 @@
-"""Diffusers DDPM UNets as EDM denoisers, so that they can be distilled like any other teacher.
+"""Diffusers UNets of DDPM (variance-preserving) schedules as EDM denoisers, so that they can be distilled
+like any other teacher: the conversion and feature taps shared by pixel and latent UNets, and the
+pixel-space ``UNet2DModel`` (Stable Diffusion's latent UNet is in ``teachers.stable_diffusion``).
 
 A DDPM (Ho et al. 2020) noises data as x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. Dividing by
 sqrt(abar_t) gives EDM's variance-exploding form x = x0 + sigma eps with
@@ -79,8 +81,9 @@ class _StopForward(Exception):
     """Raised by a feature hook once every wanted feature is captured (``features()`` skips the rest)."""
 
 
-class DiffusersDenoiser(FeatureTaps):
-    """A diffusers ``UNet2DModel`` behind fdistill's denoiser interface ``net(x, sigma, cond)``.
+class VPUNetDenoiser(FeatureTaps):
+    """A diffusers UNet of a variance-preserving (DDPM) schedule behind fdistill's denoiser interface
+    ``net(x, sigma, cond)``; subclasses say how the UNet is called (``_call``) and where its taps are.
 
     Output conversions (x_t = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2)):
 
@@ -96,30 +99,18 @@ class DiffusersDenoiser(FeatureTaps):
     (lambda ~ 1/sigma^2: DDPM's plain eps-MSE, the VP loss of Table 1, how the teacher was trained),
     1 for ``v_prediction`` (exact) and EDM's 0.5 for ``sample``. It is not the data's std here.
 
-    Class-conditional UNets (``num_class_embeds``, an ``nn.Embedding``) take one-hot labels
-    (B, label_dim); class i is embedding index i. They have no null label, so an all-zero label (and
-    hence classifier-free guidance) raises.
-
-    Discriminator features: for each resolution in ``feature_resolutions`` (default: all encoder
-    resolutions), the output of the last resnet/attention layer of the down block at that resolution
-    (before its downsampler), as ``networks.edm`` taps the last encoder block per resolution. They are
-    captured by transient forward hooks (so the module stays deep-copyable); ``features()`` stops the
-    UNet after the last wanted down block. When features are requested for an input that requires
-    grad (R1), attention runs on PyTorch's math kernel, the one with a double backward.
+    Discriminator features are captured by transient forward hooks on the UNet's blocks (so the module
+    stays deep-copyable and new diffusers versions keep working); ``features()`` stops the UNet after
+    the last wanted block. When features are requested for an input that requires grad (R1), attention
+    runs on PyTorch's math kernel, the one with a double backward.
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon",
                  sigma_data: float | None = None) -> None:
         super().__init__()
         cfg = unet.config
-        if cfg.get("time_embedding_type", "positional") not in ("positional", "learned"):
-            raise NotImplementedError(f"time_embedding_type {cfg['time_embedding_type']!r} is not supported "
-                                      "(only DDPM-style positional or learned timestep embeddings)")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-        if unet.class_embedding is not None and not isinstance(unet.class_embedding, nn.Embedding):
-            raise NotImplementedError(f"class_embed_type {cfg.get('class_embed_type')!r} is not supported "
-                                      "(only num_class_embeds, an nn.Embedding of class indices)")
         size = cfg.get("sample_size")
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         if size[0] is None or size[0] != size[1]:
@@ -133,7 +124,6 @@ class DiffusersDenoiser(FeatureTaps):
             raise ValueError(f"out_channels {out} must be in_channels {self.img_channels} (or twice it, with a "
                              "learned variance)")
         self.learned_variance = out == 2 * self.img_channels  # extra channels: the variance, ignored
-        self.label_dim = int(unet.class_embedding.num_embeddings) if unet.class_embedding is not None else 0
 
         abar = alphas_cumprod.to(torch.float64).clamp(min=MIN_ALPHA_CUMPROD)
         log_sigmas = (0.5 * ((1 - abar) / abar).log())  # log sigma_t, increasing in t
@@ -145,21 +135,6 @@ class DiffusersDenoiser(FeatureTaps):
         if sigma_data is None:
             sigma_data = {"epsilon": 100 * self.sigma_max, "v_prediction": 1.0, "sample": 0.5}[prediction_type]
         self.sigma_data = float(sigma_data)
-
-        # Encoder resolutions: down block i works at sample_size / 2^i (every block but the last downsamples).
-        channels = list(cfg["block_out_channels"])
-        self._taps = {self.img_resolution >> i: i for i in range(len(unet.down_blocks))}
-        self._tap_channels = {self.img_resolution >> i: int(channels[i]) for i in range(len(unet.down_blocks))}
-        self._init_taps()
-
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def from_configs(cls, unet_config: dict, scheduler_config: dict | None = None,
-                     sigma_data: float | None = None) -> DiffusersDenoiser:
-        """A randomly initialised denoiser of the given architecture and schedule (weights to be loaded)."""
-        unet = _diffusers().UNet2DModel.from_config(unet_config)
-        sched = scheduler_config or DEFAULT_SCHEDULER
-        return cls(unet, alphas_cumprod(sched), sched.get("prediction_type", "epsilon"), sigma_data)
 
     # -- noise level -> timestep ----------------------------------------------------------------
     def timestep(self, sigma: Tensor) -> Tensor:
@@ -178,27 +153,27 @@ class DiffusersDenoiser(FeatureTaps):
             return t.round().long()
         return t.to(torch.float32)
 
-    # -- forward ------------------------------------------------------------------------------------
-    def _class_index(self, class_labels: Tensor | None) -> Tensor | None:
-        if self.label_dim == 0:
-            return None
-        if class_labels is None:
-            raise ValueError("this diffusers UNet is class-conditional: pass one-hot class_labels (it has no null "
-                             "label, so unconditional evaluation and classifier-free guidance are unavailable)")
-        class_labels = class_labels.reshape(-1, self.label_dim)
-        if (class_labels == 0).all(dim=1).any():
-            raise ValueError("an all-zero (null) class label cannot be expressed: this diffusers UNet has no "
-                             "unconditional class embedding (use guidance 1)")
-        return class_labels.argmax(dim=1)
+    # -- what a subclass says -------------------------------------------------------------------
+    def _call(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        """The UNet's raw output for input x_t at timestep t under ``cond``."""
+        raise NotImplementedError
 
+    def _tap_output(self, name: str, module: nn.Module, output) -> Tensor:
+        """The feature a tap (a block of the UNet, by name) hands the discriminator. A down block returns
+        (hidden, res_samples[, ...]); res_samples holds one entry per resnet/attention layer, then the
+        downsampled map: take the last full-resolution one. Any other block's output is the feature."""
+        if name.startswith("down_blocks."):
+            return output[1][len(module.resnets) - 1]
+        return output[0] if isinstance(output, tuple) else output
+
+    # -- forward ------------------------------------------------------------------------------------
     def forward(
-        self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None,
-        return_features: bool | str = False,
+        self, x: Tensor, sigma: Tensor | float, cond=None, return_features: bool | str = False,
     ) -> Tensor | tuple[Tensor | None, dict[int, Tensor]]:
-        """The denoised image D(x; sigma), float32 (B, C, H, W). sigma: (B,), (B, 1, 1, 1) or a scalar
+        """The denoised sample D(x; sigma), float32 (B, C, H, W). sigma: (B,), (B, 1, 1, 1) or a scalar
         (its own precision is used for t(sigma)). With ``return_features``: ``(D_x, {resolution:
         float32 (B, C_r, r, r)})``; with ``return_features="only"``: ``(None, features)``, stopping
-        after the last wanted down block."""
+        after the last wanted block."""
         x = x.to(torch.float32)
         sigma_in = torch.as_tensor(sigma, device=x.device)
         if not sigma_in.is_floating_point():
@@ -208,7 +183,6 @@ class DiffusersDenoiser(FeatureTaps):
             sigma_in = sigma_in.expand(x.shape[0])
         t = self.timestep(sigma_in)
         s = sigma_in.to(torch.float32).reshape(-1, 1, 1, 1)
-        labels = self._class_index(class_labels)
         x_t = x / (1 + s**2).sqrt()
 
         features: dict[int, Tensor] = {}
@@ -217,11 +191,9 @@ class DiffusersDenoiser(FeatureTaps):
             return None, features
         handles = []
 
-        def tap(index: int):
+        def tap(name: str):
             def hook(module: nn.Module, args, output) -> None:
-                # A down block returns (hidden, res_samples[, skip]); res_samples holds one entry per
-                # resnet/attention layer, then the downsampled map: take the last full-resolution one.
-                features[wanted[index]] = output[1][len(module.resnets) - 1].to(torch.float32)
+                features[wanted[name]] = self._tap_output(name, module, output).to(torch.float32)
                 if return_features == "only" and len(features) == len(wanted):
                     raise _StopForward
             return hook
@@ -229,10 +201,10 @@ class DiffusersDenoiser(FeatureTaps):
         # Features with a gradient to the input (R1): use attention that can be differentiated twice.
         twice = bool(wanted) and torch.is_grad_enabled() and x.requires_grad
         try:
-            for index in wanted:
-                handles.append(self.unet.down_blocks[index].register_forward_hook(tap(index)))
+            for name in wanted:
+                handles.append(self.unet.get_submodule(name).register_forward_hook(tap(name)))
             with _twice_differentiable_attention() if twice else contextlib.nullcontext():
-                out = self.unet(x_t, t, class_labels=labels, return_dict=False)[0]
+                out = self._call(x_t, t, cond)
         except _StopForward:
             out = None
         finally:
@@ -251,10 +223,63 @@ class DiffusersDenoiser(FeatureTaps):
             D_x = out
         return (D_x, features) if return_features else D_x
 
-    def features(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> dict[int, Tensor]:
+    def features(self, x: Tensor, sigma: Tensor | float, cond=None) -> dict[int, Tensor]:
         """The discriminator's features alone, as ``forward(..., return_features=True)[1]``, running the
-        UNet only up to the last wanted down block (no mid or up blocks)."""
-        return self.forward(x, sigma, class_labels, return_features="only")[1]
+        UNet only up to the last wanted block (none of the decoder)."""
+        return self.forward(x, sigma, cond, return_features="only")[1]
+
+
+class DiffusersDenoiser(VPUNetDenoiser):
+    """A pixel-space diffusers ``UNet2DModel`` (DDPM, e.g. google/ddpm-cifar10-32) as a denoiser.
+
+    Class-conditional UNets (``num_class_embeds``, an ``nn.Embedding``) take one-hot labels
+    (B, label_dim); class i is embedding index i. They have no null label, so an all-zero label (and
+    hence classifier-free guidance) raises.
+
+    Discriminator features: for each resolution in ``feature_resolutions`` (default: all encoder
+    resolutions), the output of the last resnet/attention layer of the down block at that resolution
+    (before its downsampler), as ``networks.edm`` taps the last encoder block per resolution.
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon",
+                 sigma_data: float | None = None) -> None:
+        cfg = unet.config
+        if cfg.get("time_embedding_type", "positional") not in ("positional", "learned"):
+            raise NotImplementedError(f"time_embedding_type {cfg['time_embedding_type']!r} is not supported "
+                                      "(only DDPM-style positional or learned timestep embeddings)")
+        if unet.class_embedding is not None and not isinstance(unet.class_embedding, nn.Embedding):
+            raise NotImplementedError(f"class_embed_type {cfg.get('class_embed_type')!r} is not supported "
+                                      "(only num_class_embeds, an nn.Embedding of class indices)")
+        super().__init__(unet, alphas_cumprod, prediction_type, sigma_data)
+        self.label_dim = int(unet.class_embedding.num_embeddings) if unet.class_embedding is not None else 0
+        # Encoder resolutions: down block i works at sample_size / 2^i (every block but the last downsamples).
+        channels = list(cfg["block_out_channels"])
+        self._taps = {self.img_resolution >> i: f"down_blocks.{i}" for i in range(len(unet.down_blocks))}
+        self._tap_channels = {self.img_resolution >> i: int(channels[i]) for i in range(len(unet.down_blocks))}
+        self._init_taps()
+
+    @classmethod
+    def from_configs(cls, unet_config: dict, scheduler_config: dict | None = None,
+                     sigma_data: float | None = None) -> DiffusersDenoiser:
+        """A randomly initialised denoiser of the given architecture and schedule (weights to be loaded)."""
+        unet = _diffusers().UNet2DModel.from_config(unet_config)
+        sched = scheduler_config or DEFAULT_SCHEDULER
+        return cls(unet, alphas_cumprod(sched), sched.get("prediction_type", "epsilon"), sigma_data)
+
+    def _class_index(self, class_labels: Tensor | None) -> Tensor | None:
+        if self.label_dim == 0:
+            return None
+        if class_labels is None:
+            raise ValueError("this diffusers UNet is class-conditional: pass one-hot class_labels (it has no null "
+                             "label, so unconditional evaluation and classifier-free guidance are unavailable)")
+        class_labels = class_labels.reshape(-1, self.label_dim)
+        if (class_labels == 0).all(dim=1).any():
+            raise ValueError("an all-zero (null) class label cannot be expressed: this diffusers UNet has no "
+                             "unconditional class embedding (use guidance 1)")
+        return class_labels.argmax(dim=1)
+
+    def _call(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        return self.unet(x_t, t, class_labels=self._class_index(cond), return_dict=False)[0]
 
 
 # -- loading ------------------------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""What a denoiser is conditioned on besides x and sigma: one-hot class labels (a plain tensor) or text
+embeddings (``TextCondition``), sliced and moved like one tensor so the trainer treats both alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TextCondition:
+    """Text conditioning of a latent text-to-image UNet, batch first.
+
+    ``embeds``: the text encoder's token embeddings (B, 77, D): CLIP-L's last hidden state for Stable
+    Diffusion v1.5 (D = 768); for SDXL the penultimate hidden states of both encoders concatenated
+    (D = 768 + 1280). SDXL also takes ``pooled``, the second encoder's projected embedding (B, 1280), and
+    ``time_ids`` (B, 6): original size, crop corner and target size.
+    """
+
+    embeds: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def _map(self, fn) -> TextCondition:
+        return TextCondition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                                for f in fields(self)})
+
+    def __getitem__(self, index) -> TextCondition:
+        return self._map(lambda t: t[index])
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def to(self, *args, **kwargs) -> TextCondition:
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors by name (for latent shards and checkpoints)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def cat(cls, parts: list[TextCondition]) -> TextCondition:
+        first = parts[0]
+        return cls(**{f.name: None if getattr(first, f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
+                      for f in fields(cls)})
+
