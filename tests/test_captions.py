@@ -184,6 +184,18 @@ def test_tar_sample_without_image(tmp_path):
         assert len(open_captions(shard, 8)) == 2
 
 
+def test_truncated_tar_keeps_the_samples_before_the_cut(tmp_path):
+    shard = write_tar(tmp_path / "x.tar", tiny_samples())
+    data = shard.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.warns(CaptionDataWarning, match=r"cut\.tar: .*truncated tar"):  # the cut, a cut-off sample
+        ds = open_captions(cut, 8)
+    assert 0 < len(ds) < 5 and all(ds[i][1] == CAPTIONS[i] for i in range(len(ds)))
+    with pytest.raises(ValueError, match=r"cut\.tar: truncated tar"):
+        open_captions(cut, 8, on_error="raise")
+
+
 def test_brace_patterns(data):
     assert expand_braces("d/shard-{000000..000002}.tar") == [f"d/shard-00000{i}.tar" for i in range(3)]
     assert expand_braces("{8..11}") == ["8", "9", "10", "11"]
@@ -235,6 +247,8 @@ def test_caption_sampler_reproducible_resumable_and_parts(data):
     full = CaptionSampler(ds, seed=5)(5)
     parts = [CaptionSampler(ds, seed=5, threads=2)(5, part=slice(r * 2, r * 2 + 2)) for r in range(3)]
     assert torch.equal(torch.cat([p[0] for p in parts]), full[0]) and sum((p[1] for p in parts), []) == full[1]
+    assert sum((CaptionSampler(ds, seed=5).sample_prompts(5, slice(r, r + 1)) for r in range(5)), []) == \
+        CaptionSampler(ds, seed=5).sample_prompts(5)
     # Prompts from a prompts file; a prompts file cannot give images.
     p = PromptSampler(prompts, seed=1)
     assert p.sample_prompts(4) == PromptSampler(open_captions(prompts), seed=1).sample_prompts(4)
@@ -247,7 +261,7 @@ def test_caption_sampler_reproducible_resumable_and_parts(data):
 def latent_sample(i):
     g = torch.Generator().manual_seed(i)
     return (f"src.tar:{i:04d}", torch.randn(4, 3, 3, generator=g),
-            {"prompt_embeds": torch.randn(7, 5, generator=g).half(), "time_ids": torch.full((6,), float(i))},
+            {"embeds": torch.randn(7, 5, generator=g).half(), "time_ids": torch.full((6,), float(i))},
             f"caption {i}")
 
 
@@ -260,16 +274,16 @@ def test_latent_shards_round_trip(tmp_path):
     assert [(e["file"], e["samples"], e["source"]) for e in index["shards"]] == [
         ("shard-000000.safetensors", 3, "src.tar"), ("shard-000001.safetensors", 3, "src.tar"),
         ("shard-000002.safetensors", 1, "src.tar")]
-    assert index["tensors"]["prompt_embeds"] == {"shape": [7, 5], "dtype": "float16"}
+    assert index["tensors"]["embeds"] == {"shape": [7, 5], "dtype": "float16"}
     ds = LatentShards(tmp_path / "lat")
-    assert len(ds) == 7 and ds.cond_names == ["prompt_embeds", "time_ids"]
+    assert len(ds) == 7 and ds.cond_names == ["embeds", "time_ids"]
     for i in range(7):
         key, lat, cond, caption = latent_sample(i)
         got = ds[i]
         assert torch.equal(got[0], lat) and got[2] == caption and ds.key(i) == key
         assert got[1].keys() == cond.keys() and all(torch.equal(got[1][n], cond[n]) for n in cond)
     latents, cond, captions = ds.batch([6, 0, 1, 2, 0, -1])
-    assert latents.shape == (6, 4, 3, 3) and cond["prompt_embeds"].dtype == torch.float16
+    assert latents.shape == (6, 4, 3, 3) and cond["embeds"].dtype == torch.float16
     assert captions == ["caption 6", "caption 0", "caption 1", "caption 2", "caption 0", "caption 6"]
     assert cond["time_ids"][:, 0].tolist() == [6, 0, 1, 2, 0, 6]
     ds.verify()
@@ -297,8 +311,8 @@ def test_latent_writer_resumes_after_kill(tmp_path):
     ds = LatentShards(folder)
     assert [ds.key(i) for i in range(len(ds))] == [latent_sample(i)[0] for i in range(8)]
     assert torch.equal(ds[4][0], latent_sample(4)[1])
-    with pytest.raises(ValueError, match=r"prompt_embeds float32 \(7, 5\).*expected.*float16"):
-        LatentShardWriter(folder).add("new", torch.zeros(4, 3, 3), {"prompt_embeds": torch.zeros(7, 5),
+    with pytest.raises(ValueError, match=r"embeds float32 \(7, 5\).*expected.*float16"):
+        LatentShardWriter(folder).add("new", torch.zeros(4, 3, 3), {"embeds": torch.zeros(7, 5),
                                                                   "time_ids": torch.zeros(6)}, "x")
 
 
@@ -342,7 +356,7 @@ def test_latent_sampler(tmp_path):
     ds = LatentShards(tmp_path / "lat", cache_size=1)
     a, b = LatentSampler(ds, seed=2), LatentSampler(tmp_path / "lat", seed=2)
     lat, cond = a(6)
-    assert lat.dtype == torch.float32 and lat.shape == (6, 4, 3, 3) and cond["prompt_embeds"].dtype == torch.float32
+    assert lat.dtype == torch.float32 and lat.shape == (6, 4, 3, 3) and cond["embeds"].dtype == torch.float32
     lat_b, cond_b = b(6)
     assert torch.equal(lat, lat_b) and all(torch.equal(cond[n], cond_b[n]) for n in cond)
     for i, t in enumerate(cond["time_ids"][:, 0].long().tolist()):  # latents and conditions of the same sample
@@ -352,9 +366,12 @@ def test_latent_sampler(tmp_path):
     c = LatentSampler(ds, seed=7, dtype=None)
     c.load_state_dict(state)
     got = c(3), c.sample_cond(2), c.sample_prompts(2)
-    assert torch.equal(got[0][0], want[0][0]) and got[0][1]["prompt_embeds"].dtype == torch.float16
+    assert torch.equal(got[0][0], want[0][0]) and got[0][1]["embeds"].dtype == torch.float16
     assert torch.equal(got[1]["time_ids"], want[1]["time_ids"]) and got[2] == want[2]
     full = LatentSampler(ds, seed=4)(5)
     parts = [LatentSampler(ds, seed=4)(5, part=slice(r * 2, r * 2 + 2)) for r in range(3)]
     assert torch.equal(torch.cat([p[0] for p in parts]), full[0])
     assert torch.equal(torch.cat([p[1]["time_ids"] for p in parts]), full[1]["time_ids"])
+    full = LatentSampler(ds, seed=4).sample_cond(5)["time_ids"]
+    assert torch.equal(torch.cat([LatentSampler(ds, seed=4).sample_cond(5, slice(r, r + 1))["time_ids"]
+                                  for r in range(5)]), full)

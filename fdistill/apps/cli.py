@@ -153,6 +153,10 @@ def _distill(args: argparse.Namespace) -> None:
         main = distributed.rank() == 0
         d = images.make_distiller(cfg, teacher, device=device)
         resume = _resume_point(out) if record else None
+        if args.init_from and not resume:
+            d.init_from(args.init_from)
+            if main:
+                print(f"initialized generator, fake score and discriminator from {args.init_from}")
         if main:
             if args.overwrite:
                 run.clear(out)
@@ -197,24 +201,53 @@ def tensorboard_writer(log_dir: Path):
 
 
 # -- sampling and evaluation --------------------------------------------------------------------------------
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        from fdistill.data.captions import open_captions
+
+        data = open_captions(args.prompts)
+        prompts += [data.caption(i) for i in range(len(data))]
+    return prompts
+
+
 def _sample(args: argparse.Namespace) -> None:
-    from fdistill.apps import images
+    from fdistill.apps import images, t2i
     from fdistill.device import pick_device
     from fdistill.teachers.loading import load_network
+    from fdistill.training import checkpoint
 
     if bool(args.checkpoint) == bool(args.teacher):
         raise ValueError("give exactly one of --checkpoint (a one-step generator: a distill run folder or one of its "
                          "checkpoints) or --teacher (multi-step sampling)")
+    device = pick_device(args.device)
+    prompts = _prompts(args)
+    text_to_image = args.checkpoint and checkpoint.read_meta(args.checkpoint)["info"].get("precond") == \
+        "stable_diffusion"
+    if prompts and not text_to_image:
+        raise ValueError("--prompt/--prompts apply to text-to-image checkpoints (a Stable Diffusion teacher's run)")
     if args.checkpoint:
         ignored = [f"--{name}" for name in ("steps", "guidance") if getattr(args, name) is not None]
         if ignored:
             raise ValueError(f"{' and '.join(ignored)} apply to --teacher sampling; a one-step generator "
                              "(--checkpoint) samples in one network call, unguided")
-        net, sigma_gen, info = images.load_generator(args.checkpoint)
-        kwargs, steps, guidance = info["network"], 1, 1.0
         given = Path(args.checkpoint)  # a run folder, or run/checkpoints/<iteration>
         run_dir = given if (given / "checkpoints").is_dir() else given.parent.parent
         out = Path(args.out) if args.out else run_dir / "samples"
+    if text_to_image:
+        if not prompts:
+            raise ValueError("a text-to-image generator needs --prompt TEXT (repeatable) or --prompts FILE")
+        t0 = time.perf_counter()
+        generator, sigma_gen, sd = t2i.load_generator(args.checkpoint, device)
+        x = t2i.generate_images(generator, sigma_gen, sd, prompts, args.seed, progress=not args.no_progress)
+        paths = t2i.write_pngs(x, prompts, out, args.seed)
+        grid = images.write_grid(x, 0, out / "grid.png", args.grid_size)
+        print(f"wrote {len(paths)} PNGs, prompts.txt and {grid.name} in {out}: one generator call and one VAE "
+              f"decode each, {time.perf_counter() - t0:.1f} s")
+        return
+    if args.checkpoint:
+        net, sigma_gen, info = images.load_generator(args.checkpoint)
+        kwargs, steps, guidance = info["network"], 1, 1.0
     else:
         net, _, kwargs = load_network(args.teacher)
         sigma_gen, steps, guidance = None, args.steps or 18, args.guidance or 1.0
@@ -222,13 +255,36 @@ def _sample(args: argparse.Namespace) -> None:
     shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
     t0 = time.perf_counter()
     x, labels = images.generate(net, args.num, shape, kwargs.get("label_dim", 0), sigma_gen, steps, guidance,
-                                batch_size=args.batch, seed=args.seed, device=pick_device(args.device),
-                                progress=not args.no_progress)
+                                batch_size=args.batch, seed=args.seed, device=device, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     npz, grid = images.write_samples(out, x, labels, args.grid_size)
     nfe = 1 if sigma_gen is not None else 2 * steps - 1
     print(f"wrote {npz} and {grid}: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
           f"({1000 * seconds / args.num:.1f} s per 1000). Next: fdistill evaluate {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from fdistill.apps import t2i
+    from fdistill.teachers.stable_diffusion import export_pipeline
+    from fdistill.training import checkpoint
+
+    info = checkpoint.read_meta(args.checkpoint)["info"]
+    if info.get("precond") != "stable_diffusion":
+        raise ValueError(f"{args.checkpoint} is not a text-to-image run: --diffusers exports Stable Diffusion students")
+    generator, _, _ = t2i.load_generator(args.checkpoint)
+    out = export_pipeline(generator, info["network"]["folder"], args.diffusers)
+    family = "StableDiffusionXLPipeline" if info["network"]["family"] == "sdxl" else "StableDiffusionPipeline"
+    print(f"wrote {out}: {family}.from_pretrained('{out}')(prompt, num_inference_steps=1, guidance_scale=0) "
+          "gives fdistill sample's image for the same seed")
+
+
+def _prepare_latents(args: argparse.Namespace) -> None:
+    from fdistill.apps import t2i
+    from fdistill.device import pick_device
+
+    out = t2i.prepare_latents(args.teacher, args.data, args.out, args.resolution, args.batch, args.shard_size,
+                              pick_device(args.device), args.on_bad_data, progress=not args.no_progress)
+    print(f"wrote {out}; train from it with `fdistill distill --teacher {args.teacher} data={out} ...`")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -310,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", help="a train-teacher run folder or its teacher.safetensors, an NVlabs/edm .pkl "
                    "snapshot, or a diffusers model folder (with --resume: the run's own teacher)")
     run_folder(s, "runs/distill")
+    s.add_argument("--init-from", metavar="RUN", help="warm start: the generator, fake score and discriminator of "
+                   "another run (e.g. a reverse-KL run before switching divergence); not with --resume")
     s.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     runtime(s, "distill.seed")
 
@@ -325,8 +383,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, default=256, help="samples per network call")
     m.add_argument("--out", default=None,
                    help="output folder (default: <run folder>/samples, or runs/samples for --teacher)")
-    m.add_argument("--seed", type=int, default=0, help="seed of the latents")
+    m.add_argument("--seed", type=int, default=0, help="seed of the latents (text-to-image: prompt i uses seed + i)")
+    m.add_argument("--prompt", action="append", metavar="TEXT", help="text-to-image: a prompt; repeatable")
+    m.add_argument("--prompts", metavar="FILE", help="text-to-image: a file of prompts, one per line")
     runtime(m, None)
+
+    x = command("export", "write a text-to-image student as a diffusers pipeline folder (one-step sampling)",
+                _export)
+    x.add_argument("--checkpoint", required=True, help="a text-to-image distill run folder or one of its checkpoints")
+    x.add_argument("--diffusers", required=True, metavar="OUT", help="the new pipeline folder")
+
+    pl = command("prepare-latents", "encode captioned images once into latent shards (VAE latents, text "
+                 "embeddings) for text-to-image training", _prepare_latents)
+    pl.add_argument("--teacher", required=True, help="the Stable Diffusion (XL) folder whose VAE and text encoders "
+                    "encode the data")
+    pl.add_argument("--data", required=True, help="WebDataset .tar shards (a folder, a file or shard-{000..009}.tar) "
+                    "or a folder of images with same-named .txt captions")
+    pl.add_argument("--out", required=True, help="the latent-shards folder; an interrupted run continues there")
+    pl.add_argument("--resolution", type=int, default=None, help="pixels (default: the teacher's)")
+    pl.add_argument("--batch", type=int, default=16, help="images per encoder call")
+    pl.add_argument("--shard-size", type=int, default=1024, help="samples per shard")
+    pl.add_argument("--on-bad-data", choices=("skip", "error"), default="skip",
+                    help="a corrupt image or a missing caption: skip it with a warning, or stop")
+    runtime(pl, None)
 
     e = command("evaluate", "FID / precision / recall (and class accuracy) of samples", _evaluate)
     e.add_argument("samples", help="a `fdistill sample` folder or its samples.npz; also .npy arrays and ADM's "

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fdistill import config
+from fdistill.apps import t2i
+from fdistill.apps.t2i import TextConfig
 from fdistill.config import from_dict
 from fdistill.core.diffusion import edm_sampler, one_step
 from fdistill.data.datasets import ImageDataset, load_dataset, to_uint8
@@ -26,6 +28,7 @@ from fdistill.data.writers import save_image_grid
 from fdistill.networks.heads import Discriminator
 from fdistill.teachers.guidance import GuidedDenoiser
 from fdistill.teachers.loading import TEACHER_FILE, build_network, load_network, save_network
+from fdistill.teachers.stable_diffusion import is_pipeline_folder
 from fdistill.training import checkpoint
 from fdistill.training.distiller import DistillConfig, Distiller
 from fdistill.training.loop import training_loop
@@ -41,6 +44,7 @@ class ImageConfig:
     disc_hidden: int = 64
     guidance: float = 1.0  # CFG scale of the distilled teacher (Table 5)
     sampler_steps: int = 18  # EDM Heun: 18 steps = 35 network evaluations
+    text: TextConfig = field(default_factory=TextConfig)  # text-to-image (a Stable Diffusion teacher)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ImageConfig:
@@ -88,7 +92,10 @@ def check_batch(data: ImageDataset, batch_size: int) -> None:
 def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDataset | None = None,
                    device: str | torch.device = "cpu") -> Distiller:
     """Alg. 1 for images: generator and fake score are copies of the teacher (generator evaluated once
-    at sigma_max on sigma_max z); the discriminator is conv heads on the teacher's encoder features."""
+    at sigma_max on sigma_max z); the discriminator is conv heads on the teacher's encoder features.
+    A Stable Diffusion (XL) folder as the teacher is text-to-image (``t2i.make_distiller``)."""
+    if is_pipeline_folder(teacher_path):
+        return t2i.make_distiller(cfg, teacher_path, device)
     data = data if data is not None else load_dataset(cfg.data)
     check_batch(data, cfg.distill.batch_size)
     net, precond, kwargs = load_network(teacher_path)

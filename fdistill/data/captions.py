@@ -158,6 +158,21 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def _nonzero_after(path: str, offset: int, end: int) -> bool:
+    """Whether file ``path`` has a nonzero byte in [offset, end): after a tar's last member comes only the
+    zero-filled end-of-archive blocks and padding."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while offset < end:
+            block = f.read(min(1 << 20, end - offset))
+            if not block:
+                return False
+            if block.count(0) != len(block):
+                return True
+            offset += len(block)
+    return False
+
+
 def _is_hidden(rel: str) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
 
@@ -308,16 +323,24 @@ class TarCaptions(CaptionDataset):
     def _index_shard(self, shard: str) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
         """(key, (image offset, image size, caption offset, caption size)) of each good sample of ``shard``."""
         members: dict[str, dict[str, tuple[int, int]]] = {}
+        end = os.path.getsize(shard)
         try:
             with tarfile.open(shard, "r:") as tf:  # iterating reads the headers and seeks over the data
-                for m in tf:
-                    split = _split_name(m.name) if m.isfile() else None
-                    if split is not None:
-                        members.setdefault(split[0], {})[split[1]] = (m.offset_data, m.size)
+                try:
+                    for m in tf:
+                        split = _split_name(m.name) if m.isfile() else None
+                        if split is not None:
+                            members.setdefault(split[0], {})[split[1]] = (m.offset_data, m.size)
+                except tarfile.ReadError as e:  # after some members: the file is cut short
+                    if not members:
+                        raise
+                    self._problem(f"{shard}: truncated tar ({e}): the samples after byte {tf.offset}")
+                else:
+                    if _nonzero_after(shard, tf.offset, end):  # tarfile stops silently at a bad header
+                        self._problem(f"{shard}: corrupt tar header at byte {tf.offset}: the samples after it")
         except tarfile.TarError as e:
             raise ValueError(f"{shard} is not a readable tar file ({e}); expected an uncompressed WebDataset "
                              "shard") from e
-        end = os.path.getsize(shard)
         for key, exts in members.items():
             image = next((e for e in IMAGE_EXTS if e in exts), None)
             text = exts.get(CAPTION_EXT)
@@ -474,9 +497,10 @@ class PromptSampler:
     def _draw(self, size: int, n: int) -> list[int]:
         return torch.randint(size, (n,), generator=self.generator).tolist()
 
-    def sample_prompts(self, n: int) -> list[str]:
-        """n captions drawn uniformly with replacement."""
-        return [self.prompts.caption(i) for i in self._draw(len(self.prompts), n)]
+    def sample_prompts(self, n: int, part: slice = slice(None)) -> list[str]:
+        """Captions for the generator: n drawn uniformly with replacement, those at positions ``part`` returned
+        (data-parallel ranks draw the same n and keep their own part)."""
+        return [self.prompts.caption(i) for i in self._draw(len(self.prompts), n)[part]]
 
     def _sizes(self) -> list[int]:
         return [len(self.prompts)]

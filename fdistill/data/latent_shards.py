@@ -429,14 +429,15 @@ class LatentSampler:
         latents, cond, _ = self.shards.batch(self._draw(n)[part])
         return self._to(latents), {name: self._to(t) for name, t in cond.items()}
 
-    def sample_cond(self, n: int) -> dict[str, Tensor]:
-        """Condition tensors of n samples drawn uniformly with replacement (for the generator), latents unread."""
-        out, _ = self.shards.read(self._draw(n), self.shards.cond_names)
+    def sample_cond(self, n: int, part: slice = slice(None)) -> dict[str, Tensor]:
+        """Condition tensors for the generator (latents not read): n samples drawn uniformly with replacement,
+        those at positions ``part`` returned."""
+        out, _ = self.shards.read(self._draw(n)[part], self.shards.cond_names)
         return {name: self._to(t) for name, t in out.items()}
 
-    def sample_prompts(self, n: int) -> list[str]:
-        """Captions of n samples drawn uniformly with replacement."""
-        return [self.shards.caption(i) for i in self._draw(n)]
+    def sample_prompts(self, n: int, part: slice = slice(None)) -> list[str]:
+        """Captions: n samples drawn uniformly with replacement, those at positions ``part`` returned."""
+        return [self.shards.caption(i) for i in self._draw(n)[part]]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state(), "sizes": torch.tensor([len(self.shards)])}

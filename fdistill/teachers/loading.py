@@ -24,8 +24,13 @@ def build_network(precond: str, kwargs: dict) -> nn.Module:
         from fdistill.teachers.diffusers_unet import build_diffusers_network
 
         return build_diffusers_network(kwargs)
+    if precond == "stable_diffusion":
+        from fdistill.teachers.stable_diffusion import LatentUNetDenoiser
+
+        return LatentUNetDenoiser.from_configs(kwargs)
     if precond not in edm.PRECONDS:
-        raise ValueError(f"unknown preconditioning {precond!r}; expected one of {(*edm.PRECONDS, 'diffusers')}")
+        raise ValueError(f"unknown preconditioning {precond!r}; expected one of "
+                         f"{(*edm.PRECONDS, 'diffusers', 'stable_diffusion')}")
     return getattr(edm, precond)(**kwargs)
 
 

@@ -51,6 +51,8 @@ class DistillConfig:
     weight_decay: float = 0.01
     grad_clip: float | None = 10.0  # generator gradient-norm clip (FastGen)
     r1_gamma: float = 1.0  # Table 5
+    r1_form: str = "exact"  # E||grad_x D||^2 (a double backward), or "approx": FastGen's ||D(x) - D(x + 0.1 n)||^2
+    h_warmup: int = 0  # first iterations with h = 1 (reverse-KL) while the head learns r (Sec. 5.1's warm-up)
     logit_clip: float = 10.0
     r_min: float = 0.1  # Alg. 1 line 6
     r_max: float = 20.0
@@ -89,6 +91,10 @@ class DistillConfig:
             raise ValueError(f"tau must be >= 2 (one student step per tau iterations, the rest critic), got {self.tau}")
         if self.fdistill_weight < 0 or self.gan_weight < 0:
             raise ValueError("fdistill_weight and gan_weight must be non-negative")
+        if self.r1_form not in ("exact", "approx"):
+            raise ValueError(f"r1_form must be 'exact' or 'approx', got {self.r1_form!r}")
+        if self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ValueError("keep_checkpoints and log_every must be at least 1")
         if self.fdistill_weight == 0 and self.gan_weight == 0:
             raise ValueError("fdistill_weight and gan_weight are both 0: the generator would get no gradient")
         divergences.check(self.divergence)  # fail early on an unknown divergence
@@ -102,6 +108,9 @@ class DistillConfig:
                 lr = stage_lr
         critic = self.lr_critic if self.lr_critic is not None else self.lr
         return lr, critic * lr / self.lr
+
+
+R1_NOISE = 0.1  # the approximate R1's perturbation of the real input (FastGen's gan_r1_reg_alpha)
 
 
 class Distiller:
@@ -245,8 +254,8 @@ class Distiller:
                 x0_teacher = x0_teacher.detach().float()
                 with torch.no_grad(), self.autocast():
                     x0_fake = self.fake_score(x_t.detach(), s, c).float()
-                w = fdistill_weights(logits, s, self.divergence.h, self.ratio_norm,  # lines 6-9
-                                     cfg.logit_clip, cfg.r_min, cfg.r_max)
+                h = self.divergence.h if self.iteration >= cfg.h_warmup else torch.ones_like
+                w = fdistill_weights(logits, s, h, self.ratio_norm, cfg.logit_clip, cfg.r_min, cfg.r_max)  # 6-9
                 loss_fd, _ = fdistill_loss(x, x0_teacher, x0_fake, w.h_bar)  # line 10, Eq. (4)
                 loss = loss + cfg.fdistill_weight * loss_fd
                 logs["loss_fdistill"] = loss_fd.detach()
@@ -273,6 +282,8 @@ class Distiller:
         x_real, cond_real = self.real_data(n, self.local)  # only this rank's part is gathered
         x_real, cond_real = x_real.to(self.device), None if cond_real is None else cond_real.to(self.device)
         sigma_real, eps_real = self._sigma(), self._randn()  # real data gets its own sigma and noise
+        approx_r1 = cfg.r1_gamma > 0 and cfg.r1_form == "approx"
+        eps_r1 = self._randn() if approx_r1 else None
         sigma_data = float(getattr(self.fake_score, "sigma_data", 0.5))
         self.opt_fake.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
@@ -289,16 +300,21 @@ class Distiller:
                 if cfg.fdistill_weight > 0:  # line 14; the adversarial-only ablation needs no fake score
                     loss_fake = denoising_loss(self.fake_score, x, s, c, sigma_data, cfg.fake_score_weighting,
                                                noise=eps_dsm[sl])
-                x_real_t = (x_real[sl] + append_dims(sr, x.ndim) * eps_real[sl]).requires_grad_(cfg.r1_gamma > 0)
-                with torch.set_grad_enabled(cfg.r1_gamma > 0):
+                exact_r1 = cfg.r1_gamma > 0 and not approx_r1
+                x_real_t = (x_real[sl] + append_dims(sr, x.ndim) * eps_real[sl]).requires_grad_(exact_r1)
+                with torch.set_grad_enabled(exact_r1):
                     feats_real = self.teacher.features(x_real_t, sr, cr)
                 logits_fake = self.discriminator(feats_fake).float()
                 logits_real = self.discriminator(feats_real).float()
+                if approx_r1:
+                    with torch.no_grad():
+                        feats_near = self.teacher.features(x_real_t + R1_NOISE * eps_r1[sl], sr, cr)
+                    logits_near = self.discriminator(feats_near).float()
             loss_d = gan_discriminator_loss(logits_real, logits_fake)  # line 15
             logs = {"loss_fake_score": loss_fake.detach(), "loss_gan_d": loss_d.detach(),
                     "logit_real": logits_real.detach().mean(), "logit_fake": logits_fake.detach().mean()}
             if cfg.r1_gamma > 0:
-                r1 = r1_penalty(logits_real, x_real_t)
+                r1 = (logits_real - logits_near).square().mean() if approx_r1 else r1_penalty(logits_real, x_real_t)
                 loss_d = loss_d + 0.5 * cfg.r1_gamma * r1
                 logs["r1"] = r1.detach()
             ((loss_fake + loss_d) / len(self.passes)).backward()
@@ -343,6 +359,17 @@ class Distiller:
             checkpoint.save(path, self.modules(), self.optimizers(), meta)
         distributed.barrier()
         return path if self.rank == 0 else None
+
+    def init_from(self, path: str | Path) -> None:
+        """Warm start (Sec. 5.1): the generator (and its EMA), fake score and discriminator of another run's
+        checkpoint, e.g. a reverse-KL (DMD2) run before switching divergence; optimizers start afresh."""
+        for name in ("generator", "generator_ema", "fake_score", "discriminator"):
+            try:
+                self.modules()[name].load_state_dict(checkpoint.load_weights(path, name), strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"--init-from {path}: its {name} does not fit this run's: "
+                                 f"{' '.join(str(e).split())[:300]}") from None
+        distributed.barrier()
 
     def load(self, path: str | Path) -> None:
         """Resume from ``save``, on any number of ranks: the run continues with the same weights,
