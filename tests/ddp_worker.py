@@ -1,8 +1,9 @@
 """One rank of a data-parallel toy run, for tests/test_distributed.py.
 
-``python -m torch.distributed.run --standalone --nproc_per_node=N tests/ddp_worker.py OUT BATCH MICRO ITERS DIV``
+``python -m torch.distributed.run --standalone --nproc_per_node=N tests/ddp_worker.py OUT BATCH MICRO ITERS DIV [FSDP]``
 (or plain ``python tests/ddp_worker.py ...`` for one process) runs Alg. 1 on the 2-D mixture with the
-analytic teacher and writes each rank's generator to OUT/rank<r>.safetensors.
+analytic teacher and writes each rank's generator to OUT/rank<r>.safetensors (with FSDP=1 the networks are
+sharded and rank 0 writes the gathered generator).
 """
 
 import copy
@@ -23,11 +24,11 @@ from fdistill.training.loop import training_loop
 MIX = GaussianMixture([[2.0, -1.0], [-1.5, 1.0]], [0.4, 0.4], [0.7, 0.3])
 
 
-def build(batch: int, micro: int | None, iterations: int, divergence: str) -> Distiller:
+def build(batch: int, micro: int | None, iterations: int, divergence: str, fsdp: bool = False) -> Distiller:
     torch.manual_seed(0)
     net = MLPDenoiser(2, hidden=32, depth=2, sigma_data=MIX.data_std())
     cfg = DistillConfig(divergence=divergence, iterations=iterations, batch_size=batch, micro_batch=micro, lr=1e-3,
-                        tau=3, sigmas=SigmaSampler(sigma_max=20.0), log_every=1, gan_weight=0.1)
+                        tau=3, sigmas=SigmaSampler(sigma_max=20.0), log_every=1, gan_weight=0.1, fsdp=fsdp)
     real = torch.Generator().manual_seed(1)
     return Distiller(cfg, MIX, copy.deepcopy(net), copy.deepcopy(net), Discriminator.mlp(MIX.feature_channels(), 16),
                      real_data=lambda n, part: (MIX.sample(n, generator=real)[part], None), sample_shape=(2,))
@@ -35,9 +36,11 @@ def build(batch: int, micro: int | None, iterations: int, divergence: str) -> Di
 
 if __name__ == "__main__":
     out, batch, micro, iterations, divergence = sys.argv[1:6]
+    fsdp = len(sys.argv) > 6 and sys.argv[6] == "1"
     distributed.init_from_env("cpu")
-    d = build(int(batch), int(micro) or None, int(iterations), divergence)
+    d = build(int(batch), int(micro) or None, int(iterations), divergence, fsdp)
     training_loop(d, run_dir=Path(out) / "run", progress=False)
-    save_file({k: v.contiguous() for k, v in d.generator.state_dict().items()},
-              Path(out) / f"rank{d.rank}.safetensors")
+    state = distributed.module_state(d.generator)  # gathered to rank 0 when sharded
+    if state:
+        save_file({k: v.contiguous() for k, v in state.items()}, Path(out) / f"rank{d.rank}.safetensors")
     distributed.shutdown()

@@ -45,6 +45,23 @@ def test_two_ranks_hold_identical_weights_and_match_one_process(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "000000009" / "model.safetensors").is_file()  # by rank 0
 
 
+def test_fsdp_on_two_gloo_ranks_matches_one_process_and_resumes(tmp_path):
+    """FSDP2 (fully_shard) on CPU with gloo: 2 sharded ranks end where 1 process ends; the checkpoint holds
+    the gathered weights and optimizer states, and a plain process resumes from it."""
+    torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path), "32", "0", "9", "js", "1", logs=tmp_path / "logs")
+    assert not (tmp_path / "rank1.safetensors").exists()  # rank 1 holds only its shards
+    single = build(32, None, 9, "js")
+    training_loop(single, progress=False)
+    assert close(single.generator.state_dict(), load_file(tmp_path / "rank0.safetensors"))
+    resumed = build(32, None, 12, "js", fsdp=True)  # one process: nothing to shard, the same run
+    resumed.load(tmp_path / "run")
+    assert resumed.iteration == 9
+    training_loop(resumed, progress=False)
+    single.cfg.iterations = 12
+    training_loop(single, progress=False)
+    assert close(single.generator.state_dict(), resumed.generator.state_dict())
+
+
 def test_gradient_accumulation_matches_the_full_batch():
     """Micro-batches of 8 (4 passes) give the full batch's update. With reverse-KL h = 1, so the
     per-pass normalization statistics play no part and the two must agree to rounding."""

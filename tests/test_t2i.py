@@ -145,7 +145,7 @@ def test_init_from_a_reverse_kl_run(pipes, captioned, tmp_path):
         for a, b in zip(js.modules()[name].state_dict().values(), rkl.modules()[name].state_dict().values()):
             assert torch.equal(a, b)
     other = distiller(pipes["sd15"], captioned, "disc_hidden=16")
-    with pytest.raises(ValueError, match="its discriminator does not fit"):
+    with pytest.raises(ValueError, match="does not fit this run.s discriminator"):
         other.init_from(tmp_path / "rkl")
 
 
@@ -195,3 +195,30 @@ def test_bad_captioned_data_is_named_and_skipped_or_fatal(pipes, tmp_path, capsy
     assert sum(s["samples"] for s in index["shards"]) == 3  # 0, 1, 3
     assert cli.main(["sample", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "nothing is there" in capsys.readouterr().err
+
+
+TABLE5 = {  # the paper's COYO-700M (SD1.5) and COYO-700M-Aesthetic-6.5 (SDXL) columns
+    "sd15": dict(batch_size=1024, tau=10, gan_weight=1e-3, iterations=60000, lr=1e-5, weight_decay=1e-2,
+                 r1_gamma=1.0, divergence="js"),
+    "sdxl": dict(batch_size=384, tau=5, gan_weight=5e-3, iterations=25000, lr=5e-7, weight_decay=1e-2,
+                 r1_gamma=1.0, divergence="js"),
+}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_presets_carry_table5_and_run(pipes, captioned, family, tmp_path):
+    from fdistill.config import to_dict
+
+    cfg = images.load_config(family)
+    got = to_dict(cfg.distill)
+    assert {k: got[k] for k in TABLE5[family]} == TABLE5[family]
+    assert cfg.guidance == {"sd15": 1.75, "sdxl": 8}[family] and cfg.distill.sigmas.schedule == "scaled_linear"
+    tiny = [f"data={captioned}", "disc_resolutions=[4]", "disc_hidden=8", "distill.batch_size=4",
+            "distill.micro_batch=2", "distill.iterations=3", "distill.log_every=1", "distill.tau=2"]
+    d = images.make_distiller(images.load_config(family, tiny), pipes[family])
+    assert d.generator_ema is d.generator  # no EMA for text-to-image, as FastGen and DMD2
+    history = training_loop(d, run_dir=tmp_path, progress=False)
+    assert all(np.isfinite(v) for h in history for v in h.values() if isinstance(v, float))
+    assert "generator_ema" not in checkpoint.read(tmp_path).weights
+    generator, sigma_gen, sd = t2i.load_generator(tmp_path)  # falls back to the generator
+    assert t2i.generate_images(generator, sigma_gen, sd, ["a dog"]).shape == (1, 3, 16, 16)

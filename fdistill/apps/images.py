@@ -141,7 +141,7 @@ def load_generator(checkpoint_dir: str | Path, ema: bool = True) -> tuple[nn.Mod
     meta = checkpoint.read_meta(checkpoint_dir)
     info, cfg = meta["info"], from_dict(DistillConfig, meta["config"])
     net = build_network(info["precond"], info["network"])
-    net.load_state_dict(checkpoint.load_weights(checkpoint_dir, "generator_ema" if ema else "generator"))
+    net.load_state_dict(checkpoint.load_weights(checkpoint_dir, "generator_ema" if ema else "generator", "generator"))
     return net.eval().requires_grad_(False), cfg.generator_sigma or cfg.sigmas.largest, info
 
 

@@ -143,7 +143,7 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu",
     generator = copy.deepcopy(sd.denoiser)
     if info.get("lora_rank"):
         add_lora(generator, info["lora_rank"])
-    generator.load_state_dict(checkpoint.load_weights(run, "generator_ema" if ema else "generator"))
+    generator.load_state_dict(checkpoint.load_weights(run, "generator_ema" if ema else "generator", "generator"))
     if info.get("lora_rank"):  # fold the adapters into the weights: a plain UNet again
         generator.unet.fuse_lora()
         generator.unet.unload_lora()

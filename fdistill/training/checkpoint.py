@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,9 @@ def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
 
 
 def _int_keys(state: dict) -> dict:
-    """JSON turned optimizer state indices into strings; torch wants them back as ints."""
-    return {int(k): v for k, v in state.items()}
+    """JSON turned optimizer state indices into strings; torch wants them back as ints (a sharded run's
+    optimizer states are keyed by parameter name and stay so)."""
+    return {int(k) if k.isdigit() else k: v for k, v in state.items()}
 
 
 def rng_state() -> dict[str, Tensor | list[Tensor]]:
@@ -77,8 +79,13 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-         meta: dict[str, Any]) -> Path:
+def _state(obj) -> dict:
+    """A module's or optimizer's state dict, or a state dict given as such (e.g. gathered from shards)."""
+    return obj if isinstance(obj, dict) else obj.state_dict()
+
+
+def save(path: str | Path, modules: dict[str, torch.nn.Module | dict],
+         optimizers: dict[str, torch.optim.Optimizer | dict], meta: dict[str, Any]) -> Path:
     """Write ``model.safetensors`` (module weights), ``state.safetensors`` + ``state.json`` (optimizers, RNG,
     ``meta``: JSON values and tensors, and the size and sha256 of both safetensors files) into folder ``path``.
 
@@ -92,11 +99,11 @@ def save(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict
     tmp.mkdir()
     try:
         weights = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
-                   for name, m in modules.items() for k, v in m.state_dict().items()}
+                   for name, m in modules.items() for k, v in _state(m).items()}
         save_file(weights, tmp / "model.safetensors")
         tensors: dict[str, Tensor] = {}
         state = {
-            "optimizers": {n: _flatten(f"optim.{n}", o.state_dict(), tensors) for n, o in optimizers.items()},
+            "optimizers": {n: _flatten(f"optim.{n}", _state(o), tensors) for n, o in optimizers.items()},
             "rng": _flatten("rng", rng_state(), tensors),
             "meta": _flatten("meta", meta, tensors),
         }
@@ -203,40 +210,68 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return _unflatten(state["meta"], load_file(path / "state.safetensors"))
 
 
-def load(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-         restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint written by ``save`` into existing modules/optimizers (strict), after verifying the
-    checksums of its files; returns ``meta``."""
+@dataclass
+class Contents:
+    """A checkpoint read back: weights by module, optimizer states by name, the RNG state and ``meta``."""
+
+    path: Path
+    weights: dict[str, dict[str, Tensor]]
+    optimizers: dict[str, dict]
+    rng: dict
+    meta: dict[str, Any]
+
+
+def read(path: str | Path) -> Contents:
+    """Read a checkpoint written by ``save`` (a checkpoint folder, or a run folder: its newest), after
+    verifying the sizes and checksums of its files."""
     path = resolve(path)
     state = _read_state(path)
     _verify(path, state)
     weights = load_file(path / "model.safetensors")
-    for name, m in modules.items():
-        try:
-            m.load_state_dict(_module_weights(weights, name), strict=True)
-        except RuntimeError as e:
-            detail = " ".join(str(e).split())[:300]
-            raise ValueError(f"checkpoint {path} does not fit this run's {name}: {detail}") from None
+    names = {k.split(".")[0] for k in weights}
     tensors = load_file(path / "state.safetensors")
+    optimizers = {}
+    for name, flat in state["optimizers"].items():
+        optimizers[name] = _unflatten(flat, tensors)
+        optimizers[name]["state"] = _int_keys(optimizers[name]["state"])
+    return Contents(path, {n: _module_weights(weights, n) for n in names}, optimizers,
+                    _unflatten(state["rng"], tensors), _unflatten(state["meta"], tensors))
+
+
+def load_module(contents: Contents, name: str, module: torch.nn.Module, load=None) -> None:
+    """Module ``name``'s weights into ``module`` (strict; ``load(module, state_dict)`` instead of
+    ``module.load_state_dict`` when given), with an error naming what does not fit."""
+    try:
+        (load or (lambda m, sd: m.load_state_dict(sd, strict=True)))(module, contents.weights.get(name, {}))
+    except (RuntimeError, KeyError, ValueError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"checkpoint {contents.path} does not fit this run's {name}: {detail}") from None
+
+
+def load(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+         restore_rng: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by ``save`` into existing modules/optimizers (strict), after verifying the
+    checksums of its files; returns ``meta``."""
+    contents = read(path)
+    for name, m in modules.items():
+        load_module(contents, name, m)
     for name, opt in optimizers.items():
-        sd = _unflatten(state["optimizers"][name], tensors)
-        sd["state"] = _int_keys(sd["state"])
-        opt.load_state_dict(sd)
+        opt.load_state_dict(contents.optimizers[name])
     if restore_rng:
-        set_rng_state(_unflatten(state["rng"], tensors))
-    return _unflatten(state["meta"], tensors)
+        set_rng_state(contents.rng)
+    return contents.meta
 
 
-def load_weights(path: str | Path, name: str) -> dict[str, Tensor]:
-    """The state dict of one module (e.g. ``generator_ema``) from a checkpoint (a run folder, a checkpoint
-    folder, whose checksums are verified, or its model.safetensors)."""
+def load_weights(path: str | Path, name: str, fallback: str | None = None) -> dict[str, Tensor]:
+    """The state dict of one module (e.g. ``generator_ema``, else ``fallback`` when the checkpoint has none)
+    from a checkpoint (a run folder, a checkpoint folder, whose checksums are verified, or its model.safetensors)."""
     path = Path(path)
     if path.is_dir() or not path.exists():
         path = resolve(path)
         _verify(path, _read_state(path))
         path = path / "model.safetensors"
     weights = load_file(path)
-    sub = _module_weights(weights, name)
+    sub = _module_weights(weights, name) or (_module_weights(weights, fallback) if fallback else {})
     if not sub:
         names = sorted({k.split(".")[0] for k in weights})
         raise KeyError(f"{path} holds no module {name!r}; it holds {names}")

@@ -62,7 +62,7 @@ class DistillConfig:
     fake_score_weighting: str = "edm"  # or "none" (FastGen's plain MSE)
     sigmas: SigmaSampler = field(default_factory=SigmaSampler)
     generator_sigma: float | None = None  # sigma the generator is evaluated at; None = the schedule's largest
-    ema_beta: float = 0.999  # EMA of the generator
+    ema_beta: float | None = 0.999  # EMA of the generator; None: no EMA (FastGen and DMD2 for text-to-image)
     seed: int = 0
     log_every: int = 10  # iterations between log lines (the last iteration is always logged)
     checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end (with a run folder)
@@ -78,6 +78,7 @@ class DistillConfig:
     tf32: bool = True  # TF32 matmuls and convolutions on CUDA (fp32 precision)
     channels_last: bool = False  # NHWC memory format for image networks
     compile: bool = False  # torch.compile the networks (in place, so checkpoint names do not change)
+    fsdp: bool = False  # under torchrun: shard teacher, generator (and EMA) and fake score over the ranks (FSDP2)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -163,7 +164,12 @@ class Distiller:
             distributed.broadcast_state(m)
         if self.world > 1:  # dropout masks differ between ranks
             torch.manual_seed(cfg.seed + 1 + self.rank)
-        self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        self.generator_ema = self.generator if cfg.ema_beta is None else \
+            copy.deepcopy(self.generator).eval().requires_grad_(False)
+        self.sharded = cfg.fsdp and self.world > 1
+        if self.sharded:  # weights, gradients and optimizer states split over the ranks
+            for m in dict.fromkeys((self.teacher, self.generator, self.generator_ema, self.fake_score)):
+                distributed.shard(m)
         self.ratio_norm = RatioNormalizer(self.sigmas.support, cfg.ratio_bins, cfg.ratio_binning, cfg.ratio_ema)
         self.ratio_norm.to(self.device)
         self._set_performance_flags()
@@ -261,15 +267,19 @@ class Distiller:
                 logs["loss_fdistill"] = loss_fd.detach()
                 score_diff = score_from_denoiser(x0_teacher, x_t, s) - score_from_denoiser(x0_fake, x_t, s)
                 logs.update(ratio_stats(w, score_diff))
-            # The loss is a mean over the pass; weight it to a mean over this rank's batch.
-            (loss / len(self.passes)).backward(inputs=self.gen_params)  # not into the head or teacher
+            # The loss is a mean over the pass; weight it to a mean over this rank's batch. Only into the
+            # generator (not the head; the teacher is frozen); sharded parameters are reached by FSDP's hooks.
+            (loss / len(self.passes)).backward(inputs=None if self.sharded else self.gen_params)
             parts.append(logs)
-        distributed.average_gradients(self.gen_params)
+        if not self.sharded:  # FSDP averaged the sharded gradients in backward
+            distributed.average_gradients(self.gen_params)
         logs = merge_logs(parts)
         if cfg.grad_clip:
-            logs["grad_norm_g"] = torch.nn.utils.clip_grad_norm_(self.gen_params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.gen_params, cfg.grad_clip)
+            logs["grad_norm_g"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor if sharded
         self.opt_g.step()  # line 12
-        ema_update(self.generator_ema, self.generator, cfg.ema_beta)
+        if cfg.ema_beta is not None:
+            ema_update(self.generator_ema, self.generator, cfg.ema_beta)
         self.ratio_norm.commit()  # the ratio EMA moves once per optimizer step
         return logs
 
@@ -319,7 +329,8 @@ class Distiller:
                 logs["r1"] = r1.detach()
             ((loss_fake + loss_d) / len(self.passes)).backward()
             parts.append(logs)
-        distributed.average_gradients([*self.fake_score.parameters(), *self.discriminator.parameters()])
+        distributed.average_gradients([*([] if self.sharded else self.fake_score.parameters()),
+                                        *self.discriminator.parameters()])
         self.opt_fake.step()
         self.opt_d.step()
         return merge_logs(parts)
@@ -339,42 +350,55 @@ class Distiller:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "generator_ema": self.generator_ema, "fake_score": self.fake_score,
+        ema = {"generator_ema": self.generator_ema} if self.generator_ema is not self.generator else {}
+        return {"generator": self.generator, **ema, "fake_score": self.fake_score,
                 "discriminator": self.discriminator, "ratio_norm": self.ratio_norm}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g, "fake_score": self.opt_fake, "discriminator": self.opt_d}
 
+    def _optimized(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        return {name: (self.modules()[name], opt) for name, opt in self.optimizers().items()}
+
     def save(self, path: str | Path) -> Path | None:
         """Weights (safetensors), optimizer and RNG state, iteration and config: enough for exact resume.
-        Written by rank 0 only (the ranks hold the same weights; this is checked first)."""
+        Written by rank 0 only (the ranks hold the same weights, checked first; sharded networks are
+        gathered to rank 0)."""
         if not all(distributed.same_on_all_ranks(m) for m in self.modules().values()):
             raise RuntimeError("data-parallel ranks hold different weights; refusing to checkpoint")
         path = Path(path)
+        weights = {name: distributed.module_state(m) for name, m in self.modules().items()}
+        optimizers = {name: distributed.optimizer_state(m, opt) for name, (m, opt) in self._optimized().items()}
         if self.rank == 0:
             meta = {"iteration": self.iteration, "config": to_dict(self.cfg), "info": self.info,
                     "sample_rng": self.rng.get_state()}
             if hasattr(self.real_data, "state_dict"):  # a data sampler with its own random stream
                 meta["data_state"] = self.real_data.state_dict()
-            checkpoint.save(path, self.modules(), self.optimizers(), meta)
+            checkpoint.save(path, weights, optimizers, meta)
         distributed.barrier()
         return path if self.rank == 0 else None
 
     def init_from(self, path: str | Path) -> None:
         """Warm start (Sec. 5.1): the generator (and its EMA), fake score and discriminator of another run's
         checkpoint, e.g. a reverse-KL (DMD2) run before switching divergence; optimizers start afresh."""
+        contents = checkpoint.read(path)
         for name in ("generator", "generator_ema", "fake_score", "discriminator"):
-            try:
-                self.modules()[name].load_state_dict(checkpoint.load_weights(path, name), strict=True)
-            except RuntimeError as e:
-                raise ValueError(f"--init-from {path}: its {name} does not fit this run's: "
-                                 f"{' '.join(str(e).split())[:300]}") from None
+            if name in self.modules():
+                source = name if name in contents.weights else "generator"  # a run without EMA
+                checkpoint.load_module(contents, source, self.modules()[name], distributed.load_module_state)
         distributed.barrier()
 
     def load(self, path: str | Path) -> None:
         """Resume from ``save``, on any number of ranks: the run continues with the same weights,
         moments and random streams (rank 0's dropout stream; other ranks reseed theirs)."""
-        meta = checkpoint.load(path, self.modules(), self.optimizers(), restore_rng=self.rank == 0)
+        contents = checkpoint.read(path)
+        for name, m in self.modules().items():
+            checkpoint.load_module(contents, name, m, distributed.load_module_state)
+        for name, (m, opt) in self._optimized().items():
+            distributed.load_optimizer_state(m, opt, contents.optimizers[name])
+        if self.rank == 0:
+            checkpoint.set_rng_state(contents.rng)
+        meta = contents.meta
         saved = from_dict(DistillConfig, meta["config"])
         if saved.divergence != self.cfg.divergence:
             raise ValueError(f"checkpoint {path} was trained with divergence {saved.divergence!r}, "

@@ -1,5 +1,6 @@
-"""Data parallelism on torch.distributed: process-group setup from torchrun's environment, and the
-two collectives Alg. 1 needs beyond the batch statistics of ``core.objective`` (gradients, start weights).
+"""Data parallelism on torch.distributed: process-group setup from torchrun's environment, the two
+collectives Alg. 1 needs beyond the batch statistics of ``core.objective`` (gradients, start weights),
+and sharding (FSDP2, ``fully_shard``) for networks that do not fit replicated.
 
 We average gradients ourselves instead of wrapping modules in DistributedDataParallel: the student
 step runs the discriminator forward but back-propagates only into the generator
@@ -103,8 +104,9 @@ def broadcast_state(module: nn.Module, src: int = 0) -> None:
 
 
 def same_on_all_ranks(module: nn.Module) -> bool:
-    """Whether every rank holds the same weights: compares a float64 checksum of each tensor."""
-    if world_size() == 1:
+    """Whether every rank holds the same weights: compares a float64 checksum of each tensor (a sharded
+    module holds different shards by design and passes)."""
+    if world_size() == 1 or is_sharded(module):
         return True
     tensors = [*module.parameters(), *module.buffers()]
     if not tensors:
@@ -113,3 +115,79 @@ def same_on_all_ranks(module: nn.Module) -> bool:
     gathered = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(gathered, local)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+# -- sharded data parallel (FSDP2) -----------------------------------------------------------------------------
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    """The units a network is sharded by: a diffusers UNet's down/mid/up blocks, an EDM UNet's encoder and
+    decoder blocks, else the network's direct children."""
+    inner = getattr(module, "net", module)  # a guided teacher
+    unet = getattr(inner, "unet", None)
+    if unet is not None:
+        return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    model = getattr(inner, "model", None)
+    if model is not None and hasattr(model, "enc"):
+        return [*model.enc.values(), *model.dec.values()]
+    return list(inner.children())
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """Shard ``module``'s parameters over the ranks (PyTorch FSDP2, ``fully_shard``: each block, then the
+    whole): weights, gradients and optimizer states take 1/N of the memory; gradients are averaged by the
+    reduce-scatter in backward."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(module):
+        if any(True for _ in block.parameters()):
+            fully_shard(block)
+    fully_shard(module)
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _full():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def module_state(module: nn.Module) -> dict[str, Tensor]:
+    """The full state dict (gathered on rank 0 for a sharded module: a collective, every rank calls it)."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_full())
+
+
+def load_module_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    if not is_sharded(module):
+        module.load_state_dict(state, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, state, options=_full())
+
+
+def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    if not is_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_full())
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimizer state saved by ``optimizer_state``: torch's own (keyed by parameter index) or, from
+    a sharded run, keyed by parameter name (which loads into sharded and plain modules alike)."""
+    if all(isinstance(k, int) for k in state["state"]) and not is_sharded(module):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=_full())

@@ -89,9 +89,11 @@ class FiniteGuard:
                 it, name = min(bad)
                 raise FloatingPointError(f"training diverged: {name} is not finite at iteration {it}; "
                                          "try a lower lr or gan_weight")
-        for name, module in modules.items():
-            tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
-            if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        for name, module in modules.items():  # a sharded module: each rank checks its shards, all agree
+            tensors = [t.to_local() if hasattr(t, "to_local") else t for t in module.state_dict().values()]
+            tensors = [t for t in tensors if t.is_floating_point()]
+            local = bool(tensors) and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+            if distributed.any_rank(local, tensors[0].device if tensors else "cpu"):
                 raise FloatingPointError(f"training diverged: the weights of {name} are not finite")
 
 
