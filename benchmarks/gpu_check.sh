@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 4): on one H100, student/critic step time, images/s, peak memory,
-# achieved TFLOP/s and 1-NFE vs 35-NFE sampling latency for the CIFAR-10 DDPM++ architecture at
-# batch 256, in fp32 (TF32 matmuls), bf16 autocast, and bf16 with channels_last; then the real
-# training loop (cifar10 preset, batch 256) in bf16 with and without torch.compile. Random weights;
-# at most 8 minutes.
+# The prepared GPU check: on one GPU, student/critic step time, images/s, peak memory, achieved
+# TFLOP/s and 1-NFE vs 35-NFE sampling latency for the CIFAR-10 DDPM++ architecture at batch 256, in
+# fp32 (TF32 matmuls), bf16 autocast, and bf16 with channels_last; the real training loop (cifar10
+# preset, batch 256) in bf16 with and without torch.compile; then Stable Diffusion v1.5 at 512 px
+# (random weights of the real architecture): the student and critic steps at batch 8 in bf16 with
+# gradient checkpointing, and one-step vs teacher sampling latency (Table 4). At most 10 minutes.
+# The SD part needs diffusers, transformers and ftfy: carry their wheels (pip download them here,
+# `pip install --no-deps` them there) if the GPU machine lacks them.
 # Usage (from the repository root, torch with CUDA installed): bash benchmarks/gpu_check.sh
 # Needs torch, numpy, safetensors, pyyaml, tqdm, scipy; fdistill is used from this checkout.
 set -euo pipefail
@@ -22,3 +25,5 @@ for flags in "distill.precision=bf16" "distill.precision=bf16 distill.compile=tr
     echo "=== training loop, cifar10 preset, batch 256: $flags"
     timeout 60 $PY benchmarks/gpu_smoke.py "$tmp" distill.batch_size=256 $flags || echo "(failed or timed out)"
 done
+echo "=== Stable Diffusion v1.5, 512 px, batch 8, bf16, gradient checkpointing"
+timeout 150 $PY benchmarks/gpu_sd15.py "$tmp" --batch 8 || echo "(failed or timed out)"

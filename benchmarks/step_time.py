@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                 # CPU, batch 8, fp32
     python benchmarks/step_time.py --device cuda --batch 256 --bf16
+    python benchmarks/step_time.py --model sd15    # Stable Diffusion v1.5 / sdxl: benchmarks/sd_cost.py's passes
 
 Measures, as medians over --steps steps after --warmup steps:
   - the student step (generator update) and the critic step (fake score + discriminator, R1 as in
@@ -20,8 +21,11 @@ from __future__ import annotations
 import argparse
 import copy
 import resource
+import runpy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.utils.flop_counter
@@ -57,7 +61,11 @@ def timeit(fn, device: torch.device, warmup: int, steps: int) -> float:
 
 
 def main() -> None:
+    if "--model" in sys.argv and sys.argv[sys.argv.index("--model") + 1] in ("sd15", "sdxl"):
+        runpy.run_path(str(Path(__file__).with_name("sd_cost.py")), run_name="__main__")  # same argv
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["cifar10", "sd15", "sdxl"], default="cifar10")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

@@ -65,6 +65,12 @@ def _analyze(args: argparse.Namespace) -> None:
     print(analyze(args.out, args.custom))
 
 
+def _analyze_run(args: argparse.Namespace) -> None:
+    from fdistill.apps.analyze_run import analyze_run
+
+    print(analyze_run(args.run, args.out, args.num, args.sigma, seed=args.seed))
+
+
 def _presets(args: argparse.Namespace) -> None:
     from fdistill.config import PRESETS
 
@@ -263,6 +269,37 @@ def _sample(args: argparse.Namespace) -> None:
           f"({1000 * seconds / args.num:.1f} s per 1000). Next: fdistill evaluate {out}")
 
 
+def _evaluate_t2i(args: argparse.Namespace) -> None:
+    from fdistill.apps import evaluate_t2i, t2i
+    from fdistill.data.captions import open_captions
+    from fdistill.training import distributed
+
+    if (args.teacher_steps is None) != (args.guidance is None):
+        raise ValueError("--teacher-steps and --guidance go together: they select the teacher's comparison row")
+    device = distributed.init_from_env(args.device)
+    try:
+        scorers = evaluate_t2i.load_scorers(args.ref, args.inception, args.clip, args.clip_model, args.dino,
+                                            args.hps, device)  # every missing weights file fails here, first
+        if args.dino and args.group < 2:
+            raise ValueError("in-batch similarity needs several images per prompt: --group 4, say")
+        data = open_captions(args.prompts)
+        prompts = [data.caption(i) for i in range(min(len(data), args.num or len(data)))]
+        make = t2i.image_maker(args.checkpoint, device, args.teacher_steps, args.guidance or 1.0)
+        name = f"teacher ({2 * args.teacher_steps - 1} NFE, CFG {args.guidance})" if args.teacher_steps else \
+            "one-step student"
+        out = Path(args.out) if args.out else Path(args.checkpoint) / ("eval-teacher" if args.teacher_steps else "eval")
+        result = evaluate_t2i.evaluate(make, prompts, out, scorers, args.ref, args.group, args.seed, args.shard,
+                                       args.batch, progress=not args.no_progress)
+        if result is not None:
+            result["model"] = name
+            print(evaluate_t2i.format_table(result, name))
+            print(f"wrote {out}/metrics.json and the images in {out}/images/")
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+    finally:
+        distributed.shutdown()
+
+
 def _export(args: argparse.Namespace) -> None:
     from fdistill.apps import t2i
     from fdistill.teachers.stable_diffusion import export_pipeline
@@ -354,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("presets", "list the configuration presets shipped with fdistill", _presets)
 
+    ar = command("analyze-run", "Fig. 6 for a run: h_bar against the teacher-fake score difference of its samples",
+                 _analyze_run)
+    ar.add_argument("run", help="a run folder (distill, or one run of `fdistill demo`: runs/demo/js)")
+    ar.add_argument("--num", type=int, default=2048, help="generated samples")
+    ar.add_argument("--sigma", type=float, default=None, help="noise level of the figure (default: the median "
+                    "of the run's training noise levels); the report also covers five quantiles")
+    ar.add_argument("--out", default=None, help="output folder (default: <run>/analysis)")
+    ar.add_argument("--seed", type=int, default=0, help="seed of the samples and noise")
+    runtime(ar, None)
+
     t = command("train-teacher", "train an EDM teacher on images", _train_teacher)
     configured(t, DIGITS_PRESET)
     run_folder(t, "runs/teacher")
@@ -392,6 +439,31 @@ def build_parser() -> argparse.ArgumentParser:
                 _export)
     x.add_argument("--checkpoint", required=True, help="a text-to-image distill run folder or one of its checkpoints")
     x.add_argument("--diffusers", required=True, metavar="OUT", help="the new pipeline folder")
+
+    ev = command("evaluate-t2i", "text-to-image metrics of a run: FID, CLIP score, in-batch similarity, HPSv2",
+                 _evaluate_t2i, "Text-to-image metrics (Table 4, App. D) of a run's one-step student, or of its "
+                 "teacher with --teacher-steps/--guidance. Several GPUs: torchrun --nproc_per_node=N -m fdistill "
+                 "evaluate-t2i ...")
+    ev.add_argument("--checkpoint", required=True, help="a text-to-image distill run folder or one of its checkpoints")
+    ev.add_argument("--prompts", required=True, help="prompts, one per line (e.g. COCO-2014's 30K captions)")
+    ev.add_argument("--ref", help="FID reference: a folder of images (COCO val2014/, statistics cached), an .npz "
+                    "with mu/sigma, or 'digits' (digits-FID)")
+    ev.add_argument("--num", type=int, default=0, help="only the first NUM prompts (0: all)")
+    ev.add_argument("--group", type=int, default=1, help="images per prompt (in-batch similarity needs >= 2)")
+    ev.add_argument("--teacher-steps", type=int, default=None, help="score the teacher with this many Heun steps")
+    ev.add_argument("--guidance", type=float, default=None, help="the teacher's CFG scale (with --teacher-steps)")
+    ev.add_argument("--inception", metavar="PATH", help="Inception-v3 weights (as for evaluate)")
+    ev.add_argument("--clip", metavar="PATH", help="open_clip weights for the CLIP score (default: $FDISTILL_CLIP, "
+                    "else the cache folder); none given: no CLIP score")
+    ev.add_argument("--clip-model", default="ViT-g-14", help="open_clip architecture of --clip")
+    ev.add_argument("--dino", metavar="PATH", help="DINO ViT-B/8 weights for the in-batch similarity")
+    ev.add_argument("--hps", metavar="PATH", help="the HPSv2 checkpoint (HPS_v2_compressed.pt)")
+    ev.add_argument("--out", help="folder for images and metrics (default: <run>/eval or <run>/eval-teacher)")
+    ev.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    ev.add_argument("--shard", type=int, default=1000, help="images per PNG shard (the unit of resuming)")
+    ev.add_argument("--batch", type=int, default=32, help="images per network call")
+    ev.add_argument("--json", metavar="PATH", help="also write the metrics here")
+    runtime(ev, None)
 
     pl = command("prepare-latents", "encode captioned images once into latent shards (VAE latents, text "
                  "embeddings) for text-to-image training", _prepare_latents)

@@ -45,6 +45,7 @@ class ImageConfig:
     guidance: float = 1.0  # CFG scale of the distilled teacher (Table 5)
     sampler_steps: int = 18  # EDM Heun: 18 steps = 35 network evaluations
     text: TextConfig = field(default_factory=TextConfig)  # text-to-image (a Stable Diffusion teacher)
+    student_dropout: float | None = 0.0  # dropout of generator and fake score; None keeps the teacher's (FastGen: 0)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ImageConfig:
@@ -112,6 +113,9 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
     channels = net.feature_channels()
     generator = copy.deepcopy(net).train().requires_grad_(True)
     fake_score = copy.deepcopy(net).train().requires_grad_(True)
+    if cfg.student_dropout is not None:
+        for m in (generator, fake_score):
+            set_dropout(m, cfg.student_dropout)
     teacher = GuidedDenoiser(net, cfg.guidance) if cfg.guidance != 1.0 else net
     disc = Discriminator.conv({r: channels[r] for r in cfg.disc_resolutions}, cfg.disc_hidden)
     sampler = ImageSampler(data, seed=cfg.distill.seed)
@@ -120,6 +124,17 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
                   device=device)
     d.info = {"precond": precond, "network": kwargs, "data": cfg.data}
     return d
+
+
+def set_dropout(net: nn.Module, p: float) -> None:
+    """Every dropout of a network to probability p: EDM's UNet blocks hold it as a number, torch's as
+    ``nn.Dropout`` modules. The students train without dropout by default, as NVlabs/FastGen's networks:
+    dropout in the fake score's estimate of s_fake would only add noise to Eq. (4)."""
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = p
 
 
 def match_labels(data: ImageDataset, label_dim: int, teacher: str | Path) -> ImageDataset:

@@ -31,6 +31,7 @@ from fdistill.evaluation.metrics import mode_coverage, precision_recall
 from fdistill.networks.heads import Discriminator
 from fdistill.networks.mlp import MLPDenoiser
 from fdistill.teachers.gmm import GaussianMixture
+from fdistill.training import run as run_folder
 from fdistill.training.distiller import DistillConfig, Distiller
 from fdistill.training.loop import training_loop
 
@@ -79,6 +80,11 @@ def load_config(path: str | Path = PRESET, overrides: list[str] = ()) -> ToyConf
     """The lab's config: ``path`` read over the ``toy2d`` preset (so a file may hold only a mixture),
     then the ``key=value`` overrides."""
     return config.load(ToyConfig, path, overrides, base=None if Path(path) == PRESET else config.load_yaml(PRESET))
+
+
+def config_from_record(record: dict) -> ToyConfig:
+    """The config a demo run folder recorded (its config.yaml)."""
+    return config.from_dict(ToyConfig, record["config"])
 
 
 def build_mixture(cfg: ToyConfig) -> GaussianMixture:
@@ -147,11 +153,16 @@ def evaluate(samples: Tensor, mixture: GaussianMixture, reference: Tensor) -> di
             "logp": float(mixture.log_prob(samples).mean()), "share": cov["share"], "off_mode": cov["off_mode"]}
 
 
-def run_one(run: str, mixture, mlp, cfg: ToyConfig, seed: int, progress: bool = True):
-    """Distill one generator and evaluate its EMA samples. Returns (metrics, distiller, the samples scored)."""
+def run_one(run: str, mixture, mlp, cfg: ToyConfig, seed: int, progress: bool = True,
+            run_dir: Path | None = None):
+    """Distill one generator and evaluate its EMA samples. Returns (metrics, distiller, the samples scored).
+    With ``run_dir``, the run is written there (config.yaml, log.jsonl, checkpoint) for ``analyze-run``."""
     t0 = time.perf_counter()
     d = make_distiller(run, mixture, mlp, cfg, seed)
-    training_loop(d, progress=progress, desc=run)
+    if run_dir is not None:
+        run_folder.clear(run_dir)  # a demo always starts afresh
+        run_folder.write(run_dir, "demo", cfg, name=run)
+    training_loop(d, run_dir=run_dir, progress=progress, desc=run)
     seconds = time.perf_counter() - t0
     torch.manual_seed(10_000 + seed)
     samples, reference = d.sample(cfg.num_eval), mixture.sample(cfg.num_eval)
@@ -293,7 +304,8 @@ def plot_demo(path: Path, mixture: GaussianMixture, samples: dict[str, Tensor], 
 def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
     """Distill every run in cfg.runs and print the table. Writes to out_dir: demo.png, results.json,
     mixture.yaml (the teacher's means, stds and weights) and samples_<run>.npy (the cfg.num_eval one-step
-    samples each run was scored on), with reference.npy (as many samples of the mixture itself)."""
+    samples each run was scored on), with reference.npy (as many samples of the mixture itself), and each
+    run's folder <run>/ (config.yaml, log.jsonl, checkpoint: ``fdistill analyze-run out_dir/<run>``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -302,7 +314,8 @@ def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
     teacher_seconds = time.perf_counter() - t0
     rows, samples, distillers = {}, {}, {}
     for run in cfg.runs:
-        rows[run], distillers[run], samples[run] = run_one(run, mixture, mlp, cfg, cfg.seed, progress)
+        rows[run], distillers[run], samples[run] = run_one(run, mixture, mlp, cfg, cfg.seed, progress,
+                                                           out_dir / _filename(run))
         np.save(out_dir / f"samples_{_filename(run)}.npy", samples[run].numpy())
     reference = mixture.sample(cfg.num_eval, generator=torch.Generator().manual_seed(cfg.seed))
     np.save(out_dir / "reference.npy", reference.numpy())

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fdistill.core.diffusion import one_step
+from fdistill.core.diffusion import edm_sampler, one_step
 from fdistill.data.captions import CaptionSampler, open_captions
 from fdistill.data.conditions import TextCondition
 from fdistill.data.datasets import to_float, to_uint8
@@ -151,18 +151,46 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu",
     return generator.eval().requires_grad_(False).to(device), cfg.generator_sigma or cfg.sigmas.largest, sd.to(device)
 
 
+def _noise(shape: tuple[int, ...], seeds: list[int], device) -> Tensor:
+    """One latent per seed: ``torch.randn`` of ``shape`` from a CPU generator seeded with it, as a diffusers
+    pipeline draws the latents for ``generator=torch.Generator().manual_seed(seed)``."""
+    return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
 @torch.no_grad()
 def generate_images(generator: nn.Module, sigma_gen: float, sd: StableDiffusion, prompts: list[str],
-                    seed: int = 0, progress: bool = False) -> Tensor:
-    """One image per prompt, in [-1, 1] (CPU): prompt i's latent noise is ``torch.randn`` of the latent
-    shape from a CPU generator seeded ``seed + i`` (as ``diffusers`` pipelines draw it for that seed), one
-    generator call, then the VAE decoder."""
+                    seed: int = 0, progress: bool = False, batch_size: int = 16) -> Tensor:
+    """One image per prompt, in [-1, 1] (CPU): prompt i's noise from ``seed + i`` (``_noise``), one generator
+    call, then the VAE decoder."""
     device = next(generator.parameters()).device
     out = []
-    for i, prompt in enumerate(tqdm(prompts, desc="sampling", disable=not progress, leave=False)):
-        z = torch.randn(1, *sd.latent_shape, generator=torch.Generator().manual_seed(seed + i)).to(device)
-        out.append(sd.codec.decode(one_step(generator, z, sigma_gen, sd.text([prompt]))).cpu())
+    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
+        batch = prompts[i:i + batch_size]
+        z = _noise(sd.latent_shape, list(range(seed + i, seed + i + len(batch))), device)
+        out.append(sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(batch))).cpu())
     return torch.cat(out)
+
+
+def image_maker(run: str | Path, device, teacher_steps: int | None = None, guidance: float = 1.0):
+    """``make(prompts, seeds) -> images in [-1, 1]`` for a text-to-image run: its one-step student, or with
+    ``teacher_steps`` its teacher sampled by EDM's Heun sampler (2 steps - 1 evaluations, each guided)."""
+    if teacher_steps is None:
+        generator, sigma_gen, sd = load_generator(run, device)
+
+        def make(prompts: list[str], seeds: list[int]) -> Tensor:
+            z = _noise(sd.latent_shape, seeds, device)
+            return sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(prompts))).cpu()
+        return make
+    info = checkpoint.read_meta(run)["info"]
+    sd = load_stable_diffusion(info["network"]["folder"], info["network"]["resolution"]).to(device)
+    net = GuidedDenoiser(sd.denoiser, guidance) if guidance != 1.0 else sd.denoiser
+
+    def make(prompts: list[str], seeds: list[int]) -> Tensor:
+        z = _noise(sd.latent_shape, seeds, device)
+        latents = edm_sampler(net, z, sd.text(prompts), num_steps=teacher_steps, sigma_min=sd.denoiser.sigma_min,
+                              sigma_max=sd.denoiser.sigma_max)
+        return sd.codec.decode(latents).cpu()
+    return make
 
 
 def write_pngs(images: Tensor, prompts: list[str], out: str | Path, seed: int) -> list[Path]:

@@ -18,12 +18,14 @@ never drop labels themselves. Label dropout for classifier-free guidance belongs
 training mode, always see the labels they are given during distillation.
 
 As in EDM, parameters stay float32; with ``use_fp16`` (CUDA only, unless ``force_fp32``) the UNet runs
-in float16 by casting weights per layer, while the embedding path, attention softmax and the
-preconditioning stay float32. ``D_x`` and the returned features are always float32.
+in float16 by casting weights per layer, while the embedding path and the preconditioning stay float32
+(attention runs in PyTorch's fused kernel, which accumulates its softmax in float32). ``D_x`` and the
+returned features are always float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fdistill.core.diffusion import edm_preconditioning
+from fdistill.networks.attention import twice_differentiable
 from fdistill.networks.taps import FeatureTaps
 
 # -- layers ---------------------------------------------------------------------------------------
@@ -135,36 +138,6 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-class _AttentionWeights(torch.autograd.Function):
-    """softmax_k(q . k / sqrt(C)) over (N, C, Q) queries and (N, C, K) keys, computed in float32.
-
-    Inputs, output and saved tensors keep their own dtype (float16 under ``use_fp16``), so the
-    float32 copies live only inside forward/backward.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor) -> Tensor:
-        logits = torch.einsum("ncq,nck->nqk", q.float(), (k / math.sqrt(k.shape[1])).float())
-        w = logits.softmax(dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, w)
-        ctx.scale = 1 / math.sqrt(k.shape[1])
-        return w
-
-    @staticmethod
-    def backward(ctx, grad_w: Tensor) -> tuple[Tensor, Tensor]:
-        q, k, w = ctx.saved_tensors
-        w32, g32 = w.float(), grad_w.float()
-        grad_logits = w32 * (g32 - (g32 * w32).sum(dim=2, keepdim=True))
-        grad_q = torch.einsum("nck,nqk->ncq", k.float(), grad_logits).to(q.dtype) * ctx.scale
-        grad_k = torch.einsum("ncq,nqk->nck", q.float(), grad_logits).to(k.dtype) * ctx.scale
-        return grad_q, grad_k
-
-
-def attention_weights(q: Tensor, k: Tensor) -> Tensor:
-    """Attention weights (N, Q, K) for queries (N, C, Q) and keys (N, C, K), softmax in float32."""
-    return _AttentionWeights.apply(q, k)
-
-
 class UNetBlock(nn.Module):
     """Residual block (GroupNorm-SiLU-conv twice, noise embedding injected in between) with optional
     2x up/downsampling and self-attention: the superset of the DDPM++, NCSN++ and ADM blocks.
@@ -214,15 +187,18 @@ class UNetBlock(nn.Module):
             h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
             h = F.silu(self.norm1(h + params))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        if self.dropout and self.training:  # no mask work at all when there is no dropout
+            h = F.dropout(h, p=self.dropout)
+        h = self.conv1(h)
         h = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
         if not self.num_heads:
             return h
-        # Channels of qkv are laid out as (head, channel, {q, k, v}).
+        # Channels of qkv are laid out as (head, channel, {q, k, v}); attention over the H*W positions,
+        # softmax(q.k / sqrt(C)) v, by PyTorch's fused kernel (EDM spells it out with einsum).
         batch, channels = h.shape[:2]
         qkv = self.qkv(self.norm2(h)).reshape(batch * self.num_heads, channels // self.num_heads, 3, -1)
-        q, k, v = qkv.unbind(2)
-        attn = torch.einsum("nqk,nck->ncq", attention_weights(q, k), v)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (N * heads, H * W, C / heads)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         return (self.proj(attn.reshape(h.shape)) + h) * self.skip_scale
 
 
@@ -597,8 +573,10 @@ class _Precond(nn.Module):
         dtype = torch.float16 if use_half else torch.float32
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        out = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
-                         return_features=return_features, **model_kwargs)
+        twice = bool(return_features) and torch.is_grad_enabled() and x.requires_grad  # R1 differentiates twice
+        with twice_differentiable() if twice else contextlib.nullcontext():
+            out = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
+                             return_features=return_features, **model_kwargs)
         F_x, features = out if return_features else (out, None)
         if F_x is None:  # return_features == "only"
             return None, {r: f.to(torch.float32) for r, f in features.items()}

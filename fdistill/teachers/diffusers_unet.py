@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fdistill.networks.attention import twice_differentiable
 from fdistill.networks.taps import FeatureTaps
 
 INSTALL_HINT = "pip install 'fdistill[diffusers]'"
@@ -65,16 +66,6 @@ def alphas_cumprod(scheduler_config: dict | None) -> Tensor:
     finally:
         quiet.setLevel(level)
     return sched.alphas_cumprod.to(torch.float64).clamp(min=MIN_ALPHA_CUMPROD)
-
-
-def _twice_differentiable_attention():
-    """PyTorch's fused attention kernels (flash, memory-efficient) have no double backward, which R1
-    (grad of the discriminator's input gradient) needs; the math kernel has one."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _StopForward(Exception):
@@ -203,7 +194,7 @@ class VPUNetDenoiser(FeatureTaps):
         try:
             for name in wanted:
                 handles.append(self.unet.get_submodule(name).register_forward_hook(tap(name)))
-            with _twice_differentiable_attention() if twice else contextlib.nullcontext():
+            with twice_differentiable() if twice else contextlib.nullcontext():
                 out = self._call(x_t, t, cond)
         except _StopForward:
             out = None

@@ -9,8 +9,15 @@ from torch import nn
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    """Parameters move by lerp towards ``net``'s; buffers (e.g. fixed Fourier frequencies) are copied."""
-    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.lerp_(p, 1.0 - beta)
+    """Parameters move by lerp towards ``net``'s (one fused multi-tensor call); buffers (e.g. fixed
+    Fourier frequencies) are copied."""
+    ema_params, params = list(ema.parameters()), list(net.parameters())
+    if len(ema_params) != len(params):
+        raise ValueError("the EMA and its network have different parameters")
+    if params and not hasattr(params[0], "to_local"):  # plain tensors; sharded DTensors go one by one
+        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+    else:
+        for p_ema, p in zip(ema_params, params):
+            p_ema.lerp_(p, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
         b_ema.copy_(b)

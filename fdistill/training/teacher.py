@@ -1,5 +1,6 @@
-"""Training a teacher with the EDM loss (Karras et al. 2022, Eq. 2 with Table 1), with label dropout for
-classifier-free guidance; run by ``fdistill.training.loop.training_loop`` like the distiller."""
+"""Training a teacher with the EDM loss (Karras et al. 2022, Eq. 2 with Table 1), or DDPM's uniform-timestep
+loss for a VP teacher, with condition dropout for classifier-free guidance; run by
+``fdistill.training.loop.training_loop`` like the distiller."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.config import to_dict
-from fdistill.core.diffusion import edm_loss
+from fdistill.core.diffusion import denoising_loss, edm_loss
+from fdistill.data.conditions import TextCondition
 from fdistill.training import checkpoint
 from fdistill.training.ema import ema_update
 
@@ -28,7 +30,8 @@ class TeacherConfig:
     lr: float = 1e-3
     warmup: int = 200  # linear learning-rate warm-up, in iterations
     ema_beta: float = 0.999
-    label_dropout: float = 0.1  # probability of the null label, for CFG
+    label_dropout: float = 0.1  # probability of the null condition (label or prompt), for CFG
+    noise: str = "edm"  # sigma ~ EDM's log-normal (P_mean, P_std), or "timesteps": uniform over a VP teacher's own
     P_mean: float = -1.2
     P_std: float = 1.2
     seed: int = 0
@@ -37,13 +40,18 @@ class TeacherConfig:
     keep_checkpoints: int = 2  # the newest checkpoints kept in <run>/checkpoints/
 
 
-def drop_labels(labels: Tensor | None, p: float) -> Tensor | None:
-    """Classifier-free guidance training (Ho & Salimans 2022): each one-hot label becomes the null
-    (all-zero) label with probability p. The only place fdistill drops labels: networks never do."""
-    if labels is None or p == 0:
-        return labels
-    keep = (torch.rand(labels.shape[0], 1, device=labels.device) >= p).to(labels.dtype)
-    return labels * keep
+def drop_labels(cond, p: float, null=None):
+    """Classifier-free guidance training (Ho & Salimans 2022): each condition becomes the null one with
+    probability p: the all-zero one-hot label, or for text ``null(cond)`` (the network's null condition,
+    e.g. Stable Diffusion's empty prompt). The only place fdistill drops conditions: networks never do."""
+    if cond is None or p == 0:
+        return cond
+    keep = torch.rand(len(cond), 1, device=cond.embeds.device if isinstance(cond, TextCondition) else cond.device) >= p
+    if not isinstance(cond, TextCondition):
+        return cond * keep.to(cond.dtype)
+    nothing = null(cond).tensors()
+    return TextCondition(**{k: torch.where(keep.reshape(-1, *[1] * (v.ndim - 1)), v, nothing[k])
+                            for k, v in cond.tensors().items()})
 
 
 class TeacherTrainer:
@@ -52,6 +60,8 @@ class TeacherTrainer:
 
     def __init__(self, cfg: TeacherConfig, net: nn.Module, real_data: Callable[[int], tuple[Tensor, Tensor | None]],
                  device: str | torch.device = "cpu") -> None:
+        if cfg.noise not in ("edm", "timesteps"):
+            raise ValueError(f"teacher.noise must be 'edm' or 'timesteps', got {cfg.noise!r}")
         self.cfg, self.real_data, self.device = cfg, real_data, torch.device(device)
         self.net = net.to(self.device).train()
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
@@ -62,10 +72,16 @@ class TeacherTrainer:
 
     def step(self) -> dict:
         cfg = self.cfg
-        x, labels = self.real_data(cfg.batch_size)
+        x, cond = self.real_data(cfg.batch_size)
         x = x.to(self.device)
-        labels = drop_labels(None if labels is None else labels.to(self.device), cfg.label_dropout)
-        loss = edm_loss(self.net, x, labels, cfg.P_mean, cfg.P_std, self.sigma_data)
+        cond = drop_labels(None if cond is None else cond.to(self.device), cfg.label_dropout,
+                           getattr(self.net, "null_condition", None))
+        if cfg.noise == "edm":
+            loss = edm_loss(self.net, x, cond, cfg.P_mean, cfg.P_std, self.sigma_data)
+        else:  # DDPM's training: t uniform over the schedule; eps-MSE for an eps-prediction UNet (weight ~ 1/sigma^2)
+            grid = self.net.log_sigmas.exp()
+            sigma = grid[torch.randint(len(grid), (len(x),), device=grid.device)].to(x)
+            loss = denoising_loss(self.net, x, sigma, cond, self.sigma_data)
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (self.iteration + 1) / max(cfg.warmup, 1))
         self.opt.zero_grad(set_to_none=True)

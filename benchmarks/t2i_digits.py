@@ -1,0 +1,245 @@
+"""Text-to-image on a CPU, end to end: captioned digits ("a handwritten seven", a few phrasings per class),
+a tiny text-conditional latent teacher in diffusers format (UNet2DConditionModel, a small CLIP text encoder
+with the real CLIP BPE vocabulary, a tiny AutoencoderKL) trained by fdistill, then distilled through the
+Stable Diffusion path by reverse-KL (DMD2), JS, forward-KL and adversarial-only.
+
+    python benchmarks/t2i_digits.py                 # ~40 minutes on 2 cores; stages are cached in --out
+    python benchmarks/t2i_digits.py --runs js --distill-iterations 500
+
+Prints, for the teacher (Heun, 18 steps = 35 evaluations, each guided: 70 UNet calls) and each one-step
+student: digits-FID and precision/recall (decoded 16x16 images averaged to 8x8 gray, scored in the digits
+classifier's feature space against the 1,797 real digits), prompt accuracy (the classifier agrees with the
+prompted digit) and seconds per 1000 samples (UNet calls and VAE decoding). Writes grids and results.json.
+The text encoder is frozen at its random initialisation: it only has to tell ~50 distinct prompts apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fdistill.apps import images, t2i  # noqa: E402
+from fdistill.core.diffusion import edm_sampler, one_step  # noqa: E402
+from fdistill.data.datasets import load_dataset, to_float  # noqa: E402
+from fdistill.data.latent_shards import LatentSampler  # noqa: E402
+from fdistill.data.text import clip_tokenizer  # noqa: E402
+from fdistill.data.writers import save_image_grid  # noqa: E402
+from fdistill.evaluation.digits_classifier import load_digits_classifier  # noqa: E402
+from fdistill.evaluation.metrics import class_accuracy, evaluate_features  # noqa: E402
+from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
+from fdistill.teachers.stable_diffusion import load_stable_diffusion  # noqa: E402
+from fdistill.training.loop import training_loop  # noqa: E402
+from fdistill.training.teacher import TeacherConfig, TeacherTrainer  # noqa: E402
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PHRASES = ["a handwritten {w}", "the digit {d}", "a drawing of the number {w}", "{w}", "a {w} written by hand"]
+RUNS = "reverse_kl,js,forward_kl,adversarial"
+GUIDANCE = 2.0
+
+
+def prompt(digit: int, rng: np.random.Generator) -> str:
+    return PHRASES[rng.integers(len(PHRASES))].format(w=WORDS[digit], d=digit)
+
+
+def captioned_digits(folder: Path) -> Path:
+    """scikit-learn's digits as 16x16 RGB PNGs (each pixel repeated 2x2) with same-named .txt captions."""
+    if (folder / "done").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    data, rng = load_dataset("digits"), np.random.default_rng(0)
+    for i, (img, label) in enumerate(zip(data.images, data.labels)):
+        rgb = np.repeat(np.repeat(img[0], 2, 0), 2, 1)[..., None].repeat(3, 2)
+        Image.fromarray(rgb).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(prompt(int(label), rng))
+    (folder / "done").write_text("")
+    return folder
+
+
+def digits_rgb() -> torch.Tensor:
+    x = to_float(load_dataset("digits").images)
+    return F.interpolate(x, scale_factor=2, mode="nearest").repeat(1, 3, 1, 1)
+
+
+def train_vae(steps: int, seed: int = 0):
+    """A tiny AutoencoderKL (16x16x3 <-> 8x8x4): L1 + MSE reconstruction and a small KL term."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8, sample_size=16)
+    x_all, opt = digits_rgb(), torch.optim.Adam(vae.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = x_all[torch.randint(len(x_all), (64,))]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - x).abs().mean() + (rec - x).square().mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # scale latents to unit variance, as SD's scaling_factor does
+        std = vae.encode(x_all[:512]).latent_dist.mode().std().item()
+    vae.register_to_config(scaling_factor=1 / std)
+    return vae.eval(), loss.item()
+
+
+def save_pipeline(folder: Path, vae, unet=None, seed: int = 0) -> Path:
+    """The teacher in Stable Diffusion v1.5's folder layout (StableDiffusionPipeline.save_pretrained)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    if unet is None:
+        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=16)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
+                                        intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                                        vocab_size=49408, max_position_embeddings=77))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=clip_tokenizer(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def train_teacher(folder: Path, data: Path, iterations: int) -> None:
+    """fdistill's TeacherTrainer on the latent denoiser, from the latent shards ``data``: DDPM's
+    uniform-timestep loss, 10% empty prompts for classifier-free guidance."""
+    sd = load_stable_diffusion(folder)
+    cfg = TeacherConfig(iterations=iterations, batch_size=64, lr=5e-4, warmup=200, ema_beta=0.999,
+                        label_dropout=0.1, noise="timesteps", log_every=500)
+    sampler = LatentSampler(data, seed=0)
+    trainer = TeacherTrainer(cfg, sd.denoiser.train(), t2i.TextToImageData(sd, sampler, torch.device("cpu")))
+    training_loop(trainer, progress=False)
+    trainer.ema.unet.save_pretrained(folder / "unet")
+
+
+def to_digits(x: torch.Tensor) -> torch.Tensor:
+    """Decoded 16x16 RGB in [-1, 1] -> the classifier's 8x8 gray."""
+    return F.avg_pool2d(x.mean(1, keepdim=True), 2)
+
+
+@torch.no_grad()
+def score(x: torch.Tensor, digits: torch.Tensor, seconds: float) -> dict:
+    clf = load_digits_classifier(progress=False)
+    real = to_float(load_dataset("digits").images)
+    fake = to_digits(x)
+    out = evaluate_features(clf.features(real), clf.features(fake))
+    return {**out, "prompt_accuracy": class_accuracy(clf(fake), digits), "s_per_1000": 1000 * seconds / len(x)}
+
+
+def prompts_for(n: int, seed: int = 1) -> tuple[list[str], torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    digits = torch.arange(n) % 10
+    return [prompt(int(d), rng) for d in digits], digits
+
+
+@torch.no_grad()
+def sample_teacher(folder: Path, prompts: list[str], steps: int = 18) -> tuple[torch.Tensor, float]:
+    sd = load_stable_diffusion(folder)
+    net = GuidedDenoiser(sd.denoiser, GUIDANCE)
+    t0, out = time.perf_counter(), []
+    for i in range(0, len(prompts), 250):
+        batch = prompts[i:i + 250]
+        z = torch.randn(len(batch), *sd.latent_shape, generator=torch.Generator().manual_seed(i))
+        lat = edm_sampler(net, z, sd.text(batch), num_steps=steps, sigma_min=sd.denoiser.sigma_min,
+                          sigma_max=sd.denoiser.sigma_max)
+        out.append(sd.codec.decode(lat))
+    return torch.cat(out), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def sample_student(run: Path, prompts: list[str]) -> tuple[torch.Tensor, float]:
+    generator, sigma_gen, sd = t2i.load_generator(run)
+    t0, out = time.perf_counter(), []
+    for i in range(0, len(prompts), 250):
+        batch = prompts[i:i + 250]
+        z = torch.randn(len(batch), *sd.latent_shape, generator=torch.Generator().manual_seed(i))
+        out.append(sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(batch))))
+    return torch.cat(out), time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="distillation config overrides (key=value) for every student")
+    p.add_argument("--runs", default=RUNS)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--teacher-iterations", type=int, default=4000)
+    p.add_argument("--distill-iterations", type=int, default=1000)
+    p.add_argument("--num", type=int, default=2000, help="samples per model for the metrics")
+    p.add_argument("--out", default="runs/bench-t2i-digits")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    out, t_start = Path(args.out), time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - t_start:5.0f} s] {text}", flush=True)
+
+    data = captioned_digits(out / "data")
+    teacher, latents = out / "teacher", out / "latents"
+    if not (teacher / "trained").is_file():
+        vae, loss = train_vae(args.vae_steps)
+        say(f"VAE trained ({args.vae_steps} steps, final loss {loss:.4f})")
+        save_pipeline(teacher, vae)
+        shutil.rmtree(latents, ignore_errors=True)
+        t2i.prepare_latents(teacher, data, latents, batch_size=256, progress=False)  # the images, encoded once
+        train_teacher(teacher, latents, args.teacher_iterations)
+        (teacher / "trained").write_text("")
+        say(f"teacher trained ({args.teacher_iterations} iterations)")
+    prompts, digits = prompts_for(args.num)
+    rows = {}
+    real = digits_rgb()
+    sd = load_stable_diffusion(teacher)
+    with torch.no_grad():  # the floor any model in the VAE's latent space stands on
+        rows["real digits through the VAE"] = score(sd.codec.decode(sd.codec.encode(real)),
+                                                    torch.as_tensor(load_dataset("digits").labels), 0.0)
+    x, seconds = sample_teacher(teacher, prompts)
+    rows["teacher (35 NFE, CFG 2)"] = score(x, digits, seconds)
+    save_image_grid(to_digits(x[:100]), out / "teacher.png", nrow=10, scale=4, column_labels=list("0123456789"))
+    say(f"teacher: {rows['teacher (35 NFE, CFG 2)']}")
+    for run in args.runs.split(","):
+        run_dir = out / run
+        if not (run_dir / "checkpoints").is_dir():
+            overrides = [f"data={latents}", "disc_resolutions=[4]", "disc_hidden=32", f"guidance={GUIDANCE}",
+                         f"distill.iterations={args.distill_iterations}", "distill.batch_size=64", "distill.tau=5",
+                         "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_form=approx", "distill.r1_gamma=1",
+                         "distill.ema_beta=0.99", "distill.sigmas.schedule=scaled_linear",
+                         "distill.sigmas.index_range=[1, 999]", "distill.log_every=100", *args.overrides]
+            overrides += ["distill.fdistill_weight=0"] if run == "adversarial" else [f"distill.divergence={run}"]
+            t0 = time.perf_counter()
+            training_loop(images.make_distiller(images.load_config("digits", overrides), teacher), run_dir=run_dir,
+                          progress=False)
+            say(f"distilled {run} in {time.perf_counter() - t0:.0f} s")
+        x, seconds = sample_student(run_dir, prompts)
+        rows[f"{run} (1 NFE)"] = score(x, digits, seconds)
+        save_image_grid(to_digits(x[:100]), out / f"{run}.png", nrow=10, scale=4, column_labels=list("0123456789"))
+        say(f"{run}: {rows[f'{run} (1 NFE)']}")
+
+    print(f"\ntext-to-image digits, {args.num} prompted samples per model, {args.distill_iterations} distillation "
+          f"iterations (batch 64), {torch.get_num_threads()} CPU threads\n")
+    print("| model | digits-FID | precision | recall | prompt accuracy | s / 1000 samples |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['prompt_accuracy']:.3f} "
+              f"| {r['s_per_1000']:.2f} |")
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; grids and results.json in {out}")
+
+
+if __name__ == "__main__":
+    main()
