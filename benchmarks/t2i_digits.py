@@ -3,7 +3,7 @@ a tiny text-conditional latent teacher in diffusers format (UNet2DConditionModel
 with the real CLIP BPE vocabulary, a tiny AutoencoderKL) trained by fdistill, then distilled through the
 Stable Diffusion path by reverse-KL (DMD2), JS, forward-KL and adversarial-only.
 
-    python benchmarks/t2i_digits.py                 # ~40 minutes on 2 cores; stages are cached in --out
+    python benchmarks/t2i_digits.py                 # ~45 minutes on 2 cores; stages are cached in --out
     python benchmarks/t2i_digits.py --runs js --distill-iterations 500
 
 Prints, for the teacher (Heun, 18 steps = 35 evaluations, each guided: 70 UNet calls) and each one-step
@@ -179,8 +179,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="distillation config overrides (key=value) for every student")
     p.add_argument("--runs", default=RUNS)
     p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--teacher-iterations", type=int, default=4000)
-    p.add_argument("--distill-iterations", type=int, default=1000)
+    p.add_argument("--teacher-iterations", type=int, default=5000)
+    p.add_argument("--distill-iterations", type=int, default=2500)
     p.add_argument("--num", type=int, default=2000, help="samples per model for the metrics")
     p.add_argument("--out", default="runs/bench-t2i-digits")
     args = p.parse_args()
@@ -217,7 +217,7 @@ def main() -> None:
         if not (run_dir / "checkpoints").is_dir():
             overrides = [f"data={latents}", "disc_resolutions=[4]", "disc_hidden=32", f"guidance={GUIDANCE}",
                          f"distill.iterations={args.distill_iterations}", "distill.batch_size=64", "distill.tau=5",
-                         "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_form=approx", "distill.r1_gamma=1",
+                         "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_gamma=0",
                          "distill.ema_beta=0.99", "distill.sigmas.schedule=scaled_linear",
                          "distill.sigmas.index_range=[1, 999]", "distill.log_every=100", *args.overrides]
             overrides += ["distill.fdistill_weight=0"] if run == "adversarial" else [f"distill.divergence={run}"]
