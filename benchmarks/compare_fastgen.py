@@ -99,7 +99,7 @@ def ours_worker(args: argparse.Namespace) -> None:
     import copy
     import dataclasses
 
-    from fdistill.apps.images import load_config
+    from fdistill.apps.images import load_config, set_dropout
     from fdistill.networks.edm import EDMPrecond
     from fdistill.networks.heads import Discriminator
     from fdistill.training.distiller import Distiller
@@ -112,6 +112,9 @@ def ours_worker(args: argparse.Namespace) -> None:
     channels = net.feature_channels()
     generator = copy.deepcopy(net).train().requires_grad_(True)
     fake_score = copy.deepcopy(net).train().requires_grad_(True)
+    if preset.student_dropout is not None:  # as make_distiller does
+        for m in (generator, fake_score):
+            set_dropout(m, preset.student_dropout)
     disc = Discriminator.conv({r: channels[r] for r in preset.disc_resolutions}, preset.disc_hidden)
     cfg = dataclasses.replace(preset.distill, batch_size=args.batch, precision="fp32", r1_gamma=0.0,
                               micro_batch=None, channels_last=False, compile=False)
@@ -122,7 +125,7 @@ def ours_worker(args: argparse.Namespace) -> None:
 
     d = Distiller(cfg, net, generator, fake_score, disc, real_data, sample_shape=(3, 32, 32),
                   sample_cond=lambda n, part: real_data(n, part)[1], device="cpu")
-    dropout = kwargs.get("dropout", 0.10)
+    dropout = preset.student_dropout if preset.student_dropout is not None else kwargs.get("dropout", 0.10)
     top = str(max(preset.disc_resolutions))
     head_shapes = [f"{c.in_channels}->{c.out_channels}" for c in d.discriminator.heads[top].modules()
                    if isinstance(c, torch.nn.Conv2d)]
@@ -351,13 +354,12 @@ def differences(o: dict, f: dict) -> list[tuple[str, str, str, str]]:
          "configs/experiments/EDM/config_f_distill_cifar10.py (use_ema, EMA_CONST_CALLBACKS), "
          "callbacks/ema.py on_training_step_end, trainer.py run loop"),
         ("dropout in generator and fake score (both in train mode)",
-         f"{o['dropout']} (the NVlabs/edm CIFAR-10 network's): dropout masks in every UNet block of the "
-         "generator (student: forward + backward; critic: its no-grad forward) and of the fake score (critic: "
-         "forward + backward; student: its no-grad forward too, as the fake score stays in train mode)",
+         f"{o['dropout']} (ImageConfig.student_dropout; the teacher network's 0.13 is not kept)"
+         + (": no dropout work" if o["dropout"] == 0 else ": dropout masks in every UNet block"),
          f"{f['dropout']} (label_dropout {f['label_dropout']}): no dropout work (and the fake score is switched to "
          "eval mode for the student step)",
-         "ours: configs/cifar10.yaml teacher.network.dropout, fdistill/apps/images.py make_distiller, distiller.py "
-         "(no train/eval switch); FastGen: configs/net.py EDM_CIFAR10_Config, dmd2.py _setup_grad_requirements"),
+         "ours: fdistill/apps/images.py ImageConfig.student_dropout, make_distiller; "
+         "FastGen: configs/net.py EDM_CIFAR10_Config, dmd2.py _setup_grad_requirements"),
         ("discriminator heads",
          f"{o['disc']}; GroupNorm(32)+SiLU after each stride-2 conv, then an r x r conv + SiLU (no norm) and a "
          f"1x1 conv; logits averaged over heads; {op['discriminator'] / 1e6:.2f}M parameters",

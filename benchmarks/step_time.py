@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.utils.flop_counter
 
-from fdistill.apps.images import load_config
+from fdistill.apps.images import load_config, set_dropout
 from fdistill.core.diffusion import SigmaSampler, edm_sampler
 from fdistill.networks.edm import EDMPrecond
 from fdistill.networks.heads import Discriminator
@@ -38,6 +38,10 @@ from fdistill.training.distiller import DistillConfig, Distiller
 
 # NVlabs/edm's edm-cifar10-32x32-cond-vp.pkl architecture (55,735,299 parameters), as the cifar10 preset gives it.
 CIFAR10_DDPMPP = dict(load_config("cifar10").teacher.network, img_resolution=32, img_channels=3, label_dim=10)
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the fraction printed at the end.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}
 
 
 def peak_mb(device: torch.device) -> float:
@@ -90,7 +94,10 @@ def main() -> None:
         x = torch.rand(n, 3, 32, 32, device=device) * 2 - 1
         return x[part], torch.eye(10, device=device)[torch.randint(10, (n,))][part]
 
-    d = Distiller(cfg, teacher, copy.deepcopy(teacher).train(), copy.deepcopy(teacher).train(), disc, real_data,
+    students = [copy.deepcopy(teacher).train() for _ in range(2)]
+    for m in students:
+        set_dropout(m, 0.0)  # as ImageConfig.student_dropout gives them
+    d = Distiller(cfg, teacher, *students, disc, real_data,
                   sample_shape=(3, 32, 32), sample_cond=lambda n, part: real_data(n, part)[1], device=device)
 
     def under_amp(fn):  # the components as the steps run them (the steps enter autocast themselves)
@@ -162,6 +169,10 @@ def main() -> None:
     print(f"| necessary passes of a critic step without R1 (sum) | {critic_needed:.3f} | {B / critic_needed:.1f} | |")
     print(f"\nstudent step: {student_flops / 1e12:.3f} TFLOP (FlopCounterMode), "
           f"{student_flops / t['student step'] / 1e12:.2f} TFLOP/s achieved")
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if device.type == "cuda" and k in dev), None)
+    if peak:
+        print(f"  = {100 * student_flops / t['student step'] / 1e12 / peak:.1f}% of the chip's dense bf16 peak "
+              f"({peak} TFLOP/s)")
     print(f"\n| sampling a batch of {B} | seconds |\n|---|---|")
     for name, s in latency.items():
         print(f"| {name} | {s:.3f} |")

@@ -65,7 +65,8 @@ class TeacherTrainer:
         self.cfg, self.real_data, self.device = cfg, real_data, torch.device(device)
         self.net = net.to(self.device).train()
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                    fused=self.device.type in ("cpu", "cuda") or None)  # as the Distiller's
         self.sigma_data = float(getattr(net, "sigma_data", 0.5))  # VP/VE nets have none: EDM's 0.5
         self.iteration, self.rank = 0, 0
         self.info: dict = {}
