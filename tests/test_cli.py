@@ -2,6 +2,9 @@
 exist where they matter and are refused where they do not, and `evaluate` that checks what it is given."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,10 +94,47 @@ def test_sample_refuses_options_it_would_ignore_and_writes_a_folder(teacher_path
     assert cli.main(["sample", "--checkpoint", str(run), "--steps", "4", "--guidance", "2"]) == 2
     assert "--steps and --guidance apply to --teacher sampling" in capsys.readouterr().err
     newest = run / "checkpoints" / "000000002"
-    assert cli.main(["sample", "--checkpoint", str(newest), "--num", "12", "--seed", "5"]) == 0  # a checkpoint too
+    assert cli.main(["sample", "--checkpoint", str(newest), "--num-samples", "12", "--seed", "5"]) == 0  # checkpoint
     assert (run / "samples" / "samples.npz").is_file() and (run / "samples" / "grid.png").is_file()
     assert cli.main(["sample", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "nothing is there" in capsys.readouterr().err
+
+
+def test_sample_in_shards_resumes_replaces_and_equals_a_two_process_run(teacher_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["distill", "--teacher", str(teacher_path), "--out", str(run), "--no-progress",
+                     "distill.iterations=2", *TINY, *DISTILL]) == 0
+    args = ["sample", "--checkpoint", str(run), "--num-samples", "10", "--shard", "4", "--batch", "3", "--no-progress"]
+
+    def samples(out):
+        with np.load(out / "samples.npz") as f:
+            return f["images"], f["labels"]
+
+    assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
+    images, labels = samples(tmp_path / "a")
+    assert images.shape == (10, 1, 8, 8) and labels.tolist() == [i % 10 for i in range(10)]
+    shards = sorted((tmp_path / "a" / "images").glob("shard-*"))
+    assert [len(list(s.glob("*.png"))) for s in shards] == [4, 4, 2]
+    # a stopped run continues with the shards it lacks; the others are not rewritten
+    kept = shards[0].stat().st_mtime_ns
+    for png in shards[1].glob("*.png"):
+        png.unlink()
+    shards[1].rmdir()
+    assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert np.array_equal(samples(tmp_path / "a")[0], images) and shards[0].stat().st_mtime_ns == kept
+    # another request replaces the images instead of mixing them in
+    capsys.readouterr()
+    assert cli.main([*args, "--out", str(tmp_path / "a"), "--seed", "1"]) == 0
+    assert "replacing images of another request (seed: 0 -> 1)" in capsys.readouterr().out
+    assert not np.array_equal(samples(tmp_path / "a")[0], images)
+    # two torchrun processes share the shards and give the same samples as one
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for nproc, out in ((1, "one"), (2, "two")):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", "-m", "fdistill", *args, "--out", str(tmp_path / out),
+                              "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert np.array_equal(samples(tmp_path / "one")[0], samples(tmp_path / "two")[0])
 
 
 def _digits_like(n: int) -> np.ndarray:

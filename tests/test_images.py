@@ -29,6 +29,16 @@ def test_discriminator_averages_heads():
     assert torch.allclose(d(feats), expected)
 
 
+def test_generate_draws_sample_i_from_seed_plus_i_whatever_the_batch(teacher_path):
+    net, _, _ = load_network(teacher_path)
+    a, labels = images.generate(net, 5, (1, 8, 8), 10, sigma_gen=80.0, batch_size=2, seed=3)
+    b, _ = images.generate(net, 5, (1, 8, 8), 10, sigma_gen=80.0, batch_size=5, seed=3)
+    assert torch.allclose(a, b, atol=1e-5) and labels.argmax(1).tolist() == [0, 1, 2, 3, 4]
+    make = images.sample_maker(net, (1, 8, 8), 10, sigma_gen=80.0)
+    assert torch.allclose(make([3], [6])[0], a[3], atol=1e-5)  # sample 3: class 3, seed 3 + 3
+    assert not torch.allclose(make([3], [7])[0], a[3], atol=1e-3)
+
+
 def test_teacher_file_round_trip(teacher_path):
     net, precond, kwargs = load_network(teacher_path)
     assert precond == "EDMPrecond" and kwargs["label_dim"] == 10 and kwargs["img_resolution"] == 8
@@ -60,7 +70,7 @@ def test_distill_sample_evaluate_cli(teacher_path, tmp_path, capsys):
     assert [e["kind"] for e in log] == ["student", "critic", "student", "critic"]
     assert "h_mean" in log[0] and "r1" in log[1]
 
-    assert cli.main(["sample", "--checkpoint", str(run), "--num", "40"]) == 0  # the run folder is enough
+    assert cli.main(["sample", "--checkpoint", str(run), "--num-samples", "40"]) == 0  # the run folder is enough
     samples = run / "samples"
     with np.load(samples / "samples.npz") as f:
         assert f["images"].shape == (40, 1, 8, 8) and f["images"].dtype == np.uint8
@@ -68,7 +78,7 @@ def test_distill_sample_evaluate_cli(teacher_path, tmp_path, capsys):
     assert (samples / "grid.png").is_file()
     assert "1 NFE" in capsys.readouterr().out
 
-    assert cli.main(["sample", "--teacher", str(teacher_path), "--num", "20", "--steps", "3",
+    assert cli.main(["sample", "--teacher", str(teacher_path), "--num-samples", "20", "--steps", "3",
                      "--out", str(tmp_path / "t")]) == 0
     assert "5 NFE" in capsys.readouterr().out and (tmp_path / "t" / "samples.npz").is_file()
 

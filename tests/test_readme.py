@@ -18,7 +18,7 @@ TINY_BY_COMMAND = {
              "runs=[js]"],
     "train-teacher": [*TINY, "teacher.iterations=2"],
     "distill": ["disc_hidden=8", "distill.iterations=2", "distill.batch_size=8"],
-    "sample": ["--num", "20"],
+    "sample": ["--num-samples", "20"],
     "evaluate": [],
 }
 

@@ -120,13 +120,13 @@ def test_analyze_run_on_the_2d_lab(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path), "--no-progress", "teacher.steps=40", "teacher.hidden=16",
                      "distill.iterations=20", "distill.batch_size=128", "runs=[forward_kl, reverse_kl]",
                      "num_eval=200"]) == 0
-    assert cli.main(["analyze-run", str(tmp_path / "forward_kl"), "--num", "512"]) == 0
+    assert cli.main(["analyze-run", str(tmp_path / "forward_kl"), "--num-samples", "512"]) == 0
     out = capsys.readouterr().out
     assert "forward_kl" in out and "Spearman" in out
     result = json.loads((tmp_path / "forward_kl" / "analysis" / "fig6.json").read_text())
     assert len(result["spearman"]) >= 5 and all(-1 <= v <= 1 for v in result["spearman"].values())
     assert (tmp_path / "forward_kl" / "analysis" / "fig6.png").stat().st_size > 10_000
-    assert cli.main(["analyze-run", str(tmp_path / "reverse_kl"), "--num", "256"]) == 0
+    assert cli.main(["analyze-run", str(tmp_path / "reverse_kl"), "--num-samples", "256"]) == 0
     assert "constant" in capsys.readouterr().out  # h = 1: nothing to correlate
 
 
@@ -134,10 +134,10 @@ def test_analyze_run_on_digits_and_text_to_image(teacher_path, t2i_run, tmp_path
     run = tmp_path / "digits"
     assert cli.main(["distill", "--teacher", str(teacher_path), "--out", str(run), "--no-progress",
                      "distill.iterations=2", "distill.divergence=js", *TINY, *DISTILL]) == 0
-    assert cli.main(["analyze-run", str(run), "--num", "64"]) == 0
+    assert cli.main(["analyze-run", str(run), "--num-samples", "64"]) == 0
     assert (run / "analysis" / "fig6.png").is_file()
     root, _, _ = t2i_run
-    assert cli.main(["analyze-run", str(root / "run"), "--num", "16", "--out", str(tmp_path / "sd")]) == 0
+    assert cli.main(["analyze-run", str(root / "run"), "--num-samples", "16", "--out", str(tmp_path / "sd")]) == 0
     assert (tmp_path / "sd" / "fig6.png").is_file() and "js" in capsys.readouterr().out
 
 

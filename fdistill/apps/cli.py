@@ -218,15 +218,16 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from fdistill.apps import images, t2i
-    from fdistill.device import pick_device
+    import torch
+
+    from fdistill.apps import images, shards, t2i
+    from fdistill.data.datasets import to_float
     from fdistill.teachers.loading import load_network
-    from fdistill.training import checkpoint
+    from fdistill.training import checkpoint, distributed
 
     if bool(args.checkpoint) == bool(args.teacher):
         raise ValueError("give exactly one of --checkpoint (a one-step generator: a distill run folder or one of its "
                          "checkpoints) or --teacher (multi-step sampling)")
-    device = pick_device(args.device)
     prompts = _prompts(args)
     text_to_image = args.checkpoint and checkpoint.read_meta(args.checkpoint)["info"].get("precond") == \
         "stable_diffusion"
@@ -240,39 +241,53 @@ def _sample(args: argparse.Namespace) -> None:
         given = Path(args.checkpoint)  # a run folder, or run/checkpoints/<iteration>
         run_dir = given if (given / "checkpoints").is_dir() else given.parent.parent
         out = Path(args.out) if args.out else run_dir / "samples"
-    if text_to_image:
-        if not prompts:
-            raise ValueError("a text-to-image generator needs --prompt TEXT (repeatable) or --prompts FILE")
-        t0 = time.perf_counter()
-        generator, sigma_gen, sd = t2i.load_generator(args.checkpoint, device)
-        x = t2i.generate_images(generator, sigma_gen, sd, prompts, args.seed, progress=not args.no_progress)
-        paths = t2i.write_pngs(x, prompts, out, args.seed)
-        grid = images.write_grid(x, 0, out / "grid.png", args.grid_size)
-        print(f"wrote {len(paths)} PNGs, prompts.txt and {grid.name} in {out}: one generator call and one VAE "
-              f"decode each, {time.perf_counter() - t0:.1f} s")
-        return
-    if args.checkpoint:
-        net, sigma_gen, info = images.load_generator(args.checkpoint)
-        kwargs, steps, guidance = info["network"], 1, 1.0
     else:
-        net, _, kwargs = load_network(args.teacher)
-        sigma_gen, steps, guidance = None, args.steps or 18, args.guidance or 1.0
         out = Path(args.out or "runs/samples")
-    shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
-    t0 = time.perf_counter()
-    x, labels = images.generate(net, args.num, shape, kwargs.get("label_dim", 0), sigma_gen, steps, guidance,
-                                batch_size=args.batch, seed=args.seed, device=device, progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
-    npz, grid = images.write_samples(out, x, labels, args.grid_size)
-    nfe = 1 if sigma_gen is not None else 2 * steps - 1
-    print(f"wrote {npz} and {grid}: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
-          f"({1000 * seconds / args.num:.1f} s per 1000). Next: fdistill evaluate {out}")
+    device = distributed.init_from_env(args.device)
+    try:
+        t0 = time.perf_counter()
+        if text_to_image:
+            if not prompts:
+                raise ValueError("a text-to-image generator needs --prompt TEXT (repeatable) or --prompts FILE")
+            generator, sigma_gen, sd = t2i.load_generator(args.checkpoint, device)
+            x = t2i.generate_images(generator, sigma_gen, sd, prompts, args.seed, progress=not args.no_progress)
+            paths = t2i.write_pngs(x, prompts, out, args.seed)
+            grid = images.write_grid(x, 0, out / "grid.png", args.grid_size)
+            print(f"wrote {len(paths)} PNGs, prompts.txt and {grid.name} in {out}: one generator call and one "
+                  f"VAE decode each, {time.perf_counter() - t0:.1f} s")
+            return
+        if args.checkpoint:
+            net, sigma_gen, info = images.load_generator(args.checkpoint)
+            kwargs, steps, guidance = info["network"], 1, 1.0
+            model = {"checkpoint": str(checkpoint.resolve(args.checkpoint).resolve())}
+        else:
+            net, _, kwargs = load_network(args.teacher)
+            sigma_gen, steps, guidance = None, args.steps or 18, args.guidance or 1.0
+            model = {"teacher": str(Path(args.teacher).resolve()), "steps": steps, "guidance": guidance}
+        label_dim = kwargs.get("label_dim", 0)
+        shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
+        make = images.sample_maker(net, shape, label_dim, sigma_gen, steps, guidance, device)
+        classes = images.sample_classes(args.num, label_dim)
+        rank = distributed.rank()
+        folder = shards.claim(out / "images", {**model, "seed": args.seed, "shard": args.shard}, classes)
+        shards.generate_shards(make, classes, folder, args.shard, args.seed, rank, distributed.world_size(),
+                               args.batch, progress=not args.no_progress and rank == 0)
+        distributed.barrier()
+        if rank == 0:
+            x = to_float(torch.from_numpy(shards.read_all(folder)))
+            labels = torch.eye(label_dim)[classes] if label_dim else None
+            npz, grid = images.write_samples(out, x, labels, args.grid_size)
+            seconds, nfe = time.perf_counter() - t0, 1 if sigma_gen is not None else 2 * steps - 1
+            print(f"wrote {npz}, {grid} and {folder}/shard-*/: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
+                  f"({1000 * seconds / args.num:.1f} s per 1000). Next: fdistill evaluate {out}")
+    finally:
+        distributed.shutdown()
 
 
 def _evaluate_t2i(args: argparse.Namespace) -> None:
     from fdistill.apps import evaluate_t2i, t2i
     from fdistill.data.captions import open_captions
-    from fdistill.training import distributed
+    from fdistill.training import checkpoint, distributed
 
     if (args.teacher_steps is None) != (args.guidance is None):
         raise ValueError("--teacher-steps and --guidance go together: they select the teacher's comparison row")
@@ -288,8 +303,10 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
         name = f"teacher ({2 * args.teacher_steps - 1} NFE, CFG {args.guidance})" if args.teacher_steps else \
             "one-step student"
         out = Path(args.out) if args.out else Path(args.checkpoint) / ("eval-teacher" if args.teacher_steps else "eval")
+        model = {"checkpoint": str(checkpoint.resolve(args.checkpoint).resolve()),
+                 "teacher_steps": args.teacher_steps, "guidance": args.guidance}
         result = evaluate_t2i.evaluate(make, prompts, out, scorers, args.ref, args.group, args.seed, args.shard,
-                                       args.batch, progress=not args.no_progress)
+                                       args.batch, progress=not args.no_progress, model=model)
         if result is not None:
             result["model"] = name
             print(evaluate_t2i.format_table(result, name))
@@ -394,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar = command("analyze-run", "Fig. 6 for a run: h_bar against the teacher-fake score difference of its samples",
                  _analyze_run)
     ar.add_argument("run", help="a run folder (distill, or one run of `fdistill demo`: runs/demo/js)")
-    ar.add_argument("--num", type=int, default=2048, help="generated samples")
+    ar.add_argument("--num-samples", dest="num", type=int, default=2048, help="generated samples")
     ar.add_argument("--sigma", type=float, default=None, help="noise level of the figure (default: the median "
                     "of the run's training noise levels); the report also covers five quantiles")
     ar.add_argument("--out", default=None, help="output folder (default: <run>/analysis)")
@@ -418,16 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     runtime(s, "distill.seed")
 
-    m = command("sample", "sample a one-step generator or a teacher into <out>/samples.npz and <out>/grid.png",
-                _sample)
+    m = command("sample", "sample a one-step generator or a teacher into <out>/samples.npz and <out>/grid.png "
+                "(by PNG shards in <out>/images/, resumable; under torchrun each process makes its share)", _sample)
     m.add_argument("--checkpoint", help="a distill run folder (its newest checkpoint) or a checkpoint folder: "
                    "one-step sampling")
     m.add_argument("--teacher", help="a teacher (as for distill): multi-step EDM Heun sampling")
-    m.add_argument("--num", type=int, default=1000, help="number of samples")
+    m.add_argument("--num-samples", dest="num", type=int, default=1000,
+                   help="number of samples (not --num: torchrun's own options would take it)")
     m.add_argument("--steps", type=int, default=None, help="Heun steps for --teacher, 18 = 35 NFE (default: 18)")
     m.add_argument("--guidance", type=float, default=None, help="CFG scale for --teacher (default: 1)")
     m.add_argument("--grid-size", type=int, default=100, help="samples in the PNG grid")
     m.add_argument("--batch", type=int, default=256, help="samples per network call")
+    m.add_argument("--shard", type=int, default=1000, help="samples per PNG shard in <out>/images/ (the unit of "
+                   "resuming a stopped run and of splitting the work over torchrun processes)")
     m.add_argument("--out", default=None,
                    help="output folder (default: <run folder>/samples, or runs/samples for --teacher)")
     m.add_argument("--seed", type=int, default=0, help="seed of the latents (text-to-image: prompt i uses seed + i)")
@@ -448,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", required=True, help="prompts, one per line (e.g. COCO-2014's 30K captions)")
     ev.add_argument("--ref", help="FID reference: a folder of images (COCO val2014/, statistics cached), an .npz "
                     "with mu/sigma, or 'digits' (digits-FID)")
-    ev.add_argument("--num", type=int, default=0, help="only the first NUM prompts (0: all)")
+    ev.add_argument("--num-prompts", dest="num", type=int, default=0, help="only the first N prompts (0: all)")
     ev.add_argument("--group", type=int, default=1, help="images per prompt (in-batch similarity needs >= 2)")
     ev.add_argument("--teacher-steps", type=int, default=None, help="score the teacher with this many Heun steps")
     ev.add_argument("--guidance", type=float, default=None, help="the teacher's CFG scale (with --teacher-steps)")

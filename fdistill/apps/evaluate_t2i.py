@@ -4,18 +4,16 @@ reference image folder (COCO-2014 val: center crop, LANCZOS resize to 256, Incep
 ViT-g-14, "A photo depicts " + caption, raw cosine), in-batch similarity (DINO ViT-B/8, within each prompt's
 group of images; lower is more diverse) and HPSv2 when its checkpoint is given.
 
-Images are generated once into PNG shards of ``--shard`` images (``<out>/images/shard-000000/``), each shard
-written to a temporary folder and renamed when complete, then scored once into ``scores.safetensors``
-beside them: a stopped evaluation resumes without regenerating or rescoring finished shards. Under
-``torchrun`` rank r takes shards r, r + N, ...; image i uses the seed ``seed + i`` whatever the number of
-processes, so the results equal a 1-process run's.
+Images are generated once into PNG shards of ``--shard`` images (``<out>/images/shard-000000/``, by
+``fdistill.apps.shards``: image i from seed ``seed + i``, shards split over ``torchrun`` ranks, a stopped
+run continues), then each shard is scored once into ``scores.safetensors`` beside its images: the results
+equal a 1-process run's, and a resumed evaluation neither regenerates nor rescores finished shards.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fdistill.data.datasets import to_float, to_uint8
-from fdistill.data.writers import encode_png
+from fdistill.apps.shards import claim, generate_shards, read_shard
+from fdistill.data.datasets import to_float
 from fdistill.evaluation import t2i_metrics
 from fdistill.evaluation.clip import CLIP, square_center_crop_resize
 from fdistill.evaluation.dino import DINOViT
@@ -114,37 +112,6 @@ def load_scorers(ref: str | None, inception: str | None, clip: str | None, clip_
     return s
 
 
-# -- generation into shards ---------------------------------------------------------------------------------
-def _shards(n: int, size: int) -> list[tuple[int, int]]:
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def generate_shards(make, prompts: list[str], folder: Path, shard: int, seed: int, rank: int, world: int,
-                    batch_size: int = 32, progress: bool = True) -> None:
-    """Image i (prompt ``prompts[i]``, seed ``seed + i``) as ``folder/shard-k/i.png`` for this rank's shards;
-    ``make(prompts, seeds) -> images in [-1, 1]``. Finished shards (renamed into place) are skipped."""
-    todo = [(k, a, b) for k, (a, b) in enumerate(_shards(len(prompts), shard))
-            if k % world == rank and not (folder / f"shard-{k:06d}").is_dir()]
-    bar = tqdm(total=sum(b - a for _, a, b in todo), desc="generating", disable=not progress, leave=False)
-    for k, a, b in todo:
-        tmp = folder / f".shard-{k:06d}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i in range(a, b, batch_size):
-            j = min(i + batch_size, b)
-            for offset, img in enumerate(to_uint8(make(prompts[i:j], list(range(seed + i, seed + j))))):
-                (tmp / f"{i + offset:08d}.png").write_bytes(encode_png(img))
-            bar.update(j - i)
-        os.rename(tmp, folder / f"shard-{k:06d}")
-    bar.close()
-
-
-def _read_pngs(shard: Path) -> tuple[list[int], np.ndarray]:
-    files = sorted(shard.glob("*.png"))
-    images = [np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for f in files]
-    return [int(f.stem) for f in files], np.stack(images)
-
-
 def _digits_view(images: Tensor) -> Tensor:
     """uint8 RGB images -> the digits classifier's input: 8x8 gray in [-1, 1] (area average)."""
     return F.interpolate(to_float(images).mean(1, keepdim=True), size=(8, 8), mode="area")
@@ -157,7 +124,7 @@ def score_shards(folder: Path, scorers: Scorers, prompts: list[str], rank: int, 
     shards = sorted(p for p in folder.glob("shard-*") if p.is_dir())
     todo = [s for i, s in enumerate(shards) if i % world == rank and not (s / "scores.safetensors").is_file()]
     for shard in tqdm(todo, desc="scoring", disable=not progress, leave=False):
-        index, images_np = _read_pngs(shard)
+        index, images_np = read_shard(shard)
         images = torch.from_numpy(images_np)
         out = {"index": torch.tensor(index)}
         if scorers.inception is not None:
@@ -250,13 +217,14 @@ def summarize(folder: Path, scorers: Scorers, ref_stats, group: int) -> dict:
 
 
 def evaluate(make, prompts: list[str], out: str | Path, scorers: Scorers, ref: str | None, group: int = 1,
-             seed: int = 0, shard: int = 1000, batch_size: int = 32, progress: bool = True) -> dict | None:
+             seed: int = 0, shard: int = 1000, batch_size: int = 32, progress: bool = True,
+             model: dict | None = None) -> dict | None:
     """Generate ``group`` images per prompt (seeds ``seed + i``), score them and (on rank 0) return the
-    metrics, written to ``<out>/metrics.json`` too. Ranks share the work; results do not depend on how many."""
+    metrics, written to ``<out>/metrics.json`` too. Ranks share the work; results do not depend on how many.
+    ``model`` (JSON-able) says what makes the images, so that a stopped evaluation only continues its own."""
     out = Path(out)
-    folder = out / "images"
-    folder.mkdir(parents=True, exist_ok=True)
     items = [p for p in prompts for _ in range(group)]
+    folder = claim(out / "images", {**(model or {}), "seed": seed, "shard": shard}, items)
     rank, world = distributed.rank(), distributed.world_size()
     generate_shards(make, items, folder, shard, seed, rank, world, batch_size, progress and rank == 0)
     distributed.barrier()

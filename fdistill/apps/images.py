@@ -21,7 +21,7 @@ from fdistill import config
 from fdistill.apps import t2i
 from fdistill.apps.t2i import TextConfig
 from fdistill.config import from_dict
-from fdistill.core.diffusion import edm_sampler, one_step
+from fdistill.core.diffusion import edm_sampler, one_step, seeded_noise
 from fdistill.data.datasets import ImageDataset, load_dataset, to_uint8
 from fdistill.data.sampler import ImageSampler
 from fdistill.data.writers import save_image_grid
@@ -160,35 +160,41 @@ def load_generator(checkpoint_dir: str | Path, ema: bool = True) -> tuple[nn.Mod
     return net.eval().requires_grad_(False), cfg.generator_sigma or cfg.sigmas.largest, info
 
 
-def class_labels(n: int, label_dim: int) -> Tensor | None:
-    """One-hot labels cycling through the classes (None for unconditional models)."""
-    return torch.eye(label_dim)[torch.arange(n) % label_dim] if label_dim else None
+def sample_maker(net: nn.Module, shape: tuple[int, int, int], label_dim: int, sigma_gen: float | None = None,
+                 steps: int = 18, guidance: float = 1.0, device: str | torch.device = "cpu"):
+    """``make(classes, seeds) -> images in [-1, 1]`` (on the CPU): sample i from z = ``seeded_noise`` of seed i
+    and class ``classes[i]`` (ignored by an unconditional net). With ``sigma_gen``: the one-step generator
+    G(z) = D(sigma_gen z; sigma_gen); without: EDM's Heun sampler (2 steps - 1 evaluations)."""
+    net = net.to(device)
+    teacher = GuidedDenoiser(net, guidance) if guidance != 1.0 else net
+
+    @torch.no_grad()
+    def make(classes: list[int], seeds: list[int]) -> Tensor:
+        z = seeded_noise(shape, seeds, device)
+        cond = torch.eye(label_dim, device=device)[classes] if label_dim else None
+        x = one_step(net, z, sigma_gen, cond) if sigma_gen is not None else \
+            edm_sampler(teacher, z, cond, num_steps=steps)
+        return x.clamp(-1, 1).cpu()
+    return make
 
 
-@torch.no_grad()
+def sample_classes(n: int, label_dim: int) -> list[int]:
+    """The classes in turn (all 0 for an unconditional model): sample i is of class i mod label_dim."""
+    return [i % label_dim if label_dim else 0 for i in range(n)]
+
+
 def generate(
     net: nn.Module, n: int, shape: tuple[int, int, int], label_dim: int, sigma_gen: float | None = None,
     steps: int = 18, guidance: float = 1.0, batch_size: int = 256, seed: int = 0,
     device: str | torch.device = "cpu", progress: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """n samples in [-1, 1] (on the CPU) and their one-hot labels (classes in turn). With ``sigma_gen``: the
-    one-step generator G(z) = D(sigma_gen z; sigma_gen); without: EDM's Heun sampler (2 steps - 1
-    evaluations). The latents come from a CPU generator, so a seed gives the same samples on any device."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = class_labels(n, label_dim)
-    net = net.to(device)
-    teacher = GuidedDenoiser(net, guidance) if guidance != 1.0 else net
-    out = []
-    for i in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False):
-        m = min(batch_size, n - i)
-        z = torch.randn(m, *shape, generator=gen).to(device)
-        cond = None if labels is None else labels[i : i + m].to(device)
-        if sigma_gen is not None:
-            x = one_step(net, z, sigma_gen, cond)
-        else:
-            x = edm_sampler(teacher, z, cond, num_steps=steps)
-        out.append(x.cpu())
-    return torch.cat(out).clamp(-1, 1), labels
+    """n samples in [-1, 1] (on the CPU) of ``sample_maker``, sample i from seed ``seed + i`` and class
+    i mod label_dim, and their one-hot labels. The same samples on any device and for any batch size."""
+    make = sample_maker(net, shape, label_dim, sigma_gen, steps, guidance, device)
+    classes = sample_classes(n, label_dim)
+    out = [make(classes[i:i + batch_size], list(range(seed + i, seed + min(i + batch_size, n))))
+           for i in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False)]
+    return torch.cat(out), torch.eye(label_dim)[classes] if label_dim else None
 
 
 def write_grid(x: Tensor, label_dim: int, path: Path, size: int = 100) -> Path:

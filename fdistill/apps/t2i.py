@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fdistill.core.diffusion import edm_sampler, one_step
+from fdistill.core.diffusion import edm_sampler, one_step, seeded_noise
 from fdistill.data.captions import CaptionSampler, open_captions
 from fdistill.data.conditions import TextCondition
 from fdistill.data.datasets import to_float, to_uint8
@@ -151,22 +151,16 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu",
     return generator.eval().requires_grad_(False).to(device), cfg.generator_sigma or cfg.sigmas.largest, sd.to(device)
 
 
-def _noise(shape: tuple[int, ...], seeds: list[int], device) -> Tensor:
-    """One latent per seed: ``torch.randn`` of ``shape`` from a CPU generator seeded with it, as a diffusers
-    pipeline draws the latents for ``generator=torch.Generator().manual_seed(seed)``."""
-    return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-
-
 @torch.no_grad()
 def generate_images(generator: nn.Module, sigma_gen: float, sd: StableDiffusion, prompts: list[str],
                     seed: int = 0, progress: bool = False, batch_size: int = 16) -> Tensor:
-    """One image per prompt, in [-1, 1] (CPU): prompt i's noise from ``seed + i`` (``_noise``), one generator
-    call, then the VAE decoder."""
+    """One image per prompt, in [-1, 1] (CPU): prompt i's noise from ``seed + i`` (``seeded_noise``), one
+    generator call, then the VAE decoder."""
     device = next(generator.parameters()).device
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
         batch = prompts[i:i + batch_size]
-        z = _noise(sd.latent_shape, list(range(seed + i, seed + i + len(batch))), device)
+        z = seeded_noise(sd.latent_shape, list(range(seed + i, seed + i + len(batch))), device)
         out.append(sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(batch))).cpu())
     return torch.cat(out)
 
@@ -178,7 +172,7 @@ def image_maker(run: str | Path, device, teacher_steps: int | None = None, guida
         generator, sigma_gen, sd = load_generator(run, device)
 
         def make(prompts: list[str], seeds: list[int]) -> Tensor:
-            z = _noise(sd.latent_shape, seeds, device)
+            z = seeded_noise(sd.latent_shape, seeds, device)
             return sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(prompts))).cpu()
         return make
     info = checkpoint.read_meta(run)["info"]
@@ -186,7 +180,7 @@ def image_maker(run: str | Path, device, teacher_steps: int | None = None, guida
     net = GuidedDenoiser(sd.denoiser, guidance) if guidance != 1.0 else sd.denoiser
 
     def make(prompts: list[str], seeds: list[int]) -> Tensor:
-        z = _noise(sd.latent_shape, seeds, device)
+        z = seeded_noise(sd.latent_shape, seeds, device)
         latents = edm_sampler(net, z, sd.text(prompts), num_steps=teacher_steps, sigma_min=sd.denoiser.sigma_min,
                               sigma_max=sd.denoiser.sigma_max)
         return sd.codec.decode(latents).cpu()

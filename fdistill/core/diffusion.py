@@ -41,6 +41,13 @@ def one_step(net, z: Tensor, sigma_gen: float, cond=None) -> Tensor:
     return net(z * scale, sigma, cond)
 
 
+def seeded_noise(shape: tuple[int, ...], seeds: list[int], device: str | torch.device = "cpu") -> Tensor:
+    """One z ~ N(0, I) of ``shape`` per seed, from a CPU generator seeded with it (as a diffusers pipeline
+    draws latents for ``generator=torch.Generator().manual_seed(seed)``): sample i is the same whatever
+    the batch, the device or the number of processes."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """The EDM noise grid (EDM Eq. 5), descending from sigma_max to sigma_min, float64."""
     i = torch.arange(n, dtype=torch.float64)
