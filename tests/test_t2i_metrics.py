@@ -43,7 +43,7 @@ TINY = {"embed_dim": 16,
 
 
 def has_open_clip_files():
-    return clipmod._open_clip_folder() is not None
+    return clipmod.open_clip_folder() is not None
 
 
 def tokenizer_ready():

@@ -38,19 +38,22 @@ START_ID, END_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1  # 49406, 49407
 CONTEXT_LENGTH = 77
 
 
-def _bundled_bpe() -> Path | None:
-    """open_clip's copy of the BPE file, found without importing open_clip (None if not installed)."""
+def open_clip_folder() -> Path | None:
+    """The installed ``open_clip`` package's folder, found without importing it (None if not installed)."""
     try:
         spec = importlib.util.find_spec("open_clip")
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / BPE_FILENAME
-        if candidate.is_file():
-            return candidate
-    return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _bundled_bpe() -> Path | None:
+    """open_clip's copy of the BPE file (None if open_clip is not installed)."""
+    folder = open_clip_folder()
+    candidate = None if folder is None else folder / BPE_FILENAME
+    return candidate if candidate is not None and candidate.is_file() else None
 
 
 def clip_bpe_path(path: str | Path | None = None) -> Path:

@@ -22,7 +22,6 @@ Weights are read from local files only; ``fdistill.evaluation.t2i_metrics`` find
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections import OrderedDict
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fdistill.data.text import open_clip_folder
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -186,20 +187,10 @@ _TEXT_IGNORED = {"eos_id", "hf_model_pretrained", "hf_proj_type", "hf_pooler_typ
 _TOP_DEFAULTS: dict[str, Any] = {"custom_text": False, "init_logit_bias": None, "multimodal_cfg": None}
 
 
-def _open_clip_folder() -> Path | None:
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def open_clip_model_config(name: str) -> dict:
     """open_clip's model config ``model_configs/<name>.json`` from the installed open_clip_torch package (read as
     a file; open_clip is not imported)."""
-    folder = _open_clip_folder()
+    folder = open_clip_folder()
     if folder is None:
         raise FileNotFoundError(f"open_clip's model configs are needed for CLIP {name!r}: install them with "
                                 "`pip install --no-deps open_clip_torch`, or pass the config as a dict")
