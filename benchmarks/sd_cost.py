@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import resource
 import statistics
@@ -500,8 +499,8 @@ def memory_report(spec: Spec) -> None:
                     cells.append(f"does not fit: states {state / GB:.1f} GB + one sample "
                                  f"{activations(1, teacher, ckpt) / GB:.1f} GB > {usable / GB:.0f} GB")
                 else:
-                    passes = math.ceil(per_gpu / b)
-                    cells.append(f"{b} -> {passes} x {math.ceil(per_gpu / passes)}")
+                    micro = max(m for m in range(1, min(b, per_gpu) + 1) if per_gpu % m == 0)  # micro_batch divides
+                    cells.append(f"{b} -> {per_gpu // micro} x {micro}")
             print(f"| {t_name[8:]} | {'on' if ckpt else 'off'} | " + " | ".join(cells) + " |")
 
 
@@ -535,7 +534,7 @@ MEMORY_ASSUMPTIONS = f"""Assumptions of the memory model:
   within 4%; the same emulation with CPU autocast's policy (norms left in bf16) against torch.autocast("cpu")
   within 4%. CUDA's policy (norms in fp32) could not be checked without a GPU.
 - A cell reads "b -> k x m": at most b samples per GPU per forward fit, so the recipe's per-GPU batch needs k
-  gradient-accumulation passes of m samples."""
+  gradient-accumulation passes of m samples (m divides the per-GPU batch, as distill.micro_batch must)."""
 
 
 def main() -> None:

@@ -124,7 +124,8 @@ def _load_digits() -> ImageDataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise ImportError("the 'digits' dataset ships with scikit-learn: pip install scikit-learn") from e
+        raise ImportError("the 'digits' dataset ships with scikit-learn: pip install 'fdistill[digits]' "
+                          "(or scikit-learn)") from e
     d = load_digits()
     images = np.round(d.images * 255 / 16).astype(np.uint8)[:, None]
     return _dataset(images, d.target, "digits")
