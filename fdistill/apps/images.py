@@ -101,8 +101,9 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
     check_batch(data, cfg.distill.batch_size)
     net, precond, kwargs = load_network(teacher_path)
     if (kwargs["img_resolution"], kwargs["img_channels"]) != (data.resolution, data.channels):
-        raise ValueError(f"teacher {teacher_path} is for {kwargs['img_channels']}x{kwargs['img_resolution']}^2 "
-                         f"images but {cfg.data} has {data.channels}x{data.resolution}^2")
+        r = kwargs["img_resolution"]
+        raise ValueError(f"teacher {teacher_path} is for {kwargs['img_channels']}x{r}x{r} images but {cfg.data} has "
+                         f"{data.channels}x{data.resolution}x{data.resolution} (channels x height x width)")
     data = match_labels(data, kwargs.get("label_dim", 0), teacher_path)
     torch.manual_seed(cfg.distill.seed)
     missing = sorted(set(cfg.disc_resolutions) - set(net.encoder_resolutions))

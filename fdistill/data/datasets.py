@@ -137,7 +137,8 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:
-        raise ValueError(f"cannot decode image {name}: {e}") from e
+        why = "not an image format PIL can read" if "cannot identify image file" in str(e) else str(e)
+        raise ValueError(f"cannot decode image {name}: {why}") from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise ValueError(f"{name} is a {img.mode} (16-bit or float) image; expected 8-bit grayscale or RGB")
     img = img.convert("L" if img.mode in ("1", "L", "LA") else "RGB")

@@ -122,6 +122,10 @@ def save(path: str | Path, modules: dict[str, torch.nn.Module | dict],
         else:
             os.rename(tmp, path)
         _fsync(path.parent)
+    except OSError as e:  # e.g. a full disk: say what was being written and what is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"writing checkpoint {path} failed ({e.strerror or e}); nothing of it was kept, "
+                      "earlier checkpoints are untouched") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
