@@ -15,7 +15,8 @@ import t2i_pipelines  # noqa: E402
 from fdistill.core.diffusion import vp_sigmas  # noqa: E402
 from fdistill.data.conditions import TextCondition  # noqa: E402
 from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
-from fdistill.teachers.stable_diffusion import is_pipeline_folder, load_stable_diffusion  # noqa: E402
+from fdistill.teachers.loading import is_pipeline_folder  # noqa: E402
+from fdistill.teachers.stable_diffusion import load_stable_diffusion  # noqa: E402
 
 PROMPTS = ["a handwritten seven", "a photo of a cat on a bike"]
 

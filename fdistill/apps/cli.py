@@ -220,7 +220,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from fdistill.apps import images, shards, t2i
+    from fdistill.apps import images, shards
     from fdistill.data.datasets import to_float
     from fdistill.teachers.loading import load_network
     from fdistill.training import checkpoint, distributed
@@ -247,6 +247,8 @@ def _sample(args: argparse.Namespace) -> None:
     try:
         t0 = time.perf_counter()
         if text_to_image:
+            from fdistill.apps import t2i
+
             if not prompts:
                 raise ValueError("a text-to-image generator needs --prompt TEXT (repeatable) or --prompts FILE")
             generator, sigma_gen, sd = t2i.load_generator(args.checkpoint, device)

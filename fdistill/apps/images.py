@@ -18,17 +18,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fdistill import config
-from fdistill.apps import t2i
-from fdistill.apps.t2i import TextConfig
 from fdistill.config import from_dict
 from fdistill.core.diffusion import edm_sampler, one_step, seeded_noise
+from fdistill.data.conditions import TextConfig
 from fdistill.data.datasets import ImageDataset, load_dataset, to_uint8
 from fdistill.data.sampler import ImageSampler
 from fdistill.data.writers import save_image_grid
 from fdistill.networks.heads import Discriminator
 from fdistill.teachers.guidance import GuidedDenoiser
-from fdistill.teachers.loading import TEACHER_FILE, build_network, load_network, save_network
-from fdistill.teachers.stable_diffusion import is_pipeline_folder
+from fdistill.teachers.loading import TEACHER_FILE, build_network, is_pipeline_folder, load_network, save_network
 from fdistill.training import checkpoint
 from fdistill.training.distiller import DistillConfig, Distiller
 from fdistill.training.loop import training_loop
@@ -96,6 +94,8 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
     at sigma_max on sigma_max z); the discriminator is conv heads on the teacher's encoder features.
     A Stable Diffusion (XL) folder as the teacher is text-to-image (``t2i.make_distiller``)."""
     if is_pipeline_folder(teacher_path):
+        from fdistill.apps import t2i
+
         return t2i.make_distiller(cfg, teacher_path, device)
     data = data if data is not None else load_dataset(cfg.data)
     check_batch(data, cfg.distill.batch_size)

@@ -10,7 +10,6 @@ once by ``fdistill prepare-latents``; the generator's prompts come from a prompt
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +28,6 @@ from fdistill.teachers.guidance import GuidedDenoiser
 from fdistill.teachers.stable_diffusion import StableDiffusion, load_stable_diffusion
 from fdistill.training import checkpoint
 from fdistill.training.distiller import Distiller
-
-
-@dataclass
-class TextConfig:
-    """Text-to-image settings, used when the teacher is a Stable Diffusion (XL) folder."""
-
-    prompts: str | None = None  # a prompts file (one per line) for the generator; None: the data's captions
-    resolution: int | None = None  # image size in pixels; None: the teacher's (512 for SD1.5, 1024 for SDXL)
-    on_bad_data: str = "skip"  # a corrupt image or missing caption: "skip" (with a warning) or "error"
-    gradient_checkpointing: bool = False  # recompute the generator's and fake score's activations in backward
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) on generator and fake score, not all weights
-    decode_threads: int = 0  # threads decoding each minibatch's images (0: in the training thread)
-
-    def __post_init__(self) -> None:
-        if self.on_bad_data not in ("skip", "error"):
-            raise ValueError(f"on_bad_data must be 'skip' or 'error', got {self.on_bad_data!r}")
 
 
 class TextToImageData:

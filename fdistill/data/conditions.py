@@ -1,5 +1,7 @@
 """What a denoiser is conditioned on besides x and sigma: one-hot class labels (a plain tensor) or text
-embeddings (``TextCondition``), sliced and moved like one tensor so the trainer treats both alike."""
+embeddings (``TextCondition``), sliced and moved like one tensor so the trainer treats both alike; and the
+settings of text-to-image runs (``TextConfig``, the ``text:`` section of a config), here so that a
+class-conditional run reads them without importing the text-to-image code."""
 
 from __future__ import annotations
 
@@ -46,3 +48,18 @@ class TextCondition:
         return cls(**{f.name: None if getattr(first, f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
                       for f in fields(cls)})
 
+
+@dataclass
+class TextConfig:
+    """Text-to-image settings, used when the teacher is a Stable Diffusion (XL) folder."""
+
+    prompts: str | None = None  # a prompts file (one per line) for the generator; None: the data's captions
+    resolution: int | None = None  # image size in pixels; None: the teacher's (512 for SD1.5, 1024 for SDXL)
+    on_bad_data: str = "skip"  # a corrupt image or missing caption: "skip" (with a warning) or "error"
+    gradient_checkpointing: bool = False  # recompute the generator's and fake score's activations in backward
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) on generator and fake score, not all weights
+    decode_threads: int = 0  # threads decoding each minibatch's images (0: in the training thread)
+
+    def __post_init__(self) -> None:
+        if self.on_bad_data not in ("skip", "error"):
+            raise ValueError(f"on_bad_data must be 'skip' or 'error', got {self.on_bad_data!r}")

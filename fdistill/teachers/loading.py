@@ -43,6 +43,16 @@ def save_network(net: nn.Module, precond: str, kwargs: dict, path: str | Path) -
     return path
 
 
+def is_pipeline_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a Stable Diffusion pipeline folder (its model_index.json names a StableDiffusion*
+    class): a text-to-image teacher (``stable_diffusion.load_stable_diffusion`` says which it supports)."""
+    index = Path(path) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name", "").startswith("StableDiffusion")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def _what_is_there(path: Path) -> str:
     if not path.exists():
         return "nothing is there"

@@ -64,17 +64,6 @@ def _quiet():
         transformers.utils.logging.enable_progress_bar()
 
 
-def is_pipeline_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a Stable Diffusion (XL) pipeline folder (by its model_index.json)."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return json.loads(index.read_text()).get("_class_name") in FAMILIES
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 class LatentUNetDenoiser(VPUNetDenoiser):
     """A Stable Diffusion (XL) ``UNet2DConditionModel`` as a latent-space denoiser D(x, sigma, TextCondition).
 
