@@ -251,6 +251,9 @@ def _sample(args: argparse.Namespace) -> None:
 
             if not prompts:
                 raise ValueError("a text-to-image generator needs --prompt TEXT (repeatable) or --prompts FILE")
+            if distributed.world_size() > 1:
+                raise ValueError("text-to-image sample runs in one process; for many prompts on several GPUs, "
+                                 "torchrun ... evaluate-t2i writes the images in shards")
             generator, sigma_gen, sd = t2i.load_generator(args.checkpoint, device)
             x = t2i.generate_images(generator, sigma_gen, sd, prompts, args.seed, progress=not args.no_progress)
             paths = t2i.write_pngs(x, prompts, out, args.seed)
