@@ -12,7 +12,8 @@ classifier's feature space against the 1,797 real digits), prompt accuracy (the 
 prompted digit) and seconds per 1000 samples (UNet calls and VAE decoding). Writes grids and results.json.
 The text encoder is frozen at its random initialisation: it only has to tell ~50 distinct prompts apart.
 Then ``fdistill evaluate-t2i`` scores every model (teacher and students) on --evaluate-t2i prompts, 4 images
-each, with digits-FID and random stand-in CLIP/DINO networks (labelled as such in its tables).
+each, with digits-FID and random stand-in CLIP/DINO networks (labelled as such in its tables), and
+``fdistill analyze-run`` draws Fig. 6 for every student (``<out>/<run>/analysis/fig6.png``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fdistill.evaluation.digits_classifier import load_digits_classifier  # noqa
 from fdistill.evaluation.metrics import class_accuracy, evaluate_features  # noqa: E402
 from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
 from fdistill.teachers.stable_diffusion import load_stable_diffusion  # noqa: E402
+from fdistill.training import run as run_record  # noqa: E402
 from fdistill.training.loop import training_loop  # noqa: E402
 from fdistill.training.teacher import TeacherConfig, TeacherTrainer  # noqa: E402
 
@@ -218,16 +220,18 @@ def main() -> None:
     say(f"teacher: {rows['teacher (35 NFE, CFG 2)']}")
     for run in args.runs.split(","):
         run_dir = out / run
+        overrides = [f"data={latents}", "disc_resolutions=[4]", "disc_hidden=32", f"guidance={GUIDANCE}",
+                     f"distill.iterations={args.distill_iterations}", "distill.batch_size=64", "distill.tau=5",
+                     "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_gamma=0",
+                     "distill.ema_beta=0.99", "distill.sigmas.schedule=scaled_linear",
+                     "distill.sigmas.index_range=[1, 999]", "distill.log_every=100", *args.overrides]
+        overrides += ["distill.fdistill_weight=0"] if run == "adversarial" else [f"distill.divergence={run}"]
+        cfg = images.load_config("digits", overrides)
+        if not (run_dir / "config.yaml").is_file():  # a run folder as `fdistill distill` writes (analyze-run reads it)
+            run_record.write(run_dir, "distill", cfg, teacher=str(teacher.resolve()), data=cfg.data)
         if not (run_dir / "checkpoints").is_dir():
-            overrides = [f"data={latents}", "disc_resolutions=[4]", "disc_hidden=32", f"guidance={GUIDANCE}",
-                         f"distill.iterations={args.distill_iterations}", "distill.batch_size=64", "distill.tau=5",
-                         "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_gamma=0",
-                         "distill.ema_beta=0.99", "distill.sigmas.schedule=scaled_linear",
-                         "distill.sigmas.index_range=[1, 999]", "distill.log_every=100", *args.overrides]
-            overrides += ["distill.fdistill_weight=0"] if run == "adversarial" else [f"distill.divergence={run}"]
             t0 = time.perf_counter()
-            training_loop(images.make_distiller(images.load_config("digits", overrides), teacher), run_dir=run_dir,
-                          progress=False)
+            training_loop(images.make_distiller(cfg, teacher), run_dir=run_dir, progress=False)
             say(f"distilled {run} in {time.perf_counter() - t0:.0f} s")
         x, seconds = sample_student(run_dir, prompts)
         rows[f"{run} (1 NFE)"] = score(x, digits, seconds)
@@ -244,6 +248,10 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     if args.evaluate_t2i:
         evaluate_t2i_tables(out, args.runs.split(","), args.evaluate_t2i)
+    from fdistill.apps.analyze_run import analyze_run
+
+    for run in args.runs.split(","):  # Fig. 6: h_bar against the teacher-fake score difference
+        print(f"\n## fdistill analyze-run {out / run}\n{analyze_run(out / run)}", flush=True)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; grids and results.json in {out}")
 
 

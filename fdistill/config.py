@@ -171,6 +171,9 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] = (), base:
     except ConfigError as e:
         keys = {o.partition("=")[0].strip(): o for o in overrides}
         given = [o for k, o in keys.items() if e.key == k or e.key.startswith((k + ".", k + "["))]
+        if not given and e.key:  # a section's own check failed: an override in it whose value the message quotes
+            given = [o for k, o in keys.items() if k.startswith(e.key + ".")
+                     and f"'{o.partition('=')[2].strip()}'" in str(e)]
         source = f"the override {given[-1]}" if given else str(path) if path is not None else "the defaults"
         raise ConfigError(e.key, f"{e} (in {source})") from None
 

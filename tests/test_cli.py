@@ -165,6 +165,10 @@ def test_evaluate_reads_other_layouts_and_warns_about_scale_and_size(tmp_path, c
     np.savez(tmp_path / "odd.npz", pictures=images)
     assert cli.main(["evaluate", str(tmp_path / "odd.npz")]) == 2
     assert "no 'images' (fdistill) or 'arr_0' (ADM) array" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not an array")
+    assert cli.main(["evaluate", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "neither .npy nor .npz data" in err and "allow_pickle" not in err and "Traceback" not in err
 
 
 def test_logging_counts_iterations_and_always_logs_the_last(teacher_path, tmp_path, capsys):

@@ -305,3 +305,5 @@ def test_resume_without_a_checkpoint_starts_at_zero(distill, tmp_path, capsys):
 def test_unknown_override_suggests_the_key_and_names_the_override(distill, capsys):
     err = _fails_in_one_line(capsys, distill("distill.iteratons=5"), "did you mean 'distill.iterations'?")
     assert "override distill.iteratons=5" in err and "digits.yaml" not in err
+    err = _fails_in_one_line(capsys, distill("distill.divergence=kl"), "unknown divergence 'kl'")
+    assert err.endswith("(in the override distill.divergence=kl)"), err  # not the preset's name

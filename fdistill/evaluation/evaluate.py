@@ -76,7 +76,9 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, Tensor | None]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as a numpy .npz/.npy file: {e}") from None
+        why = "neither .npy nor .npz data; pickles are never loaded" if "pickle" in str(e) else str(e)
+        raise ValueError(f"cannot read {path} as a numpy .npz/.npy file ({why}); expected a `fdistill sample` "
+                         "folder or its samples.npz, a .npy array or ADM's arr_0 .npz") from None
     labels, image_key = None, None
     if isinstance(loaded, np.ndarray):
         images = loaded
