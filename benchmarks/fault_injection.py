@@ -7,8 +7,9 @@ an uninterrupted run.
 Each trial distills a tiny digits teacher for --iterations iterations (a checkpoint every 2, the newest 2
 kept) and is killed with SIGKILL again and again: half of the launches at a random time, half at a random
 filesystem step of the checkpoint writer (each file written, each fsync, each rename or removal), where a
-crash is most dangerous. After each kill the run is launched again with --resume (without it when the
-kill came before config.yaml was written), until a launch completes. A launch that fails by itself,
+crash is most dangerous. The first launch of every trial is killed (at a step or time the run reaches).
+After each kill the run is launched again with --resume (without it when the kill came before config.yaml
+was written), until a launch completes. A launch that fails by itself,
 not by our kill, counts as a failed resume. Prints trials, kills, failed resumes and how many trials
 ended bit-identical to the uninterrupted run.
 """
@@ -54,14 +55,18 @@ def child(argv: list[str]) -> int:
         setattr(os, name, dying(getattr(os, name)))
     shutil.rmtree = dying(shutil.rmtree)
     Path.write_text = dying(Path.write_text)
-    return cli.main(argv)
+    status = cli.main(argv)
+    if os.environ.get("FAULT_COUNT_FILE"):  # how many filesystem steps a whole run takes
+        Path(os.environ["FAULT_COUNT_FILE"]).write_text(str(steps[0]))
+    return status
 
 
-def launch(run: Path, teacher: Path, iterations: int, fault_at: int, kill_after: float | None) -> int:
+def launch(run: Path, teacher: Path, iterations: int, fault_at: int, kill_after: float | None,
+           count_file: Path | None = None) -> int:
     resume = ["--resume"] if (run / "config.yaml").is_file() else []
     argv = ["distill", "--teacher", str(teacher), "--out", str(run), "--no-progress", "--device", "cpu",
             f"distill.iterations={iterations}", *TINY, *resume]
-    env = {**os.environ, "FAULT_AT": str(fault_at), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "FAULT_AT": str(fault_at), "OMP_NUM_THREADS": "2", "FAULT_COUNT_FILE": str(count_file or "")}
     proc = subprocess.Popen([sys.executable, __file__, CHILD_FLAG, *argv], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -99,11 +104,12 @@ def main() -> None:
     assert cli.main(["train-teacher", "--out", str(teacher), "--no-progress", "--device", "cpu",
                      "teacher.iterations=3", "teacher.batch_size=16", "teacher.warmup=1", *TINY[:5]]) == 0
     t0 = time.perf_counter()
-    assert launch(root / "reference", teacher, args.iterations, 0, None) == 0
+    assert launch(root / "reference", teacher, args.iterations, 0, None, count_file=root / "steps") == 0
     clean_seconds = time.perf_counter() - t0
+    fs_steps = int((root / "steps").read_text())
     reference = final_weights(root / "reference")
-    print(f"uninterrupted run: {args.iterations} iterations in {clean_seconds:.1f} s (process start included)",
-          flush=True)
+    print(f"uninterrupted run: {args.iterations} iterations in {clean_seconds:.1f} s (process start included), "
+          f"{fs_steps} filesystem steps in its checkpoint writes", flush=True)
 
     kills = failed = identical = 0
     for trial in range(args.trials):
@@ -112,9 +118,12 @@ def main() -> None:
             launches += 1
             if launches > 60:
                 raise RuntimeError(f"trial {trial} did not complete in 60 launches")
+            # the first launch of a trial is always killed (a step the run reaches, a time before it ends);
+            # the relaunches may draw a step or a time past their end and complete
+            first = launches == 1
             on_disk = rng.random() < 0.5
-            fault_at = rng.randint(1, 40) if on_disk else 0
-            kill_after = None if on_disk else rng.uniform(0.5, clean_seconds)
+            fault_at = rng.randint(1, fs_steps if first else 2 * fs_steps) if on_disk else 0
+            kill_after = None if on_disk else rng.uniform(0.5, 0.9 * clean_seconds if first else clean_seconds)
             status = launch(run, teacher, args.iterations, fault_at, kill_after)
             if status == 0:
                 break
