@@ -20,6 +20,7 @@ TINY_BY_COMMAND = {
     "distill": ["disc_hidden=8", "distill.iterations=2", "distill.batch_size=8"],
     "sample": ["--num-samples", "20"],
     "evaluate": [],
+    "analyze-run": ["--num-samples", "64"],
 }
 
 
@@ -59,8 +60,9 @@ def test_readme_shell_commands_run(tmp_path, monkeypatch, capsys):
                 argv = [*words[1:], *TINY_BY_COMMAND[words[1]]]
                 assert cli.main(argv) == 0, (argv, capsys.readouterr().err)
                 ran.append(words[1])
-    assert ran == ["demo", "train-teacher", "distill", "sample", "evaluate"]
+    assert ran == ["demo", "train-teacher", "distill", "sample", "evaluate", "analyze-run"]
     assert (tmp_path / "runs" / "js" / "samples" / "grid.png").is_file()
+    assert (tmp_path / "runs" / "js" / "analysis" / "fig6.png").is_file()
 
     (snippet,) = blocks(section("The image workflow"), "python")
     assert '"distill.iterations=1500"' in snippet
