@@ -9,9 +9,8 @@ kept) and is killed with SIGKILL again and again: half of the launches at a rand
 filesystem step of the checkpoint writer (each file written, each fsync, each rename or removal), where a
 crash is most dangerous. The first launch of every trial is killed (at a step or time the run reaches).
 After each kill the run is launched again with --resume (without it when the kill came before config.yaml
-was written), until a launch completes. A launch that fails by itself,
-not by our kill, counts as a failed resume. Prints trials, kills, failed resumes and how many trials
-ended bit-identical to the uninterrupted run.
+was written), until a launch completes. A launch that fails by itself, not by our kill, counts as a failed
+resume. Prints trials, kills, failed resumes and how many trials ended bit-identical to the uninterrupted run.
 """
 
 from __future__ import annotations

@@ -151,6 +151,6 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, n: int = 204
     lines = [f"{d.divergence.name} ({d.divergence.description}), {n} generated samples of {run_dir}",
              "rank correlation (Spearman) of h_bar with ||s_teacher - s_fake||"
              + (" (h is constant for this divergence: no correlation):" if constant else ":"),
-             *(f"  sigma {s:8.4g}: {r:+.3f}" for s, r in rho.items()),
+             *(f"  sigma {s:8.4g}: " + ("n/a" if np.isnan(r) else f"{r:+.3f}") for s, r in rho.items()),
              f"wrote {out / 'fig6.png'} and fig6.json"]
     return "\n".join(lines)

@@ -134,7 +134,7 @@ def set_dropout(net: nn.Module, p: float) -> None:
     for m in net.modules():
         if isinstance(m, nn.Dropout):
             m.p = p
-        elif isinstance(getattr(m, "dropout", None), float):
+        elif isinstance(vars(m).get("dropout"), float):  # not getattr: diffusers' config attributes warn
             m.dropout = p
 
 

@@ -270,9 +270,10 @@ def export_pipeline(generator: LatentUNetDenoiser, teacher_folder: str | Path, o
     shutil.copytree(teacher_folder, tmp, ignore=shutil.ignore_patterns("unet", "scheduler"))
     generator.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     sched = json.loads((teacher_folder / "scheduler" / "scheduler_config.json").read_text())
+    # steps_offset does nothing with trailing spacing; 1, as SD's own configs (the pipeline warns at any other)
     one_step = diffusers.DDIMScheduler.from_config({k: v for k, v in sched.items() if not k.startswith("_")},
                                                    timestep_spacing="trailing", set_alpha_to_one=True,
-                                                   clip_sample=False, steps_offset=0)
+                                                   clip_sample=False, steps_offset=1)
     one_step.save_pretrained(tmp / "scheduler")
     index = json.loads((tmp / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "DDIMScheduler"]
