@@ -103,6 +103,13 @@ def test_truncated_or_corrupt_checkpoint_files_are_named(tmp_path):
         checkpoint.load(newest, d.modules(), d.optimizers())
     with pytest.raises(ValueError, match="model.safetensors is corrupt"):
         checkpoint.load_weights(tmp_path, "generator")
+    model.write_bytes(data[:-10])  # truncated again; a resume continues from 3 and the next save prunes it
+    d = toy(checkpoint_every=3, iterations=9, keep_checkpoints=2)
+    with pytest.warns(UserWarning, match="skipping an incomplete checkpoint"):
+        d.load(checkpoint.latest(tmp_path))
+    training_loop(d, run_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["000000006", "000000009"]
+    checkpoint.load(newest, d.modules(), d.optimizers())  # rewritten by the resumed run, complete
 
 
 def test_checkpoints_are_named_by_iteration_and_the_newest_k_kept(tmp_path):

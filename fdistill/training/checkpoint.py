@@ -169,13 +169,24 @@ def latest(run_dir: str | Path) -> Path | None:
     return None
 
 
+def _complete(path: Path) -> bool:
+    try:
+        _read_state(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def prune(run_dir: str | Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints of ``run_dir`` (by iteration) and remove the rest, and any
-    temporary folder left by an interrupted save."""
+    """Keep the newest ``keep`` complete checkpoints of ``run_dir`` (by iteration) and remove the rest (an
+    incomplete one, skipped by a resume, does not take a good one's place), and any temporary folder left
+    by an interrupted save."""
     folder = Path(run_dir) / CHECKPOINTS
     found = sorted((p for p in folder.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    for path in found[: max(len(found) - max(keep, 1), 0)]:
-        shutil.rmtree(path)
+    kept = [p for p in found if _complete(p)][-max(keep, 1):]
+    for path in found:
+        if path not in kept:
+            shutil.rmtree(path)
     for stale in folder.glob(".*.tmp-*"):
         if not stale.name.endswith(f".tmp-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
