@@ -134,30 +134,32 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu",
     return generator.eval().requires_grad_(False).to(device), cfg.generator_sigma or cfg.sigmas.largest, sd.to(device)
 
 
-@torch.no_grad()
+def one_step_maker(generator: nn.Module, sigma_gen: float, sd: StableDiffusion):
+    """``make(prompts, seeds) -> images in [-1, 1]`` (CPU): prompt i's noise from its seed (``seeded_noise``),
+    one generator call, then the VAE decoder."""
+    device = next(generator.parameters()).device
+
+    @torch.no_grad()
+    def make(prompts: list[str], seeds: list[int]) -> Tensor:
+        z = seeded_noise(sd.latent_shape, seeds, device)
+        return sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(prompts))).cpu()
+    return make
+
+
 def generate_images(generator: nn.Module, sigma_gen: float, sd: StableDiffusion, prompts: list[str],
                     seed: int = 0, progress: bool = False, batch_size: int = 16) -> Tensor:
-    """One image per prompt, in [-1, 1] (CPU): prompt i's noise from ``seed + i`` (``seeded_noise``), one
-    generator call, then the VAE decoder."""
-    device = next(generator.parameters()).device
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
-        batch = prompts[i:i + batch_size]
-        z = seeded_noise(sd.latent_shape, list(range(seed + i, seed + i + len(batch))), device)
-        out.append(sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(batch))).cpu())
-    return torch.cat(out)
+    """One image per prompt, in [-1, 1] (CPU), prompt i from seed ``seed + i`` (``one_step_maker``)."""
+    make = one_step_maker(generator, sigma_gen, sd)
+    return torch.cat([make(prompts[i:i + batch_size], list(range(seed + i, seed + min(i + batch_size, len(prompts)))))
+                      for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress,
+                                    leave=False)])
 
 
 def image_maker(run: str | Path, device, teacher_steps: int | None = None, guidance: float = 1.0):
     """``make(prompts, seeds) -> images in [-1, 1]`` for a text-to-image run: its one-step student, or with
     ``teacher_steps`` its teacher sampled by EDM's Heun sampler (2 steps - 1 evaluations, each guided)."""
     if teacher_steps is None:
-        generator, sigma_gen, sd = load_generator(run, device)
-
-        def make(prompts: list[str], seeds: list[int]) -> Tensor:
-            z = seeded_noise(sd.latent_shape, seeds, device)
-            return sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(prompts))).cpu()
-        return make
+        return one_step_maker(*load_generator(run, device))
     info = checkpoint.read_meta(run)["info"]
     sd = load_stable_diffusion(info["network"]["folder"], info["network"]["resolution"]).to(device)
     net = GuidedDenoiser(sd.denoiser, guidance) if guidance != 1.0 else sd.denoiser
