@@ -164,20 +164,14 @@ def reference_statistics(ref: str, scorers: Scorers, batch_size: int = 32, progr
         from fdistill.evaluation.evaluate import load_reference_stats
 
         return load_reference_stats(ref)
-    from fdistill.evaluation.evaluate import _dataset_identity
+    from fdistill.evaluation.evaluate import reference_stats_path, save_npz
     from fdistill.evaluation.inception import extract_features
 
     folder = Path(ref)
     if not folder.is_dir():
         raise FileNotFoundError(f"--ref {ref}: expected a folder of reference images (e.g. COCO's val2014/), "
                                 "an .npz with mu and sigma, or 'digits'")
-    key = json.dumps({**_dataset_identity(str(folder)), "size": FID_SIZE, "weights": scorers.inception.path.name},
-                     sort_keys=True)
-    import hashlib
-
-    from fdistill.config import cache_dir
-
-    cache = cache_dir() / "fid-stats" / f"{folder.name}-{FID_SIZE}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    cache = reference_stats_path(str(folder), scorers.inception, {"center_crop_resize": FID_SIZE})
     if cache.is_file():
         with np.load(cache) as f:
             return f["mu"], f["sigma"]
@@ -190,10 +184,7 @@ def reference_statistics(ref: str, scorers: Scorers, batch_size: int = 32, progr
         crops = torch.cat([square_center_crop_resize(torch.from_numpy(b)[None], FID_SIZE) for b in batch])
         feats.append(extract_features(scorers.inception, crops, batch_size, False).float())
     mu, sigma = feature_statistics(torch.cat(feats))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, cache)
+    save_npz(cache, mu=mu, sigma=sigma)
     return mu, sigma
 
 

@@ -134,15 +134,24 @@ def _dataset_identity(source: str) -> dict:
             "mtime_ns": max((s.st_mtime_ns for s in stats), default=0), "files": len(stats)}
 
 
-def reference_stats_path(data: str, extractor) -> Path:
+def reference_stats_path(data: str, extractor, preprocessing: dict | None = None) -> Path:
     """Cache file for ``data``'s features under ``extractor``: keyed by a hash of the dataset's path, size and
-    mtime and the weights file's name and size."""
+    mtime, the weights file's name and size, and any ``preprocessing`` of the images (e.g. a crop size)."""
     weights = extractor.path
     key = {**_dataset_identity(str(data)), "weights": weights.name, "weights_size": weights.stat().st_size,
-           "kind": extractor.kind, "version": STATS_VERSION}
+           "kind": extractor.kind, "version": STATS_VERSION, **(preprocessing or {})}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(data)).name)[:40]
+    name += "".join(f"-{v}" for v in (preprocessing or {}).values())  # e.g. val2014-256-<digest>.npz
     return cache_dir() / "fid-stats" / f"{name}-{digest}.npz"
+
+
+def save_npz(path: Path, **arrays) -> None:
+    """``np.savez`` written atomically: a concurrent reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def reference_features(data: str, extractor, batch_size: int = 64, progress: bool = False,
@@ -166,11 +175,8 @@ def reference_features(data: str, extractor, batch_size: int = 64, progress: boo
     feats = extract_features(extractor, images, batch_size, progress, desc=f"Inception: {Path(str(data)).name}")
     feats = feats.float()
     mu, sigma = feature_statistics(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=feats.numpy(), mu=mu, sigma=sigma, shape=np.array(images.shape[1:]),
+    save_npz(path, features=feats.numpy(), mu=mu, sigma=sigma, shape=np.array(images.shape[1:]),
              source=str(data), weights=extractor.path.name)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees a partial file
     return {"features": feats, "mu": mu, "sigma": sigma, "shape": tuple(images.shape[1:]), "path": path,
             "cached": False}
 
