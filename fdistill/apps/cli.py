@@ -280,8 +280,7 @@ def _sample(args: argparse.Namespace) -> None:
         distributed.barrier()
         if rank == 0:
             x = to_float(torch.from_numpy(shards.read_all(folder)))
-            labels = torch.eye(label_dim)[classes] if label_dim else None
-            npz, grid = images.write_samples(out, x, labels, args.grid_size)
+            npz, grid = images.write_samples(out, x, images.one_hot(classes, label_dim), args.grid_size)
             seconds, nfe = time.perf_counter() - t0, 1 if sigma_gen is not None else 2 * steps - 1
             print(f"wrote {npz}, {grid} and {folder}/shard-*/: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
                   f"({1000 * seconds / args.num:.1f} s per 1000). Next: fdistill evaluate {out}")

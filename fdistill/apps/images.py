@@ -172,11 +172,16 @@ def sample_maker(net: nn.Module, shape: tuple[int, int, int], label_dim: int, si
     @torch.no_grad()
     def make(classes: list[int], seeds: list[int]) -> Tensor:
         z = seeded_noise(shape, seeds, device)
-        cond = torch.eye(label_dim, device=device)[classes] if label_dim else None
+        cond = one_hot(classes, label_dim, device)
         x = one_step(net, z, sigma_gen, cond) if sigma_gen is not None else \
             edm_sampler(teacher, z, cond, num_steps=steps)
         return x.clamp(-1, 1).cpu()
     return make
+
+
+def one_hot(classes: list[int], label_dim: int, device: str | torch.device = "cpu") -> Tensor | None:
+    """The one-hot labels of ``classes`` (None for an unconditional model, label_dim 0)."""
+    return torch.eye(label_dim, device=device)[classes] if label_dim else None
 
 
 def sample_classes(n: int, label_dim: int) -> list[int]:
@@ -195,7 +200,7 @@ def generate(
     classes = sample_classes(n, label_dim)
     out = [make(classes[i:i + batch_size], list(range(seed + i, seed + min(i + batch_size, n))))
            for i in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False)]
-    return torch.cat(out), torch.eye(label_dim)[classes] if label_dim else None
+    return torch.cat(out), one_hot(classes, label_dim)
 
 
 def write_grid(x: Tensor, label_dim: int, path: Path, size: int = 100) -> Path:
