@@ -115,7 +115,8 @@ def ours_worker(args: argparse.Namespace) -> None:
     if preset.student_dropout is not None:  # as make_distiller does
         for m in (generator, fake_score):
             set_dropout(m, preset.student_dropout)
-    disc = Discriminator.conv({r: channels[r] for r in preset.disc_resolutions}, preset.disc_hidden)
+    disc = Discriminator.conv({r: channels[r] for r in preset.disc_resolutions}, preset.disc_hidden,
+                              preset.disc_head)
     cfg = dataclasses.replace(preset.distill, batch_size=args.batch, precision="fp32", r1_gamma=0.0,
                               micro_batch=None, channels_last=False, compile=False)
 
@@ -133,9 +134,9 @@ def ours_worker(args: argparse.Namespace) -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "params": {"generator": _count(d.generator), "teacher": _count(d.teacher),
                    "fake_score": _count(d.fake_score), "discriminator": _count(d.discriminator)},
-        "emas": ["generator_ema"], "ema_beta": cfg.ema_beta, "ema_when": "after each student step",
+        "emas": ["generator_ema"], "ema_beta": cfg.ema_beta, "ema_when": f"ema_cadence {cfg.ema_cadence!r}",
         "dropout": dropout,
-        "disc": f"{len(d.discriminator.heads)} heads at {preset.disc_resolutions}, width {preset.disc_hidden} "
+        "disc": f"{len(d.discriminator.heads)} {preset.disc_head!r} heads at {preset.disc_resolutions} "
                 f"({top}x{top} head's convs: {', '.join(head_shapes)})",
         "fake_score_weighting": cfg.fake_score_weighting, "r1_gamma": cfg.r1_gamma,
         "grad_clip": cfg.grad_clip, "divergence": cfg.divergence, "ratio_binning": cfg.ratio_binning,
@@ -346,11 +347,11 @@ def differences(o: dict, f: dict) -> list[tuple[str, str, str, str]]:
     same_unet = all(op[k] == fp[k] for k in ("generator", "teacher", "fake_score"))
     return [
         ("EMAs of the generator updated",
-         f"{len(o['emas'])} (beta {o['ema_beta']}), {o['ema_when']}: 1 lerp pass over the generator per "
+         f"{len(o['emas'])} (beta {o['ema_beta']}), {o['ema_when']}: {TAU} lerp passes over the generator per "
          f"tau = {TAU} iteration",
          f"{len(f['emas'])} ({', '.join(f['emas'])}; beta {f['ema_betas']}), {f['ema_when']}: "
          f"{len(f['emas']) * TAU} lerp passes (+ buffer copies) per tau = {TAU} iteration",
-         "ours: fdistill/training/distiller.py student_step -> fdistill/training/ema.py; FastGen: "
+         "ours: fdistill/training/distiller.py Distiller.step -> fdistill/training/ema.py; FastGen: "
          "configs/experiments/EDM/config_f_distill_cifar10.py (use_ema, EMA_CONST_CALLBACKS), "
          "callbacks/ema.py on_training_step_end, trainer.py run loop"),
         ("dropout in generator and fake score (both in train mode)",
@@ -361,11 +362,11 @@ def differences(o: dict, f: dict) -> list[tuple[str, str, str, str]]:
          "ours: fdistill/apps/images.py ImageConfig.student_dropout, make_distiller; "
          "FastGen: configs/net.py EDM_CIFAR10_Config, dmd2.py _setup_grad_requirements"),
         ("discriminator heads",
-         f"{o['disc']}; GroupNorm(32)+SiLU after each stride-2 conv, then an r x r conv + SiLU (no norm) and a "
-         f"1x1 conv; logits averaged over heads; {op['discriminator'] / 1e6:.2f}M parameters",
+         f"{o['disc']}; per-head logits, softplus per head (DistillConfig.gan_loss_heads); "
+         f"{op['discriminator'] / 1e6:.2f}M parameters",
          f"{f['disc']}; GroupNorm+SiLU after every conv but the last (8->4 stride 2, 4->1 4x4 stride 4); "
          f"per-head logits (B, 3); {fp['discriminator'] / 1e6:.2f}M parameters",
-         "ours: fdistill/networks/heads.py ConvHead, configs/cifar10.yaml disc_hidden; FastGen: "
+         "ours: fdistill/networks/heads.py FastGenHead, configs/cifar10.yaml disc_head; FastGen: "
          "networks/discriminators.py Discriminator_EDM, configs/discriminator.py Discriminator_EDM_CIFAR10_Config"),
         ("fake-score loss weighting",
          f"{o['fake_score_weighting']!r}: x0 error weighted by (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 "

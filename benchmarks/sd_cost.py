@@ -505,9 +505,10 @@ def memory_report(spec: Spec) -> None:
 
 
 MEMORY_ASSUMPTIONS = f"""Assumptions of the memory model:
-- P = parameters of one UNet, counted on the meta device; the discriminator head (a small conv head on the
-  teacher's mid-block features) and the text encoders / VAE (latents and embeddings precomputed or held elsewhere)
-  are left out; no EMA copy of the generator (it would add 4 x P, / {N_GPUS} under FSDP).
+- P = parameters of one UNet, counted on the meta device; the discriminator head (the presets' FastGen head:
+  52M parameters for SD1.5, 131M for SDXL at 1024 px, 5-6% of P) and the text encoders / VAE (latents and
+  embeddings precomputed or held elsewhere) are left out; no EMA copy of the generator (it would add 4 x P,
+  / {N_GPUS} under FSDP).
 - States: teacher frozen (bf16 2 x P, or fp32 4 x P); generator and fake score fp32 master weights (8 x P),
   fp32 gradients for both (8 x P; with zero_grad(set_to_none=True) only one network's are alive at a time, so
   this overcounts by 4 x P), AdamW exp_avg and exp_avg_sq for both (16 x P). Data parallel replicates all of it;

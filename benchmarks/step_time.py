@@ -83,7 +83,7 @@ def main() -> None:
 
     teacher = EDMPrecond(**CIFAR10_DDPMPP)
     teacher.feature_resolutions = [32, 16, 8]  # Table 5, CIFAR-10
-    disc = Discriminator.conv(teacher.feature_channels())
+    disc = Discriminator.conv(teacher.feature_channels(), head="fastgen")  # the cifar10 preset's heads
     n_params = sum(p.numel() for p in teacher.parameters())
     cfg = DistillConfig(divergence="forward_kl", batch_size=args.batch, tau=5, gan_weight=1e-3, r1_gamma=1.0,
                         lr=1e-4, sigmas=SigmaSampler(), precision="bf16" if args.bf16 else "fp32",

@@ -223,7 +223,7 @@ def main() -> None:
         overrides = [f"data={latents}", "disc_resolutions=[4]", "disc_hidden=32", f"guidance={GUIDANCE}",
                      f"distill.iterations={args.distill_iterations}", "distill.batch_size=64", "distill.tau=5",
                      "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_gamma=0",
-                     "distill.ema_beta=0.99", "distill.sigmas.schedule=scaled_linear",
+                     "distill.ema_beta=0.998", "distill.sigmas.schedule=scaled_linear",
                      "distill.sigmas.index_range=[1, 999]", "distill.log_every=100", *args.overrides]
         overrides += ["distill.fdistill_weight=0"] if run == "adversarial" else [f"distill.divergence={run}"]
         cfg = images.load_config("digits", overrides)

@@ -45,7 +45,14 @@ def _convert(tp, value, where: str):
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(args[0], value, where)
+        if value is None or len(args) == 1:
+            return None if value is None else _convert(args[0], value, where)
+        for a in args:  # e.g. int | str: the first type the value is
+            try:
+                return _convert(a, value, where)
+            except ConfigError:
+                pass
+        raise ConfigError(where, f"{where}: expected {' or '.join(a.__name__ for a in args)}, got {value!r}")
     if origin in (tuple, list):
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -102,9 +109,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ValueError(f"override {item!r}: {p} is a value, not a group of keys")
             node = node[p]
         try:
-            node[leaf] = yaml.safe_load(raw)
+            node[leaf] = safe_load(raw, f"override {key.strip()}")
         except yaml.YAMLError as e:
-            raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+            shown = item if len(item) <= 100 else f"{item[:80]}...({len(item)} characters)"
+            raise ValueError(f"override {shown!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return data
 
 
@@ -123,6 +131,57 @@ def cache_dir() -> Path:
     """Where fdistill caches what it computes once (the digits classifier, reference statistics):
     $FDISTILL_CACHE, else ~/.cache/fdistill."""
     return Path(os.environ.get("FDISTILL_CACHE") or Path.home() / ".cache" / "fdistill").expanduser()
+
+
+MAX_YAML_BYTES = 1 << 20  # a config file (or an override's value) larger than this is refused, unread
+MAX_YAML_DEPTH = 100  # nesting deeper than this is refused (PyYAML composes nodes recursively)
+
+
+class SafeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader without anchors and aliases (``&a``, ``*a``, ``<<: *a``): an alias shares a node,
+    and a few lines of aliases of aliases (a "billion laughs") expand, once copied, into billions of values.
+    Nesting is bounded by MAX_YAML_DEPTH. Each refusal is a ``yaml.YAMLError`` with the line and column."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "YAML anchors and aliases (&name, *name) are not "
+                                              "accepted in fdistill configs; write each value out", event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                              event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def safe_load(text: str, where: str) -> Any:
+    """YAML ``text`` (from ``where``: a file, an override) by ``SafeLoader``: refused with one line when larger
+    than MAX_YAML_BYTES, nested too deeply or using anchors and aliases; ``yaml.YAMLError`` when malformed."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ValueError(f"{where} is {len(text)} characters of YAML; fdistill reads configs of at most "
+                         f"{MAX_YAML_BYTES} bytes (1 MiB)")
+    try:
+        return yaml.load(text, Loader=SafeLoader)  # noqa: S506 (SafeLoader subclass)
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
+
+
+def read_yaml_file(path: Path) -> Any:
+    """The YAML in file ``path`` by ``safe_load``: a file over MAX_YAML_BYTES is refused before it is read."""
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ValueError(f"{path} is {size} bytes; fdistill reads YAML configs of at most {MAX_YAML_BYTES} bytes "
+                         "(1 MiB)")
+    with open(path, "rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)  # bounded even if the file grew since
+    return safe_load(data.decode(), str(path))
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -147,7 +206,7 @@ def load_yaml(path: str | Path) -> dict:
         raise FileNotFoundError(f"config file not found: {path} (presets shipped with fdistill: "
                                 f"{', '.join(preset_names())}; `fdistill presets` lists them)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_file(path) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
@@ -159,12 +218,15 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load(cls: type[T], path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> T:
-    """Config ``cls`` from ``path`` (a YAML file, a preset name or a run folder; read over ``base`` when
-    given), then the ``key=value`` overrides. Errors name the override or the file the bad key came from."""
-    data = {} if path is None else load_yaml(path)
-    if base is not None:
-        data = merge(base, data)
+def load(cls: type[T], path: str | Path | list | None, overrides: list[str] = (), base: dict | None = None) -> T:
+    """Config ``cls`` from ``path`` (a YAML file, a preset name or a run folder, or a list of them, each read
+    over the ones before, e.g. ``["cifar10", "fastgen"]``; all read over ``base`` when given), then the
+    ``key=value`` overrides. Errors name the override or the file the bad key came from."""
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
+    data = base or {}
+    for p in paths:
+        data = merge(data, load_yaml(p))
+    path = None if not paths else ", ".join(map(str, paths))
     data = apply_overrides(data, list(overrides))
     try:
         return from_dict(cls, data)

@@ -23,6 +23,26 @@ for _mod in ("numpy.core", "numpy._core"):
     NUMPY_GLOBALS[(f"{_mod}.numeric", "_frombuffer")] = _multiarray.numeric._frombuffer
 
 
+class UnreadablePickle(pickle.UnpicklingError, ValueError):
+    """A file that is no readable pickle, or names a global outside the allow-list: one line saying so (a
+    ValueError too, so a command reports it as a mistake in its input)."""
+
+
+# What unpickling a damaged or hostile file raises (a truncated stream, a bad opcode, an allowed callable
+# given the wrong arguments, a claimed length beyond memory, a structure nested past the recursion limit).
+LOAD_ERRORS = (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, KeyError, IndexError,
+               RuntimeError, RecursionError, MemoryError, OverflowError, UnicodeDecodeError)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line of at most ``limit`` characters, after its type's name (but a plain
+    ValueError's, whose message is fdistill's own)."""
+    text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    if type(e) is not ValueError:  # the kind says what went wrong (RecursionError, EOFError, ...)
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only the globals of ``allowed`` (to the objects given there)."""
 
@@ -34,10 +54,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}: the file may only use "
-                                         f"{sorted(f'{m}.{n}' for m, n in self.allowed)}") from None
+            raise UnreadablePickle(f"refusing to unpickle global {module}.{name}: the file may only use "
+                                   f"{sorted(f'{m}.{n}' for m, n in self.allowed)}") from None
 
 
 def restricted_load(file: BinaryIO, allowed: dict[tuple[str, str], Any], **kwargs) -> Any:
-    """``pickle.load`` through ``RestrictedUnpickler`` (kwargs: e.g. ``encoding="bytes"``)."""
-    return RestrictedUnpickler(file, allowed, **kwargs).load()
+    """``pickle.load`` through ``RestrictedUnpickler`` (kwargs: e.g. ``encoding="bytes"``). Whatever a damaged
+    file makes the unpickler raise becomes one ``UnreadablePickle`` (the reason on one line)."""
+    try:
+        return RestrictedUnpickler(file, allowed, **kwargs).load()
+    except UnreadablePickle:
+        raise
+    except LOAD_ERRORS as e:
+        raise UnreadablePickle(f"not a readable pickle ({one_line(e)})") from None

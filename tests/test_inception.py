@@ -15,6 +15,7 @@ from fdistill.evaluation import evaluate as evaluation
 from fdistill.evaluation import inception
 from fdistill.evaluation.inception import STATE_DICT_NAME, TORCHSCRIPT_NAME, FIDInceptionV3
 from fdistill.evaluation.metrics import feature_statistics, frechet_distance
+from fdistill.io import sha256
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -182,11 +183,12 @@ def stand_in_features(x: Tensor) -> Tensor:
 
 @pytest.fixture
 def torchscript_dir(tmp_path, monkeypatch):
-    """FDISTILL_CACHE holding the stand-in as inception-2015-12-05.pt."""
+    """FDISTILL_CACHE holding the stand-in as inception-2015-12-05.pt, its digest accepted as a verified copy's."""
     cache = tmp_path / "cache"
     cache.mkdir()
     torch.jit.script(StandIn()).save(str(cache / TORCHSCRIPT_NAME))
     monkeypatch.setenv("FDISTILL_CACHE", str(cache))
+    monkeypatch.setenv(inception.SHA256_ENV_VAR, sha256(cache / TORCHSCRIPT_NAME))
     monkeypatch.delenv(inception.ENV_VAR, raising=False)
     return cache
 

@@ -222,3 +222,14 @@ def test_presets_carry_table5_and_run(pipes, captioned, family, tmp_path):
     assert "generator_ema" not in checkpoint.read(tmp_path).weights
     generator, sigma_gen, sd = t2i.load_generator(tmp_path)  # falls back to the generator
     assert t2i.generate_images(generator, sigma_gen, sd, ["a dog"]).shape == (1, 3, 16, 16)
+
+
+def test_the_sdxl_preset_taps_the_mid_block_of_a_smaller_sdxl_layout(pipes, captioned):
+    """``disc_resolutions: [mid]`` resolves against the loaded UNet: the preset written for 1024 px (mid block
+    32 x 32) runs on any SDXL-layout pipeline, here a tiny one whose mid block is 4 x 4."""
+    cfg = images.load_config("sdxl", [f"data={captioned}", "distill.batch_size=4", "distill.fsdp=false",
+                                      "distill.precision=fp32", "text.prompts=null",
+                                      "text.gradient_checkpointing=false"])
+    d = images.make_distiller(cfg, pipes["sdxl"])
+    assert d.discriminator.keys == [min(d.teacher.net.encoder_resolutions)] == [4]
+    assert torch.isfinite(d.step()["loss_fdistill"])

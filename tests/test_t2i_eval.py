@@ -22,6 +22,7 @@ import t2i_pipelines  # noqa: E402
 from fdistill.apps.evaluate_t2i import save_stand_in  # noqa: E402
 from fdistill.evaluation.clip import CLIP  # noqa: E402
 from fdistill.evaluation.dino import DINOViT  # noqa: E402
+from fdistill.io import sha256  # noqa: E402
 
 CLIP_TINY = {"embed_dim": 16,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
@@ -151,6 +152,7 @@ def test_coco_style_reference_folder_is_cropped_resized_and_cached(t2i_run, tmp_
     cache.mkdir()
     torch.jit.script(StandIn()).save(str(cache / "inception-2015-12-05.pt"))
     monkeypatch.setenv("FDISTILL_CACHE", str(cache))
+    monkeypatch.setenv("FDISTILL_INCEPTION_SHA256", sha256(cache / "inception-2015-12-05.pt"))  # a verified copy
     ref = tmp_path / "val2014"
     ref.mkdir()
     rng = np.random.default_rng(1)

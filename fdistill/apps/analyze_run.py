@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fdistill.core.diffusion import score_from_denoiser
 from fdistill.core.objective import RatioNormalizer, fdistill_weights
+from fdistill.io import atomic_path, write_text
 from fdistill.training import checkpoint, run
 from fdistill.training.distiller import Distiller
 
@@ -126,7 +127,8 @@ def plot(path: Path, x: Tensor, images: Tensor | None, stats: dict[float, dict[s
             ax.scatter(pts[idx, 0], pts[idx, 1], s=14, facecolors="none", edgecolors="red")
         ax.set_title(f"{name} (Fig. 6{'a' if name.startswith('largest') else 'b'})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:  # a link planted at path is replaced, not followed
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -146,8 +148,8 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, n: int = 204
     out = Path(out) if out else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     plot(out / "fig6.png", x, _images(d, x), stats, sigma, f"{d.divergence.name}, {n} samples")
-    (out / "fig6.json").write_text(json.dumps({"divergence": d.divergence.name, "n": n, "sigma": sigma,
-                                               "spearman": {str(s): r for s, r in rho.items()}}, indent=1))
+    write_text(out / "fig6.json", json.dumps({"divergence": d.divergence.name, "n": n, "sigma": sigma,
+                                              "spearman": {str(s): r for s, r in rho.items()}}, indent=1))
     lines = [f"{d.divergence.name} ({d.divergence.description}), {n} generated samples of {run_dir}",
              "rank correlation (Spearman) of h_bar with ||s_teacher - s_fake||"
              + (" (h is constant for this divergence: no correlation):" if constant else ":"),

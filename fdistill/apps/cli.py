@@ -15,7 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
-from fdistill import __version__
+from fdistill import __version__, require_torch
+from fdistill.io import write_text
 
 DIGITS_PRESET = "digits"  # the default preset of the image commands (fdistill/configs/digits.yaml)
 # What --resume may change; every other difference from the run's config.yaml is refused, by name.
@@ -127,13 +128,16 @@ def _train_teacher(args: argparse.Namespace) -> None:
         return _print_config(cfg)
     out, device = Path(args.out), pick_device(args.device)
     resume = _resume_point(out) if record else None
-    if args.overwrite:
-        run.clear(out)
-    run.write(out, "train-teacher", cfg, data=cfg.data)
     if resume:
         print(f"resuming {resume} (iteration {int(resume.name)})")
     t0 = time.perf_counter()
-    path = images.train_teacher(cfg, out, progress=not args.no_progress, device=device, resume=resume)
+    with run.Start(out, resume=record is not None) as start:
+        def started(trainer) -> None:  # the data is open and the trainer built: config.yaml, old run aside
+            start.begin("train-teacher", cfg, data=cfg.data)
+            start.commit_after_first_step(trainer)
+
+        path = images.train_teacher(cfg, out, progress=not args.no_progress, device=device, resume=resume,
+                                    started=started)
     print(f"wrote {path} ({cfg.teacher.iterations} iterations, {time.perf_counter() - t0:.0f} s this run); "
           f"{out}/samples.png, log.jsonl, checkpoints/, config.yaml. Next: fdistill distill --teacher {out}")
 
@@ -163,29 +167,31 @@ def _distill(args: argparse.Namespace) -> None:
             d.init_from(args.init_from)
             if main:
                 print(f"initialized generator, fake score and discriminator from {args.init_from}")
-        if main:
-            if args.overwrite:
-                run.clear(out)
-            run.write(out, "distill", cfg, teacher=str(Path(teacher).resolve()), data=cfg.data)
-        distributed.barrier()
         if resume:
             d.load(resume)
-        if main:
-            div = d.divergence
-            print(f"distill {out}: divergence {div.name} ({div.description}), teacher {teacher}, data {cfg.data}; "
-                  f"{distributed.world_size()} process(es) on {device}, global batch {cfg.distill.batch_size} in "
-                  f"{len(d.passes)} pass(es) of {d.passes[0].stop} per process"
-                  + (f"; resuming at iteration {d.iteration}" if resume else ""))
-        t0 = time.perf_counter()
-        writer = tensorboard_writer(out / "tensorboard") if args.tensorboard and main else None
+        if args.tensorboard and main:
+            tensorboard_writer(None)  # installed? (checked before the start)
+        # config, teacher, data and warm start are open: config.yaml now, the replaced run deleted after step one
+        with run.Start(out, resume=record is not None, main=main) as start:
+            start.begin("distill", cfg, teacher=str(Path(teacher).resolve()), data=cfg.data)
+            distributed.barrier()
+            if main:
+                div = d.divergence
+                print(f"distill {out}: divergence {div.name} ({div.description}), teacher {teacher}, data {cfg.data}; "
+                      f"{distributed.world_size()} process(es) on {device}, global batch {cfg.distill.batch_size} in "
+                      f"{len(d.passes)} pass(es) of {d.passes[0].stop} per process"
+                      + (f"; resuming at iteration {d.iteration}" if resume else ""))
+            t0 = time.perf_counter()
+            writer = tensorboard_writer(out / "tensorboard") if args.tensorboard and main else None
 
-        def log_fn(logs: dict) -> None:
-            for k, v in logs.items():
-                if isinstance(v, float):
-                    writer.add_scalar(k, v, logs["iteration"])
+            def log_fn(logs: dict) -> None:
+                for k, v in logs.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(k, v, logs["iteration"])
 
-        training_loop(d, run_dir=out, progress=not args.no_progress, desc=d.divergence.name,
-                      log_fn=log_fn if writer else None)
+            start.commit_after_first_step(d)
+            training_loop(d, run_dir=out, progress=not args.no_progress, desc=d.divergence.name,
+                          log_fn=log_fn if writer else None)
         if writer:
             writer.close()
         if main:
@@ -198,15 +204,37 @@ def _distill(args: argparse.Namespace) -> None:
         distributed.shutdown()
 
 
-def tensorboard_writer(log_dir: Path):
+def tensorboard_writer(log_dir: Path | None):
+    """A TensorBoard writer into ``log_dir`` (None: only check that tensorboard is installed)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ValueError("--tensorboard needs the tensorboard package: pip install 'fdistill[tensorboard]'") from None
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter(str(log_dir)) if log_dir is not None else None
 
 
 # -- sampling and evaluation --------------------------------------------------------------------------------
+MAX_STEPS = 1000  # the most Heun steps --steps / --teacher-steps accept (EDM's samplers use 18 to 256)
+
+
+def _check_options(args: argparse.Namespace, ranges: dict[str, tuple[str, int, int | None]],
+                   finite: dict[str, str] | None = None) -> None:
+    """Refuse option values out of range, naming the option: ``ranges`` maps an option to (attribute, minimum,
+    maximum or None), ``finite`` an option to an attribute that must be a finite number >= 0 (unset: fine)."""
+    import math
+
+    for option, (name, lo, hi) in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not (lo <= value and (hi is None or value <= hi)):
+            want = {(1, None): "a positive integer", (0, None): "a non-negative integer"}.get(
+                (lo, hi), f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]")
+            raise ValueError(f"{option} must be {want}, got {value}")
+    for option, name in (finite or {}).items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{option} must be a finite number >= 0, got {value}")
+
+
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -225,6 +253,9 @@ def _sample(args: argparse.Namespace) -> None:
     from fdistill.teachers.loading import load_network
     from fdistill.training import checkpoint, distributed
 
+    _check_options(args, {"--num-samples": ("num", 1, None), "--batch": ("batch", 1, None),
+                          "--shard": ("shard", 1, None), "--grid-size": ("grid_size", 0, None),
+                          "--steps": ("steps", 2, MAX_STEPS)}, {"--guidance": "guidance"})
     if bool(args.checkpoint) == bool(args.teacher):
         raise ValueError("give exactly one of --checkpoint (a one-step generator: a distill run folder or one of its "
                          "checkpoints) or --teacher (multi-step sampling)")
@@ -267,7 +298,8 @@ def _sample(args: argparse.Namespace) -> None:
             model = {"checkpoint": str(checkpoint.resolve(args.checkpoint).resolve())}
         else:
             net, _, kwargs = load_network(args.teacher)
-            sigma_gen, steps, guidance = None, args.steps or 18, args.guidance or 1.0
+            sigma_gen, steps = None, 18 if args.steps is None else args.steps
+            guidance = 1.0 if args.guidance is None else args.guidance
             model = {"teacher": str(Path(args.teacher).resolve()), "steps": steps, "guidance": guidance}
         label_dim = kwargs.get("label_dim", 0)
         shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
@@ -293,6 +325,9 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
     from fdistill.data.captions import open_captions
     from fdistill.training import checkpoint, distributed
 
+    _check_options(args, {"--num-prompts": ("num", 0, None), "--group": ("group", 1, None),
+                          "--shard": ("shard", 1, None), "--batch": ("batch", 1, None),
+                          "--teacher-steps": ("teacher_steps", 2, MAX_STEPS)}, {"--guidance": "guidance"})
     if (args.teacher_steps is None) != (args.guidance is None):
         raise ValueError("--teacher-steps and --guidance go together: they select the teacher's comparison row")
     device = distributed.init_from_env(args.device)
@@ -316,7 +351,7 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
             print(evaluate_t2i.format_table(result, name))
             print(f"wrote {out}/metrics.json and the images in {out}/images/")
             if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=1))
+                write_text(args.json, json.dumps(result, indent=1))
     finally:
         distributed.shutdown()
 
@@ -348,12 +383,13 @@ def _prepare_latents(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from fdistill.evaluation import evaluate
 
+    _check_options(args, {"--k": ("k", 1, None), "--batch": ("batch", 1, None)})
     res = evaluate.evaluate_file(args.samples, args.data, k=args.k, inception=args.inception, ref=args.ref,
                                  batch_size=args.batch, progress=not args.no_progress, device=args.device)
     print(evaluate.format_report(res))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        write_text(args.json, json.dumps(res, indent=1))
         print(f"wrote {args.json}")
 
 
@@ -382,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     def configured(c: argparse.ArgumentParser, preset: str) -> None:
         c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, anywhere on the line, e.g. distill.iterations=500")
-        c.add_argument("--config", help=f"YAML preset name (`fdistill presets`), file or run folder "
-                       f"(default: {preset})")
+        c.add_argument("--config", action="append", help=f"YAML preset name (`fdistill presets`), file or run "
+                       f"folder (default: {preset}); several are read in turn, each over the ones before "
+                       "(e.g. --config cifar10 --config fastgen)")
         c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     def runtime(c: argparse.ArgumentParser, seed: str | None, device: bool = True) -> None:
@@ -548,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = lambda message, *_: say(f"warning: {message}")
         try:
+            require_torch()  # before any file is read: see fdistill.MIN_TORCH
             _threads(args)
             args.func(args)
         except Preempted as e:
@@ -557,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             say(e)
             return 1
         except (ValueError, OSError, KeyError, ImportError, NotImplementedError) as e:
-            say(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+            text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+            say(f"error: {' '.join(text.split()) if chr(10) in text else text}")  # one line, whatever raised it
             return 2
     return 0
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -32,6 +31,7 @@ from fdistill.evaluation import t2i_metrics
 from fdistill.evaluation.clip import CLIP, square_center_crop_resize
 from fdistill.evaluation.dino import DINOViT
 from fdistill.evaluation.metrics import feature_statistics, frechet_distance
+from fdistill.io import atomic_path, open_image, write_text
 from fdistill.training import distributed
 
 STAND_IN = "fdistill_stand_in"  # safetensors metadata of a random stand-in network (tests, the CPU demo)
@@ -144,9 +144,8 @@ def score_shards(folder: Path, scorers: Scorers, prompts: list[str], rank: int, 
             out["dino"] = t2i_metrics.dino_features(scorers.dino, images, batch_size)
         if scorers.hps is not None:
             out["hps"] = t2i_metrics.hps_score(scorers.hps, images, captions, batch_size)[1].float()
-        tmp = shard / f".scores.tmp-{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in out.items()}, tmp)
-        os.replace(tmp, shard / "scores.safetensors")
+        with atomic_path(shard / "scores.safetensors") as tmp:  # a link planted at either name is not followed
+            save_file({k: v.contiguous() for k, v in out.items()}, tmp)
 
 
 # -- the reference --------------------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ def reference_statistics(ref: str, scorers: Scorers, batch_size: int = 32, progr
         raise ValueError(f"--ref {ref} holds {len(files)} images; expected the reference image folder")
     feats = []
     for i in tqdm(range(0, len(files), batch_size), desc=f"Inception: {folder.name}", disable=not progress):
-        batch = [np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for f in files[i:i + batch_size]]
+        batch = [np.asarray(open_image(f).convert("RGB")).transpose(2, 0, 1) for f in files[i:i + batch_size]]
         crops = torch.cat([square_center_crop_resize(torch.from_numpy(b)[None], FID_SIZE) for b in batch])
         feats.append(extract_features(scorers.inception, crops, batch_size, False).float())
     mu, sigma = feature_statistics(torch.cat(feats))
@@ -225,7 +224,7 @@ def evaluate(make, prompts: list[str], out: str | Path, scorers: Scorers, ref: s
         return None
     ref_stats = reference_statistics(ref, scorers, batch_size, progress) if ref is not None else None
     result = summarize(folder, scorers, ref_stats, group)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    write_text(out / "metrics.json", json.dumps(result, indent=1))
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from fdistill.data.conditions import TextConfig
 from fdistill.data.datasets import ImageDataset, load_dataset, to_uint8
 from fdistill.data.sampler import ImageSampler
 from fdistill.data.writers import save_image_grid
+from fdistill.io import atomic_path
 from fdistill.networks.heads import Discriminator
+from fdistill.networks.taps import resolve_taps
 from fdistill.teachers.guidance import GuidedDenoiser
 from fdistill.teachers.loading import TEACHER_FILE, build_network, is_pipeline_folder, load_network, save_network
 from fdistill.training import checkpoint
@@ -38,12 +41,24 @@ class ImageConfig:
     data: str = "digits"  # see fdistill.data.load_dataset
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    disc_resolutions: list[int] = field(default_factory=lambda: [8, 4])  # App. B, Table 5
-    disc_hidden: int = 64
+    disc_resolutions: list[int | str] = field(default_factory=lambda: [8, 4])  # App. B, Table 5; "mid": bottleneck
+    disc_hidden: int = 64  # width of the "fdistill" head
+    disc_head: str = "fdistill"  # or "fastgen": NVlabs/FastGen's head, the feature width kept (networks.heads)
     guidance: float = 1.0  # CFG scale of the distilled teacher (Table 5)
     sampler_steps: int = 18  # EDM Heun: 18 steps = 35 network evaluations
     text: TextConfig = field(default_factory=TextConfig)  # text-to-image (a Stable Diffusion teacher)
     student_dropout: float | None = 0.0  # dropout of generator and fake score; None keeps the teacher's (FastGen: 0)
+
+    def __post_init__(self) -> None:
+        from fdistill import checks
+
+        key = "disc_hidden"
+        try:  # top-level keys: a ConfigError naming the key, so that the override holding it is named too
+            checks.integer(key, self.disc_hidden, 1)
+            key = "guidance"
+            checks.number(key, self.guidance, 0)
+        except ValueError as e:
+            raise config.ConfigError(key, str(e)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ImageConfig:
@@ -60,10 +75,12 @@ def network_kwargs(cfg: TeacherConfig, data: ImageDataset) -> dict:
 
 
 def train_teacher(cfg: ImageConfig, out_dir: str | Path, progress: bool = True,
-                  device: str | torch.device = "cpu", resume: Path | None = None) -> Path:
+                  device: str | torch.device = "cpu", resume: Path | None = None,
+                  started: Callable[[TeacherTrainer], None] | None = None) -> Path:
     """Train an EDM teacher on cfg.data in run folder ``out_dir`` (log.jsonl, checkpoints/, continuing
     from checkpoint ``resume`` if given); writes <out_dir>/teacher.safetensors (the EMA weights) and a
-    grid of its samples, <out_dir>/samples.png."""
+    grid of its samples, <out_dir>/samples.png. ``started(trainer)`` is called once the data is open and the
+    trainer built, before the first step (the CLI writes config.yaml there: ``fdistill.training.run.Start``)."""
     tc = cfg.teacher
     data = load_dataset(cfg.data)
     check_batch(data, tc.batch_size)
@@ -72,6 +89,8 @@ def train_teacher(cfg: ImageConfig, out_dir: str | Path, progress: bool = True,
     trainer = TeacherTrainer(tc, build_network(tc.precond, kwargs), ImageSampler(data, seed=tc.seed), device)
     if resume is not None:
         trainer.load(resume)
+    if started is not None:
+        started(trainer)
     training_loop(trainer, run_dir=out_dir, progress=progress, desc="teacher (EDM loss)")
     path = save_network(trainer.ema, tc.precond, kwargs, Path(out_dir) / TEACHER_FILE)
     shape = (data.channels, data.resolution, data.resolution)
@@ -106,11 +125,8 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
                          f"{data.channels}x{data.resolution}x{data.resolution} (channels x height x width)")
     data = match_labels(data, kwargs.get("label_dim", 0), teacher_path)
     torch.manual_seed(cfg.distill.seed)
-    missing = sorted(set(cfg.disc_resolutions) - set(net.encoder_resolutions))
-    if missing:
-        raise ValueError(f"disc_resolutions {missing} are not encoder resolutions of the teacher "
-                         f"({net.encoder_resolutions})")
-    net.feature_resolutions = list(cfg.disc_resolutions)
+    taps = resolve_taps(cfg.disc_resolutions, net.encoder_resolutions, f"teacher {teacher_path}")
+    net.feature_resolutions = taps
     channels = net.feature_channels()
     generator = copy.deepcopy(net).train().requires_grad_(True)
     fake_score = copy.deepcopy(net).train().requires_grad_(True)
@@ -118,7 +134,7 @@ def make_distiller(cfg: ImageConfig, teacher_path: str | Path, data: ImageDatase
         for m in (generator, fake_score):
             set_dropout(m, cfg.student_dropout)
     teacher = GuidedDenoiser(net, cfg.guidance) if cfg.guidance != 1.0 else net
-    disc = Discriminator.conv({r: channels[r] for r in cfg.disc_resolutions}, cfg.disc_hidden)
+    disc = Discriminator.conv({r: channels[r] for r in taps}, cfg.disc_hidden, cfg.disc_head)
     sampler = ImageSampler(data, seed=cfg.distill.seed)
     d = Distiller(cfg.distill, teacher, generator, fake_score, disc, real_data=sampler,
                   sample_shape=(data.channels, data.resolution, data.resolution), sample_cond=sampler.sample_labels,
@@ -155,9 +171,22 @@ def match_labels(data: ImageDataset, label_dim: int, teacher: str | Path) -> Ima
 def load_generator(checkpoint_dir: str | Path, ema: bool = True) -> tuple[nn.Module, float, dict]:
     """The one-step generator of a distillation checkpoint: (network, sigma_gen, info)."""
     meta = checkpoint.read_meta(checkpoint_dir)
-    info, cfg = meta["info"], from_dict(DistillConfig, meta["config"])
+    info = meta["info"]
+    if "precond" not in info:
+        raise ValueError(f"checkpoint {checkpoint_dir} holds no one-step generator (its meta.info names no network): "
+                         "is it a train-teacher run's? Give a distill run folder or one of its checkpoints")
+    try:
+        cfg = from_dict(DistillConfig, meta["config"])
+    except ValueError as e:
+        raise ValueError(f"checkpoint {checkpoint_dir}: its state.json's config is not a distill config ({e})") \
+            from None
     net = build_network(info["precond"], info["network"])
-    net.load_state_dict(checkpoint.load_weights(checkpoint_dir, "generator_ema" if ema else "generator", "generator"))
+    weights = checkpoint.load_weights(checkpoint_dir, "generator_ema" if ema else "generator", "generator")
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {checkpoint_dir}: its generator weights do not fit the network its meta.info "
+                         f"describes ({' '.join(str(e).split())[:300]})") from None
     return net.eval().requires_grad_(False), cfg.generator_sigma or cfg.sigmas.largest, info
 
 
@@ -180,8 +209,18 @@ def sample_maker(net: nn.Module, shape: tuple[int, int, int], label_dim: int, si
 
 
 def one_hot(classes: list[int], label_dim: int, device: str | torch.device = "cpu") -> Tensor | None:
-    """The one-hot labels of ``classes`` (None for an unconditional model, label_dim 0)."""
-    return torch.eye(label_dim, device=device)[classes] if label_dim else None
+    """The one-hot labels of ``classes`` (None for an unconditional model, label_dim 0); a class outside
+    [0, label_dim) is refused (a negative index would silently pick a class from the end)."""
+    if not label_dim:
+        return None
+    import numbers
+
+    bad = [c for c in classes if not (isinstance(c, numbers.Integral) and not isinstance(c, bool)
+                                      and 0 <= c < label_dim)]
+    if bad:
+        raise ValueError(f"class labels must be integers in [0, {label_dim - 1}] (the model's {label_dim} classes), "
+                         f"got {bad[0]!r:.40}")
+    return torch.eye(label_dim, device=device)[list(classes)]
 
 
 def sample_classes(n: int, label_dim: int) -> list[int]:
@@ -218,6 +257,7 @@ def write_samples(out_dir: str | Path, x: Tensor, labels: Tensor | None, grid_si
     arrays = {"images": to_uint8(x)}
     if labels is not None:
         arrays["labels"] = labels.argmax(1).numpy()
-    np.savez(out_dir / "samples.npz", **arrays)
+    with atomic_path(out_dir / "samples.npz") as tmp, open(tmp, "xb") as f:  # never through a planted link
+        np.savez(f, **arrays)
     label_dim = 0 if labels is None else labels.shape[1]
     return out_dir / "samples.npz", write_grid(x, label_dim, out_dir / "grid.png", grid_size)

@@ -28,6 +28,7 @@ from fdistill.config import PRESETS, to_dict
 from fdistill.core.diffusion import edm_loss, score_from_denoiser
 from fdistill.core.objective import fdistill_weights
 from fdistill.evaluation.metrics import mode_coverage, precision_recall
+from fdistill.io import atomic_path, write_text
 from fdistill.networks.heads import Discriminator
 from fdistill.networks.mlp import MLPDenoiser
 from fdistill.teachers.gmm import GaussianMixture
@@ -79,7 +80,8 @@ class ToyConfig:
 def load_config(path: str | Path = PRESET, overrides: list[str] = ()) -> ToyConfig:
     """The lab's config: ``path`` read over the ``toy2d`` preset (so a file may hold only a mixture),
     then the ``key=value`` overrides."""
-    return config.load(ToyConfig, path, overrides, base=None if Path(path) == PRESET else config.load_yaml(PRESET))
+    own = isinstance(path, (str, Path)) and Path(path) == PRESET
+    return config.load(ToyConfig, path, overrides, base=None if own else config.load_yaml(PRESET))
 
 
 def config_from_record(record: dict) -> ToyConfig:
@@ -122,7 +124,8 @@ def cached_teacher(mixture: GaussianMixture, cfg: ToyConfig, cache_dir: Path, pr
         return net.eval().requires_grad_(False)
     net = train_mlp_teacher(mixture, cfg.teacher, cfg.seed, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)
     return net
 
 
@@ -297,8 +300,14 @@ def plot_demo(path: Path, mixture: GaussianMixture, samples: dict[str, Tensor], 
     fig.suptitle("fdistill demo: one-step samples (red) over the teacher density"
                  + ("; bottom left: Fig. 3 pair" if fig3 is not None else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:  # a link planted at path is replaced, not followed
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:  # a link planted at path is replaced, not followed
+        np.save(f, array)
 
 
 def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
@@ -316,17 +325,17 @@ def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
     for run in cfg.runs:
         rows[run], distillers[run], samples[run] = run_one(run, mixture, mlp, cfg, cfg.seed, progress,
                                                            out_dir / _filename(run))
-        np.save(out_dir / f"samples_{_filename(run)}.npy", samples[run].numpy())
+        _save_npy(out_dir / f"samples_{_filename(run)}.npy", samples[run].numpy())
     reference = mixture.sample(cfg.num_eval, generator=torch.Generator().manual_seed(cfg.seed))
-    np.save(out_dir / "reference.npy", reference.numpy())
+    _save_npy(out_dir / "reference.npy", reference.numpy())
     params = {"means": mixture.means.tolist(), "stds": mixture.stds.tolist(), "weights": mixture.weights.tolist()}
-    (out_dir / "mixture.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_text(out_dir / "mixture.yaml", yaml.safe_dump(params, sort_keys=False))
     fig3_run = next((r for r in ("forward_kl", "js") if r in distillers), cfg.runs[0])
     sigma = 0.5 * mixture.data_std()
     fig3 = score_and_weight_maps(distillers[fig3_run], mixture, sigma) if mixture.dim == 2 else None
     shares = {run: m["share"] for run, m in rows.items()}
     plot_demo(out_dir / "demo.png", mixture, samples, shares, fig3, fig3_run, sigma)
-    (out_dir / "results.json").write_text(json.dumps({"config": to_dict(cfg), "results": rows}, indent=1))
+    write_text(out_dir / "results.json", json.dumps({"config": to_dict(cfg), "results": rows}, indent=1))
     table = format_table(rows, mixture.num_modes)
     return (f"teacher: {cfg.teacher.kind} ({teacher_seconds:.0f} s incl. training/caching); "
             f"{cfg.distill.iterations} iterations, batch {cfg.distill.batch_size}, seed {cfg.seed}\n"

@@ -23,7 +23,9 @@ from fdistill.data.conditions import TextCondition
 from fdistill.data.datasets import to_float, to_uint8
 from fdistill.data.latent_shards import LatentSampler, LatentShards, LatentShardWriter
 from fdistill.data.writers import encode_png
+from fdistill.io import write_bytes, write_text
 from fdistill.networks.heads import Discriminator
+from fdistill.networks.taps import resolve_taps
 from fdistill.teachers.guidance import GuidedDenoiser
 from fdistill.teachers.stable_diffusion import StableDiffusion, load_stable_diffusion
 from fdistill.training import checkpoint
@@ -84,13 +86,10 @@ def make_distiller(cfg, teacher_folder: str | Path, device: str | torch.device =
     device = torch.device(device)
     sd = load_stable_diffusion(teacher_folder, cfg.text.resolution).to(device)
     net = sd.denoiser
-    missing = sorted(set(cfg.disc_resolutions) - set(net.encoder_resolutions))
-    if missing:
-        raise ValueError(f"disc_resolutions {missing} are not encoder resolutions of the teacher's UNet "
-                         f"({net.encoder_resolutions}, the lowest being its mid block)")
+    taps = resolve_taps(cfg.disc_resolutions, net.encoder_resolutions, f"the UNet of {teacher_folder}")
     sampler = open_data(cfg, sd.kwargs["resolution"], cfg.distill.seed, device)
     torch.manual_seed(cfg.distill.seed)
-    net.feature_resolutions = list(cfg.disc_resolutions)
+    net.feature_resolutions = taps
     channels = net.feature_channels()
     generator = copy.deepcopy(net).train().requires_grad_(True)
     fake_score = copy.deepcopy(net).train().requires_grad_(True)
@@ -100,7 +99,7 @@ def make_distiller(cfg, teacher_folder: str | Path, device: str | torch.device =
         if cfg.text.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
     teacher = GuidedDenoiser(net, cfg.guidance) if cfg.guidance != 1.0 else net
-    disc = Discriminator.conv({r: channels[r] for r in cfg.disc_resolutions}, cfg.disc_hidden)
+    disc = Discriminator.conv({r: channels[r] for r in taps}, cfg.disc_hidden, cfg.disc_head)
     data = TextToImageData(sd, sampler, device)
     d = Distiller(cfg.distill, teacher, generator, fake_score, disc, real_data=data, sample_shape=sd.latent_shape,
                   sample_cond=data.sample_cond, device=device)
@@ -179,8 +178,8 @@ def write_pngs(images: Tensor, prompts: list[str], out: str | Path, seed: int) -
     paths = []
     for i, img in enumerate(to_uint8(images)):
         paths.append(out / f"{i:06d}.png")
-        paths[-1].write_bytes(encode_png(img))
-    (out / "prompts.txt").write_text("".join(f"{i:06d}\t{seed + i}\t{p}\n" for i, p in enumerate(prompts)))
+        write_bytes(paths[-1], encode_png(img))  # fdistill.io: a link planted at the name is replaced
+    write_text(out / "prompts.txt", "".join(f"{i:06d}\t{seed + i}\t{p}\n" for i, p in enumerate(prompts)))
     return paths
 
 

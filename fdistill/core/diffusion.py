@@ -72,6 +72,9 @@ def vp_sigmas(num_levels: int = 1000, beta_start: float = 0.00085, beta_end: flo
     return ((1 - abar) / abar).sqrt()
 
 
+MAX_LEVELS = 100_000  # the most noise levels a grid may have (DDPM teachers use 1000)
+
+
 @dataclass
 class SigmaSampler:
     """Noise levels for the distillation losses (Alg. 1 line 3: t ~ U{1..T}).
@@ -93,6 +96,23 @@ class SigmaSampler:
     beta_end: float = 0.012
 
     def __post_init__(self) -> None:
+        from fdistill import checks
+
+        checks.choice("schedule", self.schedule, ("karras", "scaled_linear", "linear"))
+        checks.integer("num_levels", self.num_levels, 2, MAX_LEVELS)
+        if self.schedule == "karras":
+            checks.number("sigma_min", self.sigma_min, 0, low_open=True)
+            checks.number("sigma_max", self.sigma_max, 0, low_open=True)
+            checks.number("rho", self.rho, 0, low_open=True)
+            if self.sigma_min >= self.sigma_max:
+                raise ValueError(f"sigma_min must be below sigma_max, got sigma_min {checks.show(self.sigma_min)} "
+                                 f"and sigma_max {checks.show(self.sigma_max)}")
+        else:
+            checks.number("beta_start", self.beta_start, 0, 1, low_open=True, high_open=True)
+            checks.number("beta_end", self.beta_end, 0, 1, low_open=True, high_open=True)
+        if not (isinstance(self.index_range, (list, tuple)) and len(self.index_range) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in self.index_range)):
+            raise ValueError(f"index_range must be two integers [lo, hi], got {self.index_range!r}")
         lo, hi = self.index_range
         if not 0 <= lo <= hi < self.num_levels:
             raise ValueError(f"index_range {self.index_range} must lie in [0, {self.num_levels - 1}]")

@@ -130,6 +130,19 @@ def _compile(node: ast.AST, expr: str) -> TensorFn:
                      f"{expr!r}; allowed: {_ALLOWED}")
 
 
+MAX_DEPTH = 100  # the deepest nesting an h expression may have
+
+
+def _depth(node: ast.AST) -> int:
+    """The nesting depth of an expression tree, counted without recursion."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
 def parse_expression(expr: str) -> TensorFn:
     """Compile an expression in ``r`` (see the module docstring for the grammar) into h(r)."""
     if len(expr) > 1000:
@@ -138,6 +151,11 @@ def parse_expression(expr: str) -> TensorFn:
         tree = ast.parse(expr.strip(), mode="eval")
     except SyntaxError as e:
         raise ValueError(f"cannot parse h expression {expr!r}: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"h expression is nested too deeply (at most {MAX_DEPTH} levels of operators and calls)") \
+            from None
+    if _depth(tree.body) > MAX_DEPTH:  # before compiling: both the compiler and h itself recurse per level
+        raise ValueError(f"h expression is nested too deeply (at most {MAX_DEPTH} levels of operators and calls)")
     body = _compile(tree.body, expr)
 
     def h(r: Tensor) -> Tensor:

@@ -166,6 +166,14 @@ def r1_penalty(logits_real: Tensor, x_real_t: Tensor) -> Tensor:
     return grad.square().flatten(1).sum(1).mean()
 
 
+def approx_r1_penalty(logits_real: Tensor, logits_near: Tensor, alpha: float) -> Tensor:
+    """R1 without a double backward: E (D(x + alpha n) - D(x))^2 / alpha^2, n ~ N(0, I). To first order
+    D(x + alpha n) - D(x) = alpha grad_x D . n, whose square has mean alpha^2 ||grad_x D||^2, so this estimates
+    ``r1_penalty`` and the same gamma/2 weights it (APT's approximate R1, as NVlabs/FastGen's
+    ``gan_r1_reg_alpha``, which leaves out the 1/alpha^2)."""
+    return (logits_near - logits_real).square().mean() / alpha**2
+
+
 def ratio_stats(w: Weights, score_diff: Tensor) -> dict[str, Tensor]:
     """Per-step log values (0-d tensors, so nothing waits for the device): statistics of r and h_bar and
     the mean norm of the score difference s_teacher - s_fake."""

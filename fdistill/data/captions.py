@@ -26,7 +26,6 @@ ValueError naming the shard (or folder) and the key.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import tarfile
@@ -44,6 +43,7 @@ from PIL import Image
 from torch import Tensor
 
 from fdistill.data.datasets import to_float
+from fdistill.io import open_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # in order of preference when a sample has several
 CAPTION_EXT = "txt"
@@ -132,10 +132,9 @@ def decode_image(data: bytes, resolution: int) -> np.ndarray:
     """Encoded image bytes -> uint8 (3, resolution, resolution) RGB (``resize_center_crop``). Raises a
     ValueError for bytes that are not a readable 8-bit image."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:
-        raise _BadSample(f"cannot decode the image ({type(e).__name__}: {e})") from e
+        img = open_image(data, "the image")  # raster formats only: an EPS named .png would run Ghostscript
+    except ValueError as e:
+        raise _BadSample(str(e)) from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise _BadSample(f"the image is {img.mode} (16-bit or float); expected an 8-bit image")
     return resize_center_crop(img, resolution)

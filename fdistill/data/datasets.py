@@ -9,7 +9,6 @@ python batches. Nothing is resized or downloaded: a mismatch is an error that na
 from __future__ import annotations
 
 import codecs
-import io
 import json
 import math
 import pickle
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
+from fdistill.io import open_image
 from fdistill.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -133,12 +132,7 @@ def _load_digits() -> ImageDataset:
 
 def _decode_image(data: bytes, name: str) -> np.ndarray:
     """PNG/JPEG/... bytes to uint8 (C, H, W): mode 'L' gives C=1, everything else is converted to RGB."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:
-        why = "not an image format PIL can read" if "cannot identify image file" in str(e) else str(e)
-        raise ValueError(f"cannot decode image {name}: {why}") from e
+    img = open_image(data, f"image {name}")  # raster formats only: an EPS named .png would run Ghostscript
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise ValueError(f"{name} is a {img.mode} (16-bit or float) image; expected 8-bit grayscale or RGB")
     img = img.convert("L" if img.mode in ("1", "L", "LA") else "RGB")

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from fdistill.data.datasets import to_uint8
+from fdistill.io import atomic_path
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -35,7 +36,7 @@ def write_edm_zip(path: str | Path, images: np.ndarray, labels: np.ndarray | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
     meta = {"labels": None if labels is None else [[n, int(y)] for n, y in zip(names, labels)]}
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "x", compression=zipfile.ZIP_STORED) as zf:
         for name, img in zip(names, images):
             zf.writestr(name, encode_png(img))
         zf.writestr("dataset.json", json.dumps(meta))
@@ -76,5 +77,6 @@ def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | N
             draw.text((k * (w + gap) + w // 2, top // 2), str(label), fill=0, anchor="mm")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out.save(path, format="PNG")
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:  # a link planted at path is replaced, not followed
+        out.save(f, format="PNG")
     return path

@@ -35,7 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fdistill import require_torch
 from fdistill.data.text import open_clip_folder
+
+require_torch()  # its torch.load(weights_only=True) must not load TorchScript
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

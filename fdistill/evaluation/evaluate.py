@@ -17,6 +17,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +37,21 @@ from fdistill.evaluation.metrics import (
 
 STATS_VERSION = 1  # bump when the cached reference features change meaning
 SMALL_FID = 10_000  # below this many samples, FID carries a noticeable bias
+DIGITS_CLASSES = 10  # the classes of the digits classifier (class accuracy)
 
 
 @torch.no_grad()
 def evaluate_samples(x: Tensor, labels: Tensor | None = None, data: str = "digits", k: int = 3,
-                     batch_size: int = 1024) -> dict:
+                     batch_size: int = 1024, where: str = "the samples") -> dict:
     """FID, precision, recall (k-NN) of samples x in [-1, 1] against ``data``; class accuracy when
-    integer ``labels`` (the classes the samples were generated for) are given."""
+    integer ``labels`` (the classes the samples were generated for) are given (``where`` names them in errors)."""
+    _check_k_batch(k, batch_size)
     if data != "digits":
         raise ValueError(f"no feature extractor for {data!r} on this build: evaluation currently scores "
                          "digits in the digits classifier's feature space (--data digits)")
     from fdistill.evaluation.digits_classifier import load_digits_classifier
 
+    _check_labels(labels, where)
     clf = load_digits_classifier(progress=False)
     real = to_float(load_dataset(data).images)
     if tuple(x.shape[1:]) != tuple(real.shape[1:]):
@@ -73,25 +77,44 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, Tensor | None]:
     if not path.is_file():
         raise FileNotFoundError(f"samples not found: {path} (write them with `fdistill sample`: a folder holding "
                                 "samples.npz; .npy and ADM's arr_0 .npz files are read too)")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        why = "neither .npy nor .npz data; pickles are never loaded" if "pickle" in str(e) else str(e)
-        raise ValueError(f"cannot read {path} as a numpy .npz/.npy file ({why}); expected a `fdistill sample` "
-                         "folder or its samples.npz, a .npy array or ADM's arr_0 .npz") from None
+    expected = "expected a `fdistill sample` folder or its samples.npz, a .npy array or ADM's arr_0 .npz"
     labels, image_key = None, None
-    if isinstance(loaded, np.ndarray):
-        images = loaded
-    else:
-        with loaded:
-            keys = sorted(loaded.keys())
-            image_key = next((k for k in ("images", "arr_0") if k in keys), None)
-            if image_key is None:
-                raise ValueError(f"{path} has no 'images' (fdistill) or 'arr_0' (ADM) array; found {keys}")
-            label_key = {"images": "labels", "arr_0": "arr_1"}[image_key]
-            images = loaded[image_key]
-            if label_key in keys and loaded[label_key].ndim == 1:
-                labels = torch.as_tensor(loaded[label_key].astype(np.int64))
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":  # an .npy: its header must fit the file before np.load allocates
+                f.seek(0)
+                _check_header(f, path.stat().st_size, path, "the array")
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            images = loaded
+        else:
+            with loaded:
+                keys = sorted(loaded.keys())
+                image_key = next((k for k in ("images", "arr_0") if k in keys), None)
+                if image_key is None:
+                    raise _Refused(f"{path} has no 'images' (fdistill) or 'arr_0' (ADM) array; found {keys[:8]}")
+                label_key = {"images": "labels", "arr_0": "arr_1"}[image_key]
+                images = _read_member(loaded, image_key, path)
+                if label_key in keys:
+                    labels = _read_member(loaded, label_key, path)
+    except (OSError, EOFError, zipfile.BadZipFile, MemoryError, ValueError) as e:
+        if isinstance(e, _Refused):
+            raise
+        why = "neither .npy nor .npz data; pickles are never loaded" if "pickle" in str(e) else \
+            f"a damaged zip archive ({e})" if isinstance(e, zipfile.BadZipFile) else \
+            "it claims more data than memory holds" if isinstance(e, MemoryError) else " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot read {path} as a numpy .npz/.npy file ({why}); {expected}") from None
+    if images.dtype.kind not in "uif" or images.dtype.names is not None:
+        raise ValueError(f"{path}: images have dtype {images.dtype}; expected uint8 (or float) pixels")
+    if images.size == 0:
+        raise ValueError(f"{path}: the image array is empty (shape {images.shape})")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+            raise ValueError(f"{path}: labels must be {len(images)} integer class indices, one per image; got "
+                             f"dtype {labels.dtype} and shape {labels.shape}")
+        if len(labels) and labels.min() < 0:
+            raise ValueError(f"{path}: labels must be non-negative class indices, found {labels.min()}")
+        labels = torch.as_tensor(labels.astype(np.int64))
     where = str(path)
     if images.dtype != np.uint8:
         lo, hi = float(images.min()), float(images.max())
@@ -102,6 +125,34 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, Tensor | None]:
     if image_key != "arr_0" and images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         warnings.warn(f"{where}: images of shape {images.shape} read as NHWC", stacklevel=2)
     return np.ascontiguousarray(to_nchw(images, where)), labels
+
+
+class _Refused(ValueError):
+    """A samples file read far enough to say what is wrong with it (the message names it)."""
+
+
+def _check_header(f, size: int, path: Path, what: str) -> None:
+    """Read an .npy header from ``f`` and refuse it unless its dtype is plain numbers and its shape fits the
+    ``size`` bytes that hold it (a forged header may claim terabytes)."""
+    from numpy.lib import format as npy
+
+    start = f.tell()
+    version = npy.read_magic(f)
+    shape, _, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
+    if dtype.hasobject or dtype.names is not None or dtype.kind not in "biuf":
+        raise _Refused(f"{path}: {what} has dtype {dtype}; expected plain numbers (uint8 or float pixels)")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if claimed > size - (f.tell() - start):
+        raise _Refused(f"{path}: the header of {what} claims shape {shape} ({claimed} bytes), but only {size} "
+                       "bytes hold it (truncated or forged)")
+
+
+def _read_member(npz, key: str, path: Path) -> np.ndarray:
+    """Array ``key`` of an .npz, after ``_check_header`` against the bytes the archive holds for it."""
+    info = npz.zip.getinfo(f"{key}.npy")
+    with npz.zip.open(info) as f:
+        _check_header(f, info.file_size, path, f"array {key!r}")
+    return npz[key]
 
 
 def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +245,7 @@ def evaluate_inception(path: str | Path, data: str | None = None, ref: str | Pat
     ``data``; precision/recall (k-NN) when ``data`` provides real features. Fails on missing weights first."""
     from fdistill.evaluation.inception import extract_features, load_inception
 
+    _check_k_batch(k, batch_size)
     device = pick_device(device)  # "auto" -> cuda if present; an unavailable cuda is an error
     extractor = load_inception(inception, device)  # before reading anything else: fail fast
     ref_stats = load_reference_stats(ref) if ref is not None else None
@@ -236,10 +288,25 @@ def evaluate_file(path: str | Path, data: str | None = None, k: int = 3, incepti
     "digits" (``evaluate_inception``); otherwise digits-FID space against scikit-learn's digits."""
     if inception is not None or ref is not None or (data is not None and data != "digits"):
         return evaluate_inception(path, data, ref, k, inception, batch_size, progress, device)
+    _check_k_batch(k, batch_size)
     images, labels = read_samples(path)
+    _check_labels(labels, str(path))
     _warn_small(len(images))
     return {"samples": str(path), "feature_space": "digits",
-            **evaluate_samples(to_float(images), labels, "digits", k)}
+            **evaluate_samples(to_float(images), labels, "digits", k, where=str(path))}
+
+
+def _check_labels(labels: Tensor | None, where: str) -> None:
+    """Class accuracy's labels must be classes the digits classifier knows."""
+    if labels is not None and len(labels) and not (int(labels.min()) >= 0 and int(labels.max()) < DIGITS_CLASSES):
+        raise ValueError(f"{where}: labels must be class indices in [0, {DIGITS_CLASSES - 1}] (the digits), found "
+                         f"{int(labels.min())}..{int(labels.max())}")
+
+
+def _check_k_batch(k: int, batch_size: int) -> None:
+    for name, value in (("k", k), ("batch_size", batch_size)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _warn_small(n: int) -> None:

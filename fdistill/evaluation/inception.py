@@ -3,11 +3,16 @@
 The weights are read from a local file only (fdistill never downloads):
 
 - NVIDIA's TorchScript ``inception-2015-12-05.pt`` (StyleGAN2-ADA, EDM, clean-fid): called as
-  ``detector(x_uint8, return_features=True)``; it resizes internally.
+  ``detector(x_uint8, return_features=True)``; it resizes internally. A TorchScript archive runs code stored in
+  the file when it is loaded, so one is loaded only when its sha256 is an accepted digest: one recorded in
+  ``PUBLISHED_TORCHSCRIPT_SHA256`` or the one in ``$FDISTILL_INCEPTION_SHA256`` (for a copy the user has
+  verified). No digest is recorded yet: none was found in a source this project could check, and the file could
+  not be fetched here to hash it. Any other TorchScript file is refused before ``torch.jit.load`` runs.
 - pytorch-fid's state dict ``pt_inception-2015-12-05-6726825d.pth``, run by ``FIDInceptionV3`` below:
   Inception-v3 with the TF graph's differences from torchvision's model (3x3 average pools that ignore
   the padding, a max pool in the last block's pool branch, a 1008-class fc), fed as pytorch-fid feeds
-  it: x / 255, bilinear resize to 299x299 (align_corners=False), then 2x - 1.
+  it: x / 255, bilinear resize to 299x299 (align_corners=False), then 2x - 1. The same tensors as a
+  ``.safetensors`` file load too. Neither runs code from the file (``torch.load(weights_only=True)``).
 
 Both take uint8 NCHW images (1 or 3 channels; grayscale is repeated to RGB) of any resolution.
 """
@@ -15,6 +20,7 @@ Both take uint8 NCHW images (1 or 3 channels; grayscale is repeated to RGB) of a
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -25,12 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fdistill import require_torch
 from fdistill.config import cache_dir
+
+require_torch()  # torch.load(weights_only=True) must not load TorchScript
 
 TORCHSCRIPT_NAME = "inception-2015-12-05.pt"
 STATE_DICT_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHT_NAMES = (TORCHSCRIPT_NAME, STATE_DICT_NAME)  # lookup order in a directory
 ENV_VAR = "FDISTILL_INCEPTION"
+SHA256_ENV_VAR = "FDISTILL_INCEPTION_SHA256"  # the digest of a TorchScript copy the user has verified
+# sha256 digests of NVIDIA's published inception-2015-12-05.pt (see the module doc: none recorded yet).
+PUBLISHED_TORCHSCRIPT_SHA256: frozenset[str] = frozenset()
 URLS = {
     TORCHSCRIPT_NAME: "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + TORCHSCRIPT_NAME,
     STATE_DICT_NAME: "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + STATE_DICT_NAME,
@@ -269,10 +281,56 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def accepted_torchscript_digests() -> frozenset[str]:
+    """The sha256 digests a TorchScript Inception file may have: ``PUBLISHED_TORCHSCRIPT_SHA256`` and the
+    one in $FDISTILL_INCEPTION_SHA256 (64 hex digits), if set."""
+    extra = os.environ.get(SHA256_ENV_VAR, "").strip().lower()
+    if not extra:
+        return PUBLISHED_TORCHSCRIPT_SHA256
+    if len(extra) != 64 or any(c not in "0123456789abcdef" for c in extra):
+        raise ValueError(f"${SHA256_ENV_VAR}={extra!r} is not a sha256 digest; expected 64 hex digits "
+                         f"(`sha256sum {TORCHSCRIPT_NAME}`)")
+    return PUBLISHED_TORCHSCRIPT_SHA256 | {extra}
+
+
+def check_torchscript(path: Path) -> None:
+    """Refuse a TorchScript file whose sha256 is not accepted (``accepted_torchscript_digests``): loading one
+    runs the code stored in it. Nothing of the file but its bytes is read."""
+    from fdistill.io import sha256
+
+    accepted = accepted_torchscript_digests()
+    digest = sha256(path)
+    if digest in accepted:
+        return
+    known = (f"the published {TORCHSCRIPT_NAME} (sha256 {', '.join(sorted(accepted))})" if accepted else
+             f"the published {TORCHSCRIPT_NAME} once its digest is set in ${SHA256_ENV_VAR} (none is recorded in "
+             "fdistill)")
+    raise ValueError(f"Inception weights {path}: a TorchScript file with sha256 {digest}, which is not an accepted "
+                     f"digest; TorchScript runs code from the file, so fdistill loads only {known}, or plain weights "
+                     f"({STATE_DICT_NAME}: a state dict read with torch.load(weights_only=True), or the same tensors "
+                     f"as .safetensors). If you have verified this file, set {SHA256_ENV_VAR}={digest}")
+
+
 def load_state_dict_net(path: str | Path) -> FIDInceptionV3:
     """FIDInceptionV3 with pytorch-fid's weights (strict load; a file without BatchNorm's num_batches_tracked,
-    as saved by torch < 0.4.1, is accepted)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    as saved by torch < 0.4.1, is accepted), from the ``.pth`` (``torch.load(weights_only=True)``) or the same
+    tensors as ``.safetensors``."""
+    if Path(path).suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); expected the tensors of "
+                             f"{STATE_DICT_NAME}") from e
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path} cannot be read as plain weights with torch.load(weights_only=True) ({msg}); "
+                             f"expected {STATE_DICT_NAME} or the same tensors as .safetensors") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a state dict (got {type(state).__name__}); expected {STATE_DICT_NAME}")
     net = FIDInceptionV3()
@@ -310,6 +368,7 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
     path = find_weights(path)
     device = torch.device(device)
     if _is_torchscript(path):
+        check_torchscript(path)  # before torch.jit.load, which runs the file's code
         with warnings.catch_warnings():  # TorchScript is deprecated in recent torch, yet it is how NVIDIA ships it
             warnings.simplefilter("ignore", DeprecationWarning)
             net = torch.jit.load(str(path), map_location=device).eval()

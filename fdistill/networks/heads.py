@@ -1,7 +1,9 @@
 """Discriminator heads on frozen-teacher features (App. B: a small classification head, as in LADD).
 
-The head maps the teacher's feature dict ``{key: tensor}`` to one logit per sample: one head per
-key, logits averaged over heads. The density ratio is read off it as r = exp(logit) (Sec. 3).
+The discriminator maps the teacher's feature dict ``{key: tensor}`` to one logit per head and sample
+(``head_logits``); its logit is their mean (``forward``), and the density ratio is read off it as
+r = exp(logit) (Sec. 3). Two conv heads for feature maps: ``ConvHead`` (narrow, ``disc_hidden`` wide) and
+``FastGenHead`` (NVlabs/FastGen's ``Discriminator_EDM`` head: the feature width kept throughout).
 """
 
 from __future__ import annotations
@@ -42,8 +44,44 @@ class ConvHead(nn.Module):
         return self.net(f.float()).flatten(1).squeeze(1)
 
 
+def group_count(channels: int) -> int:
+    """GroupNorm groups for ``channels`` as NVlabs/FastGen picks them (``_get_optimal_groups``): channels // 4
+    up to 32 channels, else the largest divisor of ``channels`` that is at most 32."""
+    if channels <= 32:
+        return max(1, channels // 4)
+    return next(g for g in range(32, 0, -1) if channels % g == 0)
+
+
+class FastGenHead(nn.Module):
+    """NVlabs/FastGen's head for a (B, C, R, R) feature map, C kept throughout: [4x4 conv stride 2, GroupNorm,
+    SiLU] while R > 8, then 8 -> 4 (4x4 conv stride 2), 4 -> 1 (4x4 conv stride 4), each with GroupNorm and
+    SiLU, and a 1x1 conv to one logit. ``net`` has the layer order (and so the state-dict names and shapes)
+    of one of FastGen's ``discriminator_heads``. Maps below 8 x 8 (which FastGen does not take) skip the
+    halvings and end in a conv over the whole map."""
+
+    def __init__(self, channels: int, resolution: int) -> None:
+        super().__init__()
+        c, r, layers = channels, resolution, []
+
+        def block(kernel: int, stride: int, padding: int) -> list[nn.Module]:
+            return [nn.Conv2d(c, c, kernel, stride=stride, padding=padding), nn.GroupNorm(group_count(c), c), nn.SiLU()]
+
+        while r >= 8:
+            layers += block(4, 2, 1)
+            r //= 2
+        layers += block(r, r, 0) + [nn.Conv2d(c, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, f: Tensor) -> Tensor:
+        return self.net(f.float()).flatten(1).squeeze(1)
+
+
+HEADS = ("fdistill", "fastgen")  # the conv heads ``Discriminator.conv`` builds
+
+
 class Discriminator(nn.Module):
-    """One head per tapped feature; the logit is their mean (FastGen's convention)."""
+    """One head per tapped feature. ``head_logits``: (B, heads); ``forward``: their mean, the logit that
+    r = exp(logit) reads (FastGen's convention)."""
 
     def __init__(self, heads: dict[int, nn.Module]) -> None:
         super().__init__()
@@ -55,9 +93,18 @@ class Discriminator(nn.Module):
         return cls({k: MLPHead(c, hidden) for k, c in feature_channels.items()})
 
     @classmethod
-    def conv(cls, feature_channels: dict[int, int], hidden: int = 128) -> Discriminator:
-        """One ConvHead per tapped resolution (App. B: e.g. (32, 16, 8) for CIFAR-10, (8,) for ImageNet-64)."""
+    def conv(cls, feature_channels: dict[int, int], hidden: int = 128, head: str = "fdistill") -> Discriminator:
+        """One conv head per tapped resolution (App. B: e.g. (32, 16, 8) for CIFAR-10, (8,) for ImageNet-64):
+        ``ConvHead`` of width ``hidden``, or with ``head="fastgen"`` ``FastGenHead`` (the feature width)."""
+        if head not in HEADS:
+            raise ValueError(f"disc_head must be one of {', '.join(HEADS)}, got {head!r}")
+        if head == "fastgen":
+            return cls({res: FastGenHead(c, res) for res, c in feature_channels.items()})
         return cls({res: ConvHead(c, res, hidden) for res, c in feature_channels.items()})
 
+    def head_logits(self, features: dict[int, Tensor]) -> Tensor:
+        """(B, heads): each head's logit, heads in increasing key order."""
+        return torch.stack([self.heads[str(k)](features[k]) for k in self.keys], 1)
+
     def forward(self, features: dict[int, Tensor]) -> Tensor:
-        return torch.stack([self.heads[str(k)](features[k]) for k in self.keys]).mean(0)
+        return self.head_logits(features).mean(1)

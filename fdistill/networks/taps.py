@@ -48,3 +48,25 @@ class FeatureTaps(nn.Module):
 
     def _wanted_taps(self, return_features: bool) -> dict[str, int]:
         return {self._taps[r]: r for r in self._feature_resolutions} if return_features else {}
+
+
+TAP_ROLES = {"mid": "the lowest encoder resolution: the UNet's bottleneck (its mid block in diffusers' UNets)"}
+
+
+def resolve_taps(requested: Sequence[int | str], encoder_resolutions: Sequence[int], teacher: str = "the teacher"
+                 ) -> list[int]:
+    """Discriminator taps as resolutions: numbers are kept, a role (``mid``: the lowest encoder resolution)
+    is resolved against this teacher, so one preset serves the same architecture at any image size."""
+    available = list(encoder_resolutions)
+    out = []
+    for r in requested:
+        if isinstance(r, str):
+            if r not in TAP_ROLES:
+                raise ValueError(f"disc_resolutions: unknown tap {r!r}; expected resolutions of {teacher} "
+                                 f"({available}) or one of: {', '.join(TAP_ROLES)}")
+            r = min(available)
+        if r not in available:
+            raise ValueError(f"disc_resolutions [{r}] are not encoder resolutions of {teacher} ({available}; "
+                             "'mid' names the lowest)")
+        out.append(int(r))
+    return list(dict.fromkeys(out))

@@ -45,6 +45,75 @@ DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", 
 MIN_ALPHA_CUMPROD = 2.0**-24
 
 
+MAX_TIMESTEPS = 100_000  # the longest training schedule accepted (DDPM teachers use 1000)
+MAX_CHANNELS = 16384  # the widest block a UNet config may ask for
+MAX_RESOLUTION = 4096  # the largest sample_size
+
+
+def _config_error(where: str, message: str) -> ValueError:
+    return ValueError(f"{where}: {message}")
+
+
+def check_unet_config(config, where: str = "the UNet config") -> None:
+    """Refuse in one line (prefixed with ``where``, e.g. the config.json path) a UNet config that would not
+    build, or would build something absurd: not a JSON object, a sample_size, channel count or block width
+    that is not a positive integer within bounds. diffusers checks the rest when building."""
+    if not isinstance(config, dict):
+        raise _config_error(where, f"expected a JSON object of UNet settings, got a JSON {type(config).__name__}")
+
+    def positive(name: str, value, hi: int) -> None:
+        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= hi):
+            raise _config_error(where, f"{name} must be an integer in [1, {hi}], got {value!r:.60}")
+
+    size = config.get("sample_size")
+    if size is not None:
+        for v in size if isinstance(size, (list, tuple)) else [size]:
+            positive("sample_size", v, MAX_RESOLUTION)
+    for name in ("in_channels", "out_channels"):
+        if name in config:
+            positive(name, config[name], 1024)
+    channels = config.get("block_out_channels")
+    if channels is not None:
+        if not (isinstance(channels, (list, tuple)) and channels):
+            raise _config_error(where, f"block_out_channels must be a list of positive integers, got {channels!r:.60}")
+        for v in channels:
+            positive("block_out_channels", v, MAX_CHANNELS)
+    layers = config.get("layers_per_block")
+    for v in layers if isinstance(layers, (list, tuple)) else [] if layers is None else [layers]:
+        positive("layers_per_block", v, 64)
+    classes = config.get("num_class_embeds")
+    if classes is not None:
+        positive("num_class_embeds", classes, 1 << 20)
+    groups = config.get("norm_num_groups")
+    if groups is not None:
+        positive("norm_num_groups", groups, MAX_CHANNELS)
+
+
+def check_scheduler_config(config, where: str = "the scheduler config") -> None:
+    """Refuse in one line a scheduler config whose training schedule cannot be built: not a JSON object,
+    ``num_train_timesteps`` not an integer in [1, MAX_TIMESTEPS], betas outside (0, 1), an unknown prediction_type."""
+    if not isinstance(config, dict):
+        raise _config_error(where, f"expected a JSON object of scheduler settings, got a JSON {type(config).__name__}")
+    steps = config.get("num_train_timesteps", 1000)
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and 2 <= steps <= MAX_TIMESTEPS):
+        raise _config_error(where, f"num_train_timesteps must be an integer in [2, {MAX_TIMESTEPS}], got {steps!r:.60}")
+    for name in ("beta_start", "beta_end"):
+        v = config.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1):
+            raise _config_error(where, f"{name} must be a number in (0, 1), got {v!r:.60}")
+    betas = config.get("trained_betas")
+    if betas is not None and not (isinstance(betas, (list, tuple)) and 2 <= len(betas) <= MAX_TIMESTEPS and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas)):
+        raise _config_error(where, f"trained_betas must be a list of numbers in (0, 1), at most {MAX_TIMESTEPS}")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise _config_error(where, f"unknown prediction_type {prediction!r:.60}; expected one of "
+                            f"{', '.join(PREDICTION_TYPES)}")
+    schedule = config.get("beta_schedule", "linear")
+    if not isinstance(schedule, str):
+        raise _config_error(where, f"beta_schedule must be a name (e.g. 'linear'), got {schedule!r:.60}")
+
+
 def _diffusers():
     try:
         import diffusers
@@ -56,6 +125,7 @@ def _diffusers():
 def alphas_cumprod(scheduler_config: dict | None) -> Tensor:
     """abar_t, t = 0..T-1, float64, of a diffusers scheduler config (beta_schedule linear, scaled_linear,
     squaredcos_cap_v2, ... or trained_betas), computed by diffusers' own DDPMScheduler."""
+    check_scheduler_config(scheduler_config or DEFAULT_SCHEDULER)
     config = {k: v for k, v in (scheduler_config or DEFAULT_SCHEDULER).items() if not k.startswith("_")}
     diffusers = _diffusers()
     quiet = logging.getLogger("diffusers.configuration_utils")
@@ -63,6 +133,9 @@ def alphas_cumprod(scheduler_config: dict | None) -> Tensor:
     quiet.setLevel(logging.ERROR)  # other schedulers' keys (PNDM's, Euler's, ...) are unknown to DDPMScheduler
     try:
         sched = diffusers.DDPMScheduler.from_config(config)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as e:  # e.g. an unknown beta_schedule
+        raise ValueError(f"the scheduler config does not build a DDPM schedule: {' '.join(str(e).split())[:300]}") \
+            from None
     finally:
         quiet.setLevel(level)
     return sched.alphas_cumprod.to(torch.float64).clamp(min=MIN_ALPHA_CUMPROD)
@@ -253,6 +326,8 @@ class DiffusersDenoiser(VPUNetDenoiser):
     def from_configs(cls, unet_config: dict, scheduler_config: dict | None = None,
                      sigma_data: float | None = None) -> DiffusersDenoiser:
         """A randomly initialised denoiser of the given architecture and schedule (weights to be loaded)."""
+        check_unet_config(unet_config)
+        check_scheduler_config(scheduler_config or DEFAULT_SCHEDULER)
         unet = _diffusers().UNet2DModel.from_config(unet_config)
         sched = scheduler_config or DEFAULT_SCHEDULER
         return cls(unet, alphas_cumprod(sched), sched.get("prediction_type", "epsilon"), sigma_data)
@@ -276,9 +351,12 @@ class DiffusersDenoiser(VPUNetDenoiser):
 # -- loading ------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
 
 
 def _locate(folder: Path) -> tuple[Path, Path | None]:
@@ -310,8 +388,9 @@ def load_diffusers_teacher(folder: str | Path) -> tuple[DiffusersDenoiser, str, 
         raise FileNotFoundError(f"diffusers model folder not found: {folder}")
     unet_dir, sched_path = _locate(folder)
     unet_config = _read_json(unet_dir / "config.json")
+    check_unet_config(unet_config, str(unet_dir / "config.json"))
     if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise NotImplementedError(f"{unet_dir} holds a {unet_config['_class_name']}; only UNet2DModel "
+        raise NotImplementedError(f"{unet_dir} holds a {unet_config['_class_name']!r:.80}; only UNet2DModel "
                                   "(pixel-space DDPM) teachers are supported")
     if sched_path is None:
         warnings.warn(f"{folder} has no scheduler config; assuming DDPM's linear schedule (beta 1e-4..0.02, "
@@ -319,9 +398,16 @@ def load_diffusers_teacher(folder: str | Path) -> tuple[DiffusersDenoiser, str, 
         scheduler_config = dict(DEFAULT_SCHEDULER)
     else:
         scheduler_config = _read_json(sched_path)
+        check_scheduler_config(scheduler_config, str(sched_path))
     low_mem = importlib.util.find_spec("accelerate") is not None  # else diffusers warns and falls back
-    unet = _diffusers().UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32, low_cpu_mem_usage=low_mem)
-    net = DiffusersDenoiser(unet, alphas_cumprod(scheduler_config), scheduler_config.get("prediction_type", "epsilon"))
+    try:
+        unet = _diffusers().UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32,
+                                                        low_cpu_mem_usage=low_mem)
+        schedule = alphas_cumprod(scheduler_config)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{folder} is not a loadable diffusers UNet2DModel teacher: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    net = DiffusersDenoiser(unet, schedule, scheduler_config.get("prediction_type", "epsilon"))
     kwargs = {
         "folder": str(folder.resolve()),
         "unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdistill.safe_pickle import NUMPY_GLOBALS, restricted_load
+from fdistill import require_torch
+from fdistill.safe_pickle import LOAD_ERRORS, NUMPY_GLOBALS, UnreadablePickle, one_line, restricted_load
+
+require_torch()  # its torch.load(weights_only=True) must not load TorchScript
+
+
+EXPECTED = "expected an NVlabs/edm training snapshot (network-snapshot-*.pkl, e.g. edm-cifar10-32x32-cond-vp.pkl)"
 
 
 class Record:
@@ -105,27 +111,38 @@ def _state_dict(record: Record, prefix: str = "") -> dict[str, torch.Tensor]:
 def load_edm_pickle(path: str | Path, key: str = "ema") -> tuple[nn.Module, str, dict]:
     """Load the network ``key`` of an NVlabs/edm snapshot pickle as fdistill's EDM class.
 
-    Returns (network in eval mode, preconditioning class name, constructor kwargs). Raises
-    pickle.UnpicklingError naming any global outside the allow-list; nothing in the file runs.
+    Returns (network in eval mode, preconditioning class name, constructor kwargs); nothing in the file runs.
+    Raises ``UnreadablePickle`` (a pickle.UnpicklingError and a ValueError), one line naming the file, for a
+    global outside the allow-list and for anything else that keeps the file from being such a snapshot.
     """
     from fdistill.networks import edm
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"EDM pickle not found: {path}")
-    with open(path, "rb") as f:
-        data = restricted_load(f, ALLOWED)
+    not_snapshot = f"{path} is not a readable NVlabs/edm network snapshot"
+    try:
+        with open(path, "rb") as f:
+            data = restricted_load(f, ALLOWED)
+    except UnreadablePickle as e:
+        raise UnreadablePickle(f"{not_snapshot}: {e}; {EXPECTED}") from None
     record = data.get(key) if isinstance(data, dict) else data
     if not isinstance(record, Record):
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: no network under {key!r} (found {keys})")
+        keys = sorted(str(k) for k in data)[:8] if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise UnreadablePickle(f"{path}: no network under {key!r} (found {keys}); {EXPECTED}")
     precond = record.class_name
     if precond not in edm.PRECONDS:
-        raise ValueError(f"{path}: {key!r} is a {precond}, not one of {', '.join(edm.PRECONDS)}")
-    args, kwargs = record.state.get("_init_args") or (), dict(record.state.get("_init_kwargs") or {})
-    if args:
-        names = ["img_resolution", "img_channels", "label_dim", "use_fp16"]
-        kwargs.update(dict(zip(names, args)))
-    net = getattr(edm, precond)(**kwargs)
-    net.load_state_dict(_state_dict(record), strict=True)
+        raise UnreadablePickle(f"{path}: {key!r} is a {precond[:80]}, not one of {', '.join(edm.PRECONDS)}")
+    try:
+        from fdistill.teachers.loading import check_network_kwargs
+
+        args, kwargs = tuple(record.state.get("_init_args") or ()), dict(record.state.get("_init_kwargs") or {})
+        if args:
+            names = ["img_resolution", "img_channels", "label_dim", "use_fp16"]
+            kwargs.update(dict(zip(names, args)))
+        check_network_kwargs(precond, kwargs, "constructor")
+        net = getattr(edm, precond)(**kwargs)
+        net.load_state_dict(_state_dict(record), strict=True)
+    except LOAD_ERRORS as e:  # constructor kwargs or weights that do not make the network the file names
+        raise UnreadablePickle(f"{not_snapshot} ({precond} under {key!r}: {one_line(e)}); {EXPECTED}") from None
     return net.eval(), precond, kwargs

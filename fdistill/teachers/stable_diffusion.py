@@ -19,13 +19,20 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from fdistill.data.conditions import TextCondition
-from fdistill.teachers.diffusers_unet import INSTALL_HINT, VPUNetDenoiser, alphas_cumprod
+from fdistill.teachers.diffusers_unet import (
+    INSTALL_HINT,
+    VPUNetDenoiser,
+    alphas_cumprod,
+    check_scheduler_config,
+    check_unet_config,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call fails fast instead of hanging
 
@@ -120,6 +127,8 @@ class LatentUNetDenoiser(VPUNetDenoiser):
     def from_configs(cls, kwargs: dict) -> LatentUNetDenoiser:
         """The architecture of ``load_stable_diffusion``'s kwargs, randomly initialised (for load_state_dict)."""
         diffusers, _ = _modules()
+        check_unet_config(kwargs["unet_config"])
+        check_scheduler_config(kwargs["scheduler_config"])
         unet = diffusers.UNet2DConditionModel.from_config(kwargs["unet_config"])
         sched = kwargs["scheduler_config"]
         return cls(unet, alphas_cumprod(sched), sched.get("prediction_type", "epsilon"), kwargs["family"])
@@ -190,6 +199,17 @@ class StableDiffusion(nn.Module):
         return (self.codec.channels, r, r)
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON object from a pipeline folder, or one line saying why not."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
 def _check_layout(folder: Path, family: str) -> None:
     for name in COMPONENTS[family]:
         if name.startswith("tokenizer"):
@@ -221,11 +241,15 @@ def load_stable_diffusion(folder: str | Path, resolution: int | None = None,
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise FileNotFoundError(f"{folder} lacks model_index.json; expected {LAYOUT}")
-    class_name = json.loads(index_path.read_text()).get("_class_name")
-    if class_name not in FAMILIES:
-        raise ValueError(f"{folder} holds a {class_name}, not a StableDiffusionPipeline or StableDiffusionXLPipeline")
+    class_name = _read_json(index_path).get("_class_name")
+    if not isinstance(class_name, str) or class_name not in FAMILIES:
+        raise ValueError(f"{folder} holds a {str(class_name)[:80]}, not a StableDiffusionPipeline or "
+                         "StableDiffusionXLPipeline")
     family = FAMILIES[class_name]
     _check_layout(folder, family)
+    check_unet_config(_read_json(folder / "unet" / "config.json"), str(folder / "unet" / "config.json"))
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    check_scheduler_config(scheduler_config, str(folder / "scheduler" / "scheduler_config.json"))
     local = dict(local_files_only=True)
     low_mem = dict(low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     with _quiet():
@@ -237,7 +261,6 @@ def load_stable_diffusion(folder: str | Path, resolution: int | None = None,
             tokenizers.append(transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local))
             encoders.append(transformers.CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2",
                                                                                      **local))
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     codec = LatentCodec(vae)
     resolution = resolution or int(unet.config["sample_size"]) * codec.downsample
     text = TextEncoder(family, tokenizers, encoders, resolution)
@@ -255,6 +278,44 @@ def load_stable_diffusion(folder: str | Path, resolution: int | None = None,
     return StableDiffusion(denoiser.eval(), text, codec, kwargs)
 
 
+def _hub_blob(link: Path, root: Path) -> bool:
+    """Whether ``link`` is a Hugging Face cache link: ``root`` is ``<repo>/snapshots/<revision>`` and the link
+    resolves to a regular file in that repository's ``blobs/`` (how huggingface_hub stores every file)."""
+    if root.parent.name != "snapshots":
+        return False
+    target = link.resolve()
+    return target.parent == (root.parent.parent / "blobs").resolve() and target.is_file() and not target.is_symlink()
+
+
+def copy_regular_files(src: str | Path, dst: str | Path, leave_out: set[str] = frozenset(), _root: Path | None = None
+                       ) -> Path:
+    """Copy the folder tree ``src`` to the new folder ``dst`` (names in ``leave_out`` at its top skipped), only
+    the regular files inside it: a symlink (to a file or a folder) or a special file is left out with a warning
+    naming it, so that nothing from outside the folder ends up in what is written. The one exception: in a
+    Hugging Face cache snapshot, the links into the repository's own ``blobs/`` are copied as their files."""
+    src, dst = Path(src), Path(dst)
+    root = _root or src.resolve()
+    dst.mkdir(parents=True)
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.name in leave_out:
+            continue
+        if entry.is_symlink():
+            if _hub_blob(path, root):
+                shutil.copyfile(path.resolve(), dst / entry.name)
+            else:
+                warnings.warn(f"left out {path}: a symlink (to {os.readlink(path)}); only the regular files inside "
+                              f"{root} are copied", stacklevel=2)
+        elif entry.is_dir(follow_symlinks=False):
+            copy_regular_files(path, dst / entry.name, _root=root)
+        elif entry.is_file(follow_symlinks=False):
+            shutil.copyfile(path, dst / entry.name, follow_symlinks=False)
+        else:
+            warnings.warn(f"left out {path}: not a regular file or folder; only the regular files inside {root} are "
+                          "copied", stacklevel=2)
+    return dst
+
+
 def export_pipeline(generator: LatentUNetDenoiser, teacher_folder: str | Path, out: str | Path) -> Path:
     """Write the one-step generator as a diffusers pipeline folder: the teacher's folder with the generator's
     UNet and a one-step DDIM scheduler (trailing spacing, final alpha 1, so one step returns the predicted
@@ -267,7 +328,7 @@ def export_pipeline(generator: LatentUNetDenoiser, teacher_folder: str | Path, o
         raise ValueError(f"{out} is not empty; give a new folder for the exported pipeline")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(teacher_folder, tmp, ignore=shutil.ignore_patterns("unet", "scheduler"))
+    copy_regular_files(teacher_folder, tmp, leave_out={"unet", "scheduler"})
     generator.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     sched = json.loads((teacher_folder / "scheduler" / "scheduler_config.json").read_text())
     # steps_offset does nothing with trailing spacing; 1, as SD's own configs (the pipeline warns at any other)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -141,12 +142,36 @@ def _read_state(path: Path) -> dict:
         state = json.loads((path / "state.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"checkpoint {path}: state.json is damaged ({e})") from None
+    except RecursionError:
+        raise ValueError(f"checkpoint {path}: state.json is nested too deeply to be a checkpoint's") from None
+    _check_state(path, state)
     for name, rec in state.get("files", {}).items():
         size = (path / name).stat().st_size
         if size != rec["bytes"]:
             raise ValueError(f"checkpoint {path}: {name} is truncated or damaged ({size} bytes, "
                              f"{rec['bytes']} expected)")
     return state
+
+
+STATE_KEYS = ("optimizers", "rng", "meta")  # what state.json holds besides "files"
+META_KEYS = {"iteration": int, "config": dict, "info": dict}  # what a training run's checkpoint meta holds
+
+
+def _check_state(path: Path, state: Any) -> None:
+    """state.json's shape as ``save`` writes it, or one line naming the checkpoint and the key at fault."""
+    where = f"checkpoint {path}: state.json"
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} holds a JSON {type(state).__name__}, not a checkpoint record (expected the keys "
+                         f"{', '.join(STATE_KEYS)})")
+    for key in STATE_KEYS:
+        if not isinstance(state.get(key), dict):
+            what = "lacks" if key not in state else f"has a {type(state[key]).__name__} under"
+            raise ValueError(f"{where} {what} {key!r}; expected a mapping there, as fdistill writes it")
+    files = state.get("files", {})
+    if not isinstance(files, dict) or set(files) - set(FILES[:2]) or not all(
+            isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+            for r in files.values()):
+        raise ValueError(f"{where}: 'files' must map {' and '.join(FILES[:2])} to their bytes and sha256")
 
 
 def _verify(path: Path, state: dict) -> None:
@@ -222,7 +247,45 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     Tensors in it come back as tensors."""
     path = resolve(path)
     state = _read_state(path)
-    return _unflatten(state["meta"], load_file(path / "state.safetensors"))
+    try:
+        tensors = load_file(path / "state.safetensors")
+    except SafetensorError as e:
+        raise ValueError(f"checkpoint {path}: state.safetensors is damaged ({e})") from None
+    meta = _unflatten_checked(path, state["meta"], tensors)
+    where = f"checkpoint {path}: state.json's meta"
+    for key, kind in META_KEYS.items():
+        if key not in meta:
+            raise ValueError(f"{where} lacks {key!r} (expected {', '.join(META_KEYS)}, as fdistill writes them)")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise ValueError(f"{where}.{key} must be {'a mapping' if kind is dict else 'an integer'}, got "
+                             f"{meta[key]!r:.80}")
+    info = meta["info"]
+    if "precond" in info or "network" in info:
+        if not (isinstance(info.get("precond"), str) and isinstance(info.get("network"), dict)):
+            raise ValueError(f"{where}.info must hold 'precond' (a name) and 'network' (the generator's "
+                             "constructor kwargs)")
+        from fdistill.networks.edm import PRECONDS
+
+        if info["precond"] in PRECONDS:
+            from fdistill.teachers.loading import check_network_kwargs
+
+            try:
+                check_network_kwargs(info["precond"], info["network"], "info.network")
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    return meta
+
+
+def _unflatten_checked(path: Path, obj: Any, tensors: dict[str, Tensor]) -> Any:
+    """``_unflatten``, with what a damaged or foreign state.json makes it raise as one line naming the checkpoint."""
+    try:
+        return _unflatten(obj, tensors)
+    except KeyError as e:
+        raise ValueError(f"checkpoint {path}: state.json refers to tensor {e.args[0]!r:.80}, which state.safetensors "
+                         "lacks") from None
+    except (RecursionError, TypeError) as e:
+        raise ValueError(f"checkpoint {path}: state.json is not a checkpoint record fdistill wrote "
+                         f"({type(e).__name__})") from None
 
 
 @dataclass

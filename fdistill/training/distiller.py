@@ -24,6 +24,7 @@ from fdistill.core import divergences
 from fdistill.core.diffusion import SigmaSampler, append_dims, denoising_loss, one_step, score_from_denoiser
 from fdistill.core.objective import (
     RatioNormalizer,
+    approx_r1_penalty,
     fdistill_loss,
     fdistill_weights,
     gan_discriminator_loss,
@@ -51,7 +52,10 @@ class DistillConfig:
     weight_decay: float = 0.01
     grad_clip: float | None = 10.0  # generator gradient-norm clip (FastGen)
     r1_gamma: float = 1.0  # Table 5
-    r1_form: str = "exact"  # E||grad_x D||^2 (a double backward), or "approx": FastGen's ||D(x) - D(x + 0.1 n)||^2
+    # R1 of the discriminator's (mean) logit D on noisy real samples x: "exact", E||grad_x D||^2 (a double
+    # backward); "approx", E(D(x + 0.1 n) - D(x))^2 / 0.1^2, the same quantity to first order without the
+    # double backward (FastGen's form, which adds weight * E(...)^2: its weight w is r1_gamma = 0.02 w here).
+    r1_form: str = "exact"
     h_warmup: int = 0  # first iterations with h = 1 (reverse-KL) while the head learns r (Sec. 5.1's warm-up)
     logit_clip: float = 10.0
     r_min: float = 0.1  # Alg. 1 line 6
@@ -63,6 +67,13 @@ class DistillConfig:
     sigmas: SigmaSampler = field(default_factory=SigmaSampler)
     generator_sigma: float | None = None  # sigma the generator is evaluated at; None = the schedule's largest
     ema_beta: float | None = 0.999  # EMA of the generator; None: no EMA (FastGen and DMD2 for text-to-image)
+    # When the EMA moves: "iteration", after every iteration, critic iterations included (NVlabs/FastGen's
+    # EMACallback runs at the end of each), so its horizon is 1/(1 - ema_beta) iterations; "student": only
+    # after generator updates, a tau times longer horizon.
+    ema_cadence: str = "iteration"
+    # The GAN losses over several heads: "per_head", softplus of each head's logit, averaged (FastGen);
+    # "mean_logit", softplus of the heads' mean logit. r = exp(mean logit) either way.
+    gan_loss_heads: str = "per_head"
     seed: int = 0
     log_every: int = 10  # iterations between log lines (the last iteration is always logged)
     checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end (with a run folder)
@@ -86,21 +97,52 @@ class DistillConfig:
     fsdp: bool = False  # under torchrun: shard teacher, generator (and EMA) and fake score over the ranks (FSDP2)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise ValueError(f"micro_batch must be a positive integer or None, got {self.micro_batch}")
+        from fdistill import checks
+
+        checks.choice("precision", self.precision, ("fp32", "bf16"))
+        for name in ("iterations", "batch_size", "ratio_bins", "log_every", "keep_checkpoints"):
+            checks.integer(name, getattr(self, name), 1)
+        for name in ("h_warmup", "checkpoint_every"):
+            checks.integer(name, getattr(self, name), 0)
+        checks.integer("seed", self.seed)
+        checks.integer("micro_batch", self.micro_batch, 1, none=True)
+        if not (isinstance(self.lr_stages, (list, tuple)) and all(
+                isinstance(s, (list, tuple)) and len(s) == 2 for s in self.lr_stages)):
+            raise ValueError(f"lr_stages must be [[iteration, lr], ...], got {self.lr_stages!r}")
+        for start, stage_lr in self.lr_stages:
+            checks.integer("an lr_stages iteration", start, 0)
+            checks.number("an lr_stages lr", stage_lr, 0, low_open=True)
         if [s for s, _ in self.lr_stages] != sorted({s for s, _ in self.lr_stages}):
             raise ValueError(f"lr_stages must be [[iteration, lr], ...] with increasing iterations, "
                              f"got {self.lr_stages}")
-        if self.tau < 2:
-            raise ValueError(f"tau must be >= 2 (one student step per tau iterations, the rest critic), got {self.tau}")
-        if self.fdistill_weight < 0 or self.gan_weight < 0:
-            raise ValueError("fdistill_weight and gan_weight must be non-negative")
-        if self.r1_form not in ("exact", "approx"):
-            raise ValueError(f"r1_form must be 'exact' or 'approx', got {self.r1_form!r}")
-        if self.keep_checkpoints < 1 or self.log_every < 1:
-            raise ValueError("keep_checkpoints and log_every must be at least 1")
+        if not (isinstance(self.tau, int) and self.tau >= 2):
+            raise ValueError(f"tau must be an integer >= 2 (one student step per tau iterations, the rest critic), "
+                             f"got {checks.show(self.tau)}")
+        checks.number("fdistill_weight", self.fdistill_weight, 0)
+        checks.number("gan_weight", self.gan_weight, 0)
+        checks.number("lr", self.lr, 0, low_open=True)
+        checks.number("lr_critic", self.lr_critic, 0, low_open=True, none=True)
+        if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for b in self.betas:
+            checks.number("betas", b, 0, 1, high_open=True, what="two numbers in [0, 1)")
+        checks.number("weight_decay", self.weight_decay, 0)
+        checks.number("grad_clip", self.grad_clip, 0, low_open=True, none=True)
+        checks.number("r1_gamma", self.r1_gamma, 0)
+        checks.choice("r1_form", self.r1_form, ("exact", "approx"))
+        checks.number("logit_clip", self.logit_clip, 0, low_open=True)
+        checks.number("r_min", self.r_min, 0, low_open=True)
+        checks.number("r_max", self.r_max, 0, low_open=True)
+        if self.r_min >= self.r_max:
+            raise ValueError(f"r_min must be below r_max (the clip range of the density ratio r, Alg. 1 line 6), "
+                             f"got r_min {checks.show(self.r_min)} and r_max {checks.show(self.r_max)}")
+        checks.choice("ratio_binning", self.ratio_binning, ("equal_mass", "linear"))
+        checks.number("ratio_ema", self.ratio_ema, 0, 1, high_open=True)
+        checks.choice("fake_score_weighting", self.fake_score_weighting, ("edm", "none"))
+        checks.number("generator_sigma", self.generator_sigma, 0, low_open=True, none=True)
+        checks.number("ema_beta", self.ema_beta, 0, 1, high_open=True, none=True)
+        checks.choice("ema_cadence", self.ema_cadence, ("iteration", "student"))
+        checks.choice("gan_loss_heads", self.gan_loss_heads, ("per_head", "mean_logit"))
         if self.fdistill_weight == 0 and self.gan_weight == 0:
             raise ValueError("fdistill_weight and gan_weight are both 0: the generator would get no gradient")
         divergences.check(self.divergence)  # fail early on an unknown divergence
@@ -241,6 +283,10 @@ class Distiller:
     def _mine(self, cond):
         return None if cond is None else cond.to(self.device)
 
+    def _gan_logits(self, head_logits: Tensor) -> Tensor:
+        """What the GAN losses average softplus over: each head's logit (``per_head``) or their mean."""
+        return head_logits if self.cfg.gan_loss_heads == "per_head" else head_logits.mean(1)
+
     # -- Alg. 1 --------------------------------------------------------------------------------
     def student_step(self) -> dict[str, Tensor]:
         """Alg. 1 lines 4-12: the generator's update by Eq. (4) + w_GAN times the generator's GAN loss.
@@ -260,11 +306,12 @@ class Distiller:
                 # on, it is differentiated through its input (not its weights) into the generator.
                 with torch.set_grad_enabled(cfg.gan_weight > 0):
                     x0_teacher, features = self.teacher(x_t, s, c, return_features=True)
-                    logits = self.discriminator(features).float()
+                    head_logits = self.discriminator.head_logits(features).float()
+            logits = head_logits.mean(1)  # the discriminator's logit: r = exp(logit)
             logs: dict[str, Tensor] = {}
             loss = x.new_zeros(())
             if cfg.gan_weight > 0:  # line 11
-                loss_gan = gan_generator_loss(logits)
+                loss_gan = gan_generator_loss(self._gan_logits(head_logits))
                 loss = loss + cfg.gan_weight * loss_gan
                 logs["loss_gan_g"] = loss_gan.detach()
             if cfg.fdistill_weight > 0:
@@ -289,8 +336,6 @@ class Distiller:
             norm = torch.nn.utils.clip_grad_norm_(self.gen_params, cfg.grad_clip)
             logs["grad_norm_g"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor if sharded
         self.opt_g.step()  # line 12
-        if cfg.ema_beta is not None:
-            ema_update(self.generator_ema, self.generator, cfg.ema_beta)
         self.ratio_norm.commit()  # the ratio EMA moves once per optimizer step
         return logs
 
@@ -325,17 +370,19 @@ class Distiller:
                 x_real_t = (x_real[sl] + append_dims(sr, x.ndim) * eps_real[sl]).requires_grad_(exact_r1)
                 with torch.set_grad_enabled(exact_r1):
                     feats_real = self.teacher.features(x_real_t, sr, cr)
-                logits_fake = self.discriminator(feats_fake).float()
-                logits_real = self.discriminator(feats_real).float()
+                logits_fake = self.discriminator.head_logits(feats_fake).float()
+                logits_real = self.discriminator.head_logits(feats_real).float()
                 if approx_r1:
                     with torch.no_grad():
                         feats_near = self.teacher.features(x_real_t + R1_NOISE * eps_r1[sl], sr, cr)
                     logits_near = self.discriminator(feats_near).float()
-            loss_d = gan_discriminator_loss(logits_real, logits_fake)  # line 15
+            loss_d = gan_discriminator_loss(self._gan_logits(logits_real), self._gan_logits(logits_fake))  # line 15
             logs = {"loss_fake_score": loss_fake.detach(), "loss_gan_d": loss_d.detach(),
                     "logit_real": logits_real.detach().mean(), "logit_fake": logits_fake.detach().mean()}
             if cfg.r1_gamma > 0:
-                r1 = (logits_real - logits_near).square().mean() if approx_r1 else r1_penalty(logits_real, x_real_t)
+                logit_real = logits_real.mean(1)
+                r1 = approx_r1_penalty(logit_real, logits_near, R1_NOISE) if approx_r1 else \
+                    r1_penalty(logit_real, x_real_t)
                 loss_d = loss_d + 0.5 * cfg.r1_gamma * r1
                 logs["r1"] = r1.detach()
             ((loss_fake + loss_d) / len(self.passes)).backward()
@@ -355,6 +402,8 @@ class Distiller:
             for group in opt.param_groups:
                 group["lr"] = value
         logs = self.student_step() if student else self.critic_step()
+        if self.cfg.ema_beta is not None and (student or self.cfg.ema_cadence == "iteration"):
+            ema_update(self.generator_ema, self.generator, self.cfg.ema_beta)
         logs = {"iteration": self.iteration, "kind": "student" if student else "critic", **logs}
         self.iteration += 1
         return logs

@@ -39,6 +39,25 @@ class TeacherConfig:
     checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # the newest checkpoints kept in <run>/checkpoints/
 
+    def __post_init__(self) -> None:
+        from fdistill import checks
+        from fdistill.networks.edm import PRECONDS
+        from fdistill.teachers.loading import check_network_kwargs
+
+        checks.choice("precond", self.precond, PRECONDS)
+        check_network_kwargs(self.precond, self.network, "network")
+        for name in ("iterations", "batch_size", "log_every", "keep_checkpoints"):
+            checks.integer(name, getattr(self, name), 1)
+        for name in ("warmup", "checkpoint_every"):
+            checks.integer(name, getattr(self, name), 0)
+        checks.integer("seed", self.seed)
+        checks.number("lr", self.lr, 0, low_open=True)
+        checks.number("ema_beta", self.ema_beta, 0, 1, high_open=True)
+        checks.number("label_dropout", self.label_dropout, 0, 1, high_open=True)
+        checks.choice("noise", self.noise, ("edm", "timesteps"))
+        checks.number("P_mean", self.P_mean)
+        checks.number("P_std", self.P_std, 0, low_open=True)
+
 
 def drop_labels(cond, p: float, null=None):
     """Classifier-free guidance training (Ho & Salimans 2022): each condition becomes the null one with
