@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fdistill.apps import images
+from fdistill.apps import distill, images
 from fdistill.apps.cli import DIGITS_PRESET
 from fdistill.data.datasets import load_dataset
 from fdistill.data.writers import save_image_grid
@@ -70,10 +70,10 @@ def main() -> None:
         ckpt = out / run
         if not (ckpt / "checkpoints").is_dir():
             t0 = time.perf_counter()
-            training_loop(images.make_distiller(run_cfg, teacher_path, data), run_dir=out / run, progress=False)
+            training_loop(distill.make_distiller(run_cfg, teacher_path, data), run_dir=out / run, progress=False)
             print(f"[{time.perf_counter() - t_start:5.0f} s] distilled {run} in {time.perf_counter() - t0:.0f} s",
                   flush=True)
-        gen, sigma_gen, _ = images.load_generator(ckpt)
+        gen, sigma_gen, _ = distill.load_generator(ckpt)
         x, rows[run] = score(gen, args.num, shape, data.label_dim, sigma_gen)
         save_image_grid(x[:100], out / f"{run}.png", nrow=10, scale=4)
 

@@ -35,6 +35,7 @@ TINY = ["teacher.network.model_channels=8", "teacher.network.channel_mult=[1, 2]
 def child(argv: list[str]) -> int:
     """One launch of `fdistill distill argv`, killed by SIGKILL at filesystem step $FAULT_AT of a checkpoint
     write (0: never; the parent may still kill it on a timer)."""
+    from fdistill import io
     from fdistill.apps import cli
     from fdistill.training import checkpoint
 
@@ -49,7 +50,8 @@ def child(argv: list[str]) -> int:
         return wrapper
 
     checkpoint.save_file = dying(checkpoint.save_file)
-    checkpoint._fsync = dying(checkpoint._fsync)
+    io.fsync_file = dying(io.fsync_file)  # each fsync of the checkpoint writer (fdistill.io.atomic_dir)
+    io.fsync_dir = dying(io.fsync_dir)
     for name in ("rename", "replace"):
         setattr(os, name, dying(getattr(os, name)))
     shutil.rmtree = dying(shutil.rmtree)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from sd_cost import SD15_UNET  # noqa: E402
 
-from fdistill.apps import images  # noqa: E402
+from fdistill.apps import distill, images  # noqa: E402
 from fdistill.core.diffusion import edm_sampler, one_step  # noqa: E402
 from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
 
@@ -39,7 +39,7 @@ def build(folder: Path, tiny: bool) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from fdistill.data.text import clip_tokenizer
+    from fdistill.evaluation.clip_tokenizer import clip_tokenizer
 
     unet_cfg, vae_cfg, clip_cfg = dict(SD15_UNET), dict(VAE), dict(CLIP_L)
     if tiny:
@@ -78,7 +78,7 @@ def main() -> None:
         (data / f"{i}.txt").write_text(f"a photo of thing number {i}")
     cfg = images.load_config("sd15", [f"data={data}", f"distill.batch_size={args.batch}", "distill.iterations=100",
                                       *(["disc_resolutions=[8]"] if not args.tiny else ["disc_resolutions=[1]"])])
-    d = images.make_distiller(cfg, teacher, device=device)
+    d = distill.make_distiller(cfg, teacher, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     times = {"student": [], "critic": []}
     for _ in range(2 * cfg.distill.tau):  # the first cycle warms up

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdistill.apps import images
+from fdistill.apps import distill, images
 from fdistill.teachers.loading import build_network, save_network
 
 
@@ -30,7 +30,7 @@ def main() -> None:
              labels=rng.integers(0, 10, 1024))
     cfg = images.load_config("cifar10", [f"data={out / 'data.npz'}", *overrides])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = images.make_distiller(cfg, teacher, device=device)
+    d = distill.make_distiller(cfg, teacher, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for n in (cfg.distill.tau, 2 * cfg.distill.tau):  # warm-up cycle (and compilation), then a timed one
         sync()

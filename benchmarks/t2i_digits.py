@@ -32,19 +32,19 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fdistill.apps import images, t2i  # noqa: E402
+from fdistill.apps import distill, images, t2i  # noqa: E402
 from fdistill.core.diffusion import edm_sampler, one_step  # noqa: E402
 from fdistill.data.datasets import load_dataset, to_float  # noqa: E402
 from fdistill.data.latent_shards import LatentSampler  # noqa: E402
-from fdistill.data.text import clip_tokenizer  # noqa: E402
 from fdistill.data.writers import save_image_grid  # noqa: E402
+from fdistill.evaluation.clip_tokenizer import clip_tokenizer  # noqa: E402
 from fdistill.evaluation.digits_classifier import load_digits_classifier  # noqa: E402
 from fdistill.evaluation.metrics import class_accuracy, evaluate_features  # noqa: E402
 from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
-from fdistill.teachers.stable_diffusion import load_stable_diffusion  # noqa: E402
+from fdistill.teachers.stable_diffusion import TextToImageData, load_stable_diffusion  # noqa: E402
 from fdistill.training import run as run_record  # noqa: E402
 from fdistill.training.loop import training_loop  # noqa: E402
-from fdistill.training.teacher import TeacherConfig, TeacherTrainer  # noqa: E402
+from fdistill.training.teacher_training import TeacherConfig, TeacherTrainer  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PHRASES = ["a handwritten {w}", "the digit {d}", "a drawing of the number {w}", "{w}", "a {w} written by hand"]
@@ -128,7 +128,7 @@ def train_teacher(folder: Path, data: Path, iterations: int) -> None:
     cfg = TeacherConfig(iterations=iterations, batch_size=64, lr=5e-4, warmup=200, ema_beta=0.999,
                         label_dropout=0.1, noise="timesteps", log_every=500)
     sampler = LatentSampler(data, seed=0)
-    trainer = TeacherTrainer(cfg, sd.denoiser.train(), t2i.TextToImageData(sd, sampler, torch.device("cpu")))
+    trainer = TeacherTrainer(cfg, sd.denoiser.train(), TextToImageData(sd, sampler, torch.device("cpu")))
     training_loop(trainer, progress=False)
     trainer.ema.unet.save_pretrained(folder / "unet")
 
@@ -169,12 +169,12 @@ def sample_teacher(folder: Path, prompts: list[str], steps: int = 18) -> tuple[t
 
 @torch.no_grad()
 def sample_student(run: Path, prompts: list[str]) -> tuple[torch.Tensor, float]:
-    generator, sigma_gen, sd = t2i.load_generator(run)
+    generator, sigma_gen, teacher = distill.load_generator(run)
     t0, out = time.perf_counter(), []
     for i in range(0, len(prompts), 250):
         batch = prompts[i:i + 250]
-        z = torch.randn(len(batch), *sd.latent_shape, generator=torch.Generator().manual_seed(i))
-        out.append(sd.codec.decode(one_step(generator, z, sigma_gen, sd.text(batch))))
+        z = torch.randn(len(batch), *teacher.sample_shape, generator=torch.Generator().manual_seed(i))
+        out.append(teacher.decode(one_step(generator, z, sigma_gen, teacher.condition(batch))))
     return torch.cat(out), time.perf_counter() - t0
 
 
@@ -231,7 +231,7 @@ def main() -> None:
             run_record.write(run_dir, "distill", cfg, teacher=str(teacher.resolve()), data=cfg.data)
         if not (run_dir / "checkpoints").is_dir():
             t0 = time.perf_counter()
-            training_loop(images.make_distiller(cfg, teacher), run_dir=run_dir, progress=False)
+            training_loop(distill.make_distiller(cfg, teacher), run_dir=run_dir, progress=False)
             say(f"distilled {run} in {time.perf_counter() - t0:.0f} s")
         x, seconds = sample_student(run_dir, prompts)
         rows[f"{run} (1 NFE)"] = score(x, digits, seconds)

@@ -29,6 +29,47 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+RESUMABLE = "resumable"  # field metadata: ``--resume`` may change this setting (it does not define the run)
+
+
+def resumable(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that a resumed run may change (how long it runs, how it logs and checkpoints, how the
+    steps are computed), marked in its metadata; every other field defines the run."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={RESUMABLE: True})
+
+
+def resumable_keys(cls: type, part: str = "") -> set[str]:
+    """The dotted keys (as in ``key=value`` overrides) of the fields marked by ``resumable`` in dataclass
+    ``cls`` and the dataclasses it nests; with ``part`` (a dotted key naming a nested dataclass) only
+    those under it, e.g. ``resumable_keys(ImageConfig, "distill")`` -> {"distill.iterations", ...}."""
+    for name in filter(None, part.split(".")):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if name not in fields:
+            raise KeyError(f"{cls.__name__} has no field {name!r} (fields: {', '.join(sorted(fields))})")
+        cls = _nested_dataclass(typing.get_type_hints(cls)[name])
+        if cls is None:
+            raise KeyError(f"{part} is a value, not a group of keys")
+
+    def walk(c: type, prefix: str) -> set[str]:
+        hints, keys = typing.get_type_hints(c), set()
+        for f in dataclasses.fields(c):
+            inner = _nested_dataclass(hints[f.name])
+            if inner is not None:
+                keys |= walk(inner, f"{prefix}{f.name}.")
+            elif f.metadata.get(RESUMABLE):
+                keys.add(prefix + f.name)
+        return keys
+    return walk(cls, f"{part}." if part else "")
+
+
+def _nested_dataclass(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds (``X`` or ``X | None``), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
 class ConfigError(ValueError):
     """A bad config value or key; ``key`` is its dotted path (e.g. ``distill.lr``)."""
 

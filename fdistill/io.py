@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,9 +16,18 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
 
+TEMP_GLOB = ".*.tmp-*"  # every name temp_name gives, of any process
+
+
 def temp_name(path: Path) -> Path:
     """The temporary sibling of ``path`` (hidden, tagged with the process id): ``.NAME.tmp-PID``."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def other_temps(folder: Path) -> list[Path]:
+    """The temporary names (``temp_name``) in ``folder`` that are not this process's: a stopped writer's."""
+    own = f".tmp-{os.getpid()}"
+    return [p for p in folder.glob(TEMP_GLOB) if not p.name.endswith(own)]
 
 
 def fsync_dir(folder: Path) -> None:
@@ -62,6 +72,43 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """``with atomic_dir(p) as tmp: fill(tmp)``: the folder version of ``atomic_path``. The writer fills the
+    empty folder ``tmp`` (``temp_name(p)``; whatever a killed writer left there, or a link planted there, is
+    removed first), which is then renamed to ``p``: ``p`` is never a partial folder. A folder already at ``p`` is
+    renamed aside (``.NAME.old-PID``), the new one takes its name, then the old one is removed. On an exception the
+    temporary folder is removed and ``p`` is left as it was. ``durable``: fsync the folder's entries and the
+    folder before the rename and the parent after it, so a complete ``p`` survives a power loss."""
+    path = Path(path)
+    tmp = temp_name(path)
+    if tmp.is_symlink():
+        tmp.unlink()
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if durable:
+            for entry in sorted(tmp.iterdir()):
+                (fsync_dir if entry.is_dir() else fsync_file)(entry)
+            fsync_dir(tmp)
+        if os.path.lexists(path):  # the same name again: put the old one aside first
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if durable:
         fsync_dir(path.parent)

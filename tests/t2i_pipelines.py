@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fdistill.data.text import clip_tokenizer  # noqa: E402
+from fdistill.evaluation.clip_tokenizer import clip_tokenizer  # noqa: E402
 
 VOCAB = 49408  # the CLIP BPE vocabulary; start 49406, end 49407
 

@@ -9,15 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fdistill.data.captions import (
-    CaptionDataWarning,
-    CaptionSampler,
-    PromptSampler,
-    expand_braces,
-    open_captions,
-    resize_center_crop,
-)
+from fdistill.data.captions import CaptionDataWarning, open_captions
 from fdistill.data.latent_shards import LatentSampler, LatentShards, LatentShardWriter
+from fdistill.data.sampler import CaptionSampler, PromptSampler
+from fdistill.data.tar_index import expand_braces
+from fdistill.data.transforms import resize_center_crop
 
 CAPTIONS = ["a red cat", "two dogs on a beach", "a bowl of soup, photo", "city at night", "ünïcode caption"]
 

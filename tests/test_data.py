@@ -234,7 +234,7 @@ def test_sampler_unconditional():
     d = coded_dataset()
     sampler = ImageSampler(ImageDataset(d.images, None, 0, "u"))
     x, y = sampler(5)
-    assert x.shape == (5, 1, 4, 4) and y is None and sampler.sample_labels(5) is None
+    assert x.shape == (5, 1, 4, 4) and y is None and sampler.sample_cond(5) is None
 
 
 def test_sampler_seed_and_resume():
@@ -248,15 +248,15 @@ def test_sampler_seed_and_resume():
     state = a.state_dict()
     assert state["generator"].dtype == torch.uint8
     x1, y1 = a(8)
-    l1 = a.sample_labels(8)
+    l1 = a.sample_cond(8)
     c = ImageSampler(d, seed=0)
     c.load_state_dict({k: v.clone() for k, v in state.items()})
     x2, y2 = c(8)
-    assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(l1, c.sample_labels(8))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(l1, c.sample_cond(8))
 
 
 def test_sample_labels_uniform():
-    labels = ImageSampler(coded_dataset(), seed=1).sample_labels(5000)
+    labels = ImageSampler(coded_dataset(), seed=1).sample_cond(5000)
     assert labels.shape == (5000, 5) and torch.equal(labels.sum(1), torch.ones(5000))
     counts = labels.sum(0)
     assert ((counts - 1000).abs() < 120).all()

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
-from fdistill.apps import cli, images  # noqa: E402
+from fdistill.apps import cli, distill, images  # noqa: E402
 from fdistill.teachers import diffusers_unet  # noqa: E402
 from fdistill.teachers.diffusers_unet import DiffusersDenoiser  # noqa: E402
 from fdistill.teachers.loading import build_network, load_network  # noqa: E402
@@ -161,8 +161,8 @@ def test_class_labels_are_indices_without_a_null_label(pipeline_dir):
 def test_distill_a_diffusers_teacher(pipeline_dir, tmp_path):
     cfg = images.load_config(cli.DIGITS_PRESET, ["disc_hidden=8", "distill.batch_size=4", "distill.tau=2",
                                                  "distill.iterations=3", "distill.log_every=1"])
-    d = images.make_distiller(cfg, pipeline_dir)
-    assert isinstance(d.generator, DiffusersDenoiser) and d.generator.unet is not d.teacher.unet
+    d = distill.make_distiller(cfg, pipeline_dir)
+    assert isinstance(d.generator, DiffusersDenoiser) and d.generator.unet is not d.teacher.net.unet
     assert all(p.requires_grad for p in d.generator.parameters())
     training_loop(d, run_dir=tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -171,7 +171,8 @@ def test_distill_a_diffusers_teacher(pipeline_dir, tmp_path):
     losses = [v for e in log for k, v in e.items() if k.startswith("loss")]
     assert losses and all(math.isfinite(v) for v in losses)
 
-    net, sigma_gen, info = images.load_generator(tmp_path)
+    net, sigma_gen, teacher = distill.load_generator(tmp_path)
+    info = teacher.info
     assert info["precond"] == "diffusers" and isinstance(net, DiffusersDenoiser)
     for k, v in d.generator_ema.state_dict().items():
         assert torch.equal(v, net.state_dict()[k]), k

@@ -266,7 +266,7 @@ def test_networks_never_drop_labels_and_teacher_training_does():
     """label_dropout is recorded for NVlabs/edm compatibility but never applied by a network, so the
     generator and fake score (teacher copies in training mode) always see their labels; dropping labels
     for CFG is done by teacher training alone (``drop_labels``)."""
-    from fdistill.training.teacher import drop_labels
+    from fdistill.training.teacher_training import drop_labels
 
     for model_type in ("SongUNet", "DhariwalUNet"):
         net = tiny(model_type=model_type, label_dropout=0.9, dropout=0.0)

@@ -52,7 +52,7 @@ def test_missing_network_and_file_errors(tmp_path):
 
 def test_distill_accepts_an_edm_pickle_teacher(tmp_path, persistence_module):
     """`fdistill distill --teacher x.pkl` path: the image pipeline builds its distiller from the pickle."""
-    from fdistill.apps import images
+    from fdistill.apps import distill, images
     from fdistill.apps.cli import DIGITS_PRESET
     from fdistill.training.loop import training_loop
 
@@ -61,6 +61,6 @@ def test_distill_accepts_an_edm_pickle_teacher(tmp_path, persistence_module):
     net = edm.EDMPrecond(**kwargs).eval()
     write_snapshot(tmp_path / "t.pkl", net, persistence_module._reconstruct_persistent_obj, kwargs)
     cfg = images.load_config(DIGITS_PRESET, ["distill.batch_size=4", "distill.iterations=2", "disc_hidden=8"])
-    d = images.make_distiller(cfg, tmp_path / "t.pkl")
+    d = distill.make_distiller(cfg, tmp_path / "t.pkl")
     training_loop(d, progress=False)
     assert d.iteration == 2 and d.info["network"]["model_channels"] == 8

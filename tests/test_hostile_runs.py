@@ -11,10 +11,10 @@ import pytest
 import yaml
 from tiny import DISTILL, TINY
 
-from fdistill.apps import cli, shards
+from fdistill.apps import cli, png_shards
 from fdistill.training import checkpoint
 from fdistill.training.distiller import Distiller
-from fdistill.training.teacher import TeacherTrainer
+from fdistill.training.teacher_training import TeacherTrainer
 
 
 def _fails_in_one_line(capsys, argv: list[str], match: str) -> str:
@@ -95,24 +95,24 @@ def test_evaluate_t2i_scores_are_fdistills_but_a_listed_name_must_be_a_shard_ima
     def make(items, seeds):
         return torch.zeros(len(items), 3, 4, 4)
 
-    folder = shards.claim(tmp_path / "images", {"checkpoint": "c", "seed": 0, "shard": 2}, ["a", "b", "c"])
-    shards.generate_shards(make, ["a", "b", "c"], folder, 2, 0, 0, 1, progress=False)
+    folder = png_shards.claim(tmp_path / "images", {"checkpoint": "c", "seed": 0, "shard": 2}, ["a", "b", "c"])
+    png_shards.generate_shards(make, ["a", "b", "c"], folder, 2, 0, 0, 1, progress=False)
     (folder / "shard-000000" / "scores.safetensors").write_bytes(b"scores")
     (folder / "shard-000000" / ".scores.tmp-7").write_bytes(b"half")
-    shards.claim(folder, {"checkpoint": "c", "seed": 1, "shard": 2}, ["a", "b", "c"])
+    png_shards.claim(folder, {"checkpoint": "c", "seed": 1, "shard": 2}, ["a", "b", "c"])
     assert [p.name for p in folder.iterdir()] == ["request.json"]
     capsys.readouterr()
-    shards.generate_shards(make, ["a", "b", "c"], folder, 2, 0, 0, 1, progress=False)
+    png_shards.generate_shards(make, ["a", "b", "c"], folder, 2, 0, 0, 1, progress=False)
     forged = folder / "shard-000001"
     (forged / "shard.json").write_text(json.dumps({"images": ["00000002.png", "thesis.tex"]}))
     (forged / "thesis.tex").write_text("years of work")
     with pytest.raises(ValueError, match="holds shard-000001; fdistill did not write them"):
-        shards.claim(folder, {"checkpoint": "c", "seed": 2, "shard": 2}, ["a", "b", "c"])
+        png_shards.claim(folder, {"checkpoint": "c", "seed": 2, "shard": 2}, ["a", "b", "c"])
     assert (forged / "thesis.tex").read_text() == "years of work" and (folder / "shard-000000").is_dir()
 
 
 def test_shard_writes_do_not_follow_a_planted_link(tmp_path):
-    folder = shards.claim(tmp_path / "images", {"model": "m", "seed": 0, "shard": 2}, [0, 1])
+    folder = png_shards.claim(tmp_path / "images", {"model": "m", "seed": 0, "shard": 2}, [0, 1])
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "precious").write_text("keep")
@@ -123,11 +123,11 @@ def test_shard_writes_do_not_follow_a_planted_link(tmp_path):
     def make(items, seeds):
         return torch.zeros(len(items), 1, 4, 4)
 
-    shards.generate_shards(make, [0, 1], folder, 2, 0, 0, 1, progress=False)
+    png_shards.generate_shards(make, [0, 1], folder, 2, 0, 0, 1, progress=False)
     assert sorted(p.name for p in scratch.iterdir()) == ["precious"] and (scratch / "precious").read_text() == "keep"
     shard = folder / "shard-000000"
     assert shard.is_dir() and not shard.is_symlink()
-    index, images = shards.read_shard(shard)
+    index, images = png_shards.read_shard(shard)
     assert index == [0, 1] and images.shape == (2, 1, 4, 4) and np.all(images == 128)
     # request.json planted as a link to a user's file: not fdistill's, so neither followed nor replaced
     request = folder / "request.json"
@@ -136,7 +136,7 @@ def test_shard_writes_do_not_follow_a_planted_link(tmp_path):
     request.symlink_to(scratch / "mine.json")
     shutil.rmtree(shard)
     with pytest.raises(ValueError, match="holds request.json; it has no request.json of fdistill's"):
-        shards.claim(folder, {"model": "m", "seed": 1, "shard": 2}, [0, 1])
+        png_shards.claim(folder, {"model": "m", "seed": 1, "shard": 2}, [0, 1])
     assert (scratch / "mine.json").read_text() == "{}" and request.is_symlink()
 
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from tiny import DISTILL, TINY
 
-from fdistill.apps import cli, images
+from fdistill.apps import cli, distill, images
 from fdistill.data.datasets import load_dataset
 from fdistill.data.sampler import ImageSampler
 from fdistill.networks.heads import ConvHead, Discriminator
+from fdistill.teachers.base import Teacher
 from fdistill.teachers.guidance import GuidedDenoiser
 from fdistill.teachers.loading import build_network, load_network, save_network
 from fdistill.training.loop import training_loop
@@ -34,7 +35,7 @@ def test_generate_draws_sample_i_from_seed_plus_i_whatever_the_batch(teacher_pat
     a, labels = images.generate(net, 5, (1, 8, 8), 10, sigma_gen=80.0, batch_size=2, seed=3)
     b, _ = images.generate(net, 5, (1, 8, 8), 10, sigma_gen=80.0, batch_size=5, seed=3)
     assert torch.allclose(a, b, atol=1e-5) and labels.argmax(1).tolist() == [0, 1, 2, 3, 4]
-    make = images.sample_maker(net, (1, 8, 8), 10, sigma_gen=80.0)
+    make = distill.sample_maker(net, Teacher(net, (1, 8, 8), {}, "", label_dim=10), sigma_gen=80.0)
     assert torch.allclose(make([3], [6])[0], a[3], atol=1e-5)  # sample 3: class 3, seed 3 + 3
     assert not torch.allclose(make([3], [7])[0], a[3], atol=1e-3)
 
@@ -92,13 +93,13 @@ def test_image_resume_is_exact(teacher_path, tmp_path):
     cfg = images.load_config(cli.DIGITS_PRESET, [*TINY, *DISTILL, "distill.iterations=6"])
     data = load_dataset("digits")
     torch.manual_seed(0)
-    full = images.make_distiller(cfg, teacher_path, data)
+    full = distill.make_distiller(cfg, teacher_path, data)
     training_loop(full, progress=False)
     cfg.distill.iterations = 3
-    first = images.make_distiller(cfg, teacher_path, data)
+    first = distill.make_distiller(cfg, teacher_path, data)
     training_loop(first, run_dir=tmp_path, progress=False)
     cfg.distill.iterations = 6
-    resumed = images.make_distiller(cfg, teacher_path, data)
+    resumed = distill.make_distiller(cfg, teacher_path, data)
     resumed.real_data(5)  # advance its data stream: the checkpoint must restore it
     resumed.load(tmp_path)  # the run folder: its newest checkpoint
     training_loop(resumed, progress=False)
@@ -110,7 +111,7 @@ def test_image_resume_is_exact(teacher_path, tmp_path):
 def test_bad_disc_resolution_is_explained(teacher_path):
     cfg = images.load_config(cli.DIGITS_PRESET, [*TINY, "disc_resolutions=[16]"])
     with pytest.raises(ValueError, match="disc_resolutions"):
-        images.make_distiller(cfg, teacher_path)
+        distill.make_distiller(cfg, teacher_path)
 
 
 def test_distill_writes_tensorboard_scalars(teacher_path, tmp_path):
@@ -139,7 +140,7 @@ def test_channels_last_gives_the_same_training(tmp_path):
     for flag in ("false", "true"):
         cfg = images.load_config(cli.DIGITS_PRESET, [*DISTILL, "disc_hidden=8", "distill.iterations=3",
                                                      f"distill.channels_last={flag}"])
-        d = images.make_distiller(cfg, path)
+        d = distill.make_distiller(cfg, path)
         training_loop(d, progress=False)
         runs.append(d.generator)
     assert runs[1].model.enc["8x8_conv"].weight.is_contiguous(memory_format=torch.channels_last)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdistill.apps import images
+from fdistill.apps import distill, images
 from fdistill.core.objective import approx_r1_penalty, gan_discriminator_loss, gan_generator_loss, r1_penalty
 from fdistill.networks.heads import Discriminator, FastGenHead, group_count
 from fdistill.networks.mlp import MLPDenoiser
@@ -168,8 +168,30 @@ def test_digits_teacher_distills_with_fastgen_heads(teacher_path):
     from tiny import TINY
     cfg = images.load_config("digits", [o for o in TINY if not o.startswith("teacher.")] +
                              ["disc_head=fastgen", "disc_resolutions=[mid, 8]", "distill.batch_size=8"])
-    d = images.make_distiller(cfg, teacher_path)
+    d = distill.make_distiller(cfg, teacher_path)
     assert sorted(d.discriminator.keys) == [4, 8] and isinstance(d.discriminator.heads["8"], FastGenHead)
     for _ in range(2):
         logs = d.step()
     assert torch.isfinite(logs["loss_gan_d"])
+
+
+def test_noise_levels_are_fastgens_and_linear_bins_span_the_whole_schedule():
+    """FastGen draws indices [2, 998] of its ascending 1000-point Karras grid: [1, 997] of ours (descending); its
+    equal-width ratio bins span [min_t, max_t] = [0.002, 80], not just the sampled points."""
+    from fdistill.core.diffusion import SigmaSampler, karras_sigmas
+    from fdistill.core.objective import RatioNormalizer
+
+    s = SigmaSampler()
+    ascending = karras_sigmas(1000).flip(0).float()
+    torch.testing.assert_close(s.support.sort().values, ascending[2:999])
+    norm = RatioNormalizer(s.support, 10, "linear", sigma_range=(0.002, 80.0))
+    torch.testing.assert_close(norm.log_edges.exp(), torch.linspace(0.002, 80.0, 11)[1:-1])
+    d = toy(ratio_binning="linear")
+    torch.testing.assert_close(d.ratio_norm.log_edges.exp(), torch.linspace(0.002, 80.0, 11)[1:-1])
+
+
+def test_the_fastgen_overlay_reads_over_a_preset():
+    cfg = images.load_config(["cifar10", "fastgen"])
+    d = cfg.distill
+    assert (d.r1_gamma, d.fake_score_weighting, d.ratio_binning, d.precision) == (0.0, "none", "linear", "fp32")
+    assert (d.divergence, d.batch_size, cfg.disc_head) == ("forward_kl", 2048, "fastgen")  # the rest is cifar10's

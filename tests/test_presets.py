@@ -9,7 +9,7 @@ import pytest
 import torch
 from edm_format import write_snapshot
 
-from fdistill.apps import images
+from fdistill.apps import distill, images
 from fdistill.config import PRESETS, to_dict
 from fdistill.data.writers import write_edm_zip
 from fdistill.networks import edm
@@ -73,7 +73,7 @@ def test_preset_runs_with_a_tiny_teacher(tmp_path, persistence_module, name, dat
                        else [0, 9, 3, 1])
     stages = ["distill.lr_stages=[[3, 5.0e-7]]"] if name == "imagenet64" else []
     cfg = images.load_config(PRESETS / f"{name}.yaml", [f"data={path}", *RUN, *stages])
-    d = images.make_distiller(cfg, teacher)
+    d = distill.make_distiller(cfg, teacher)
     assert len(d.passes) == 2  # batch 4 in two accumulated passes
     history = training_loop(d, run_dir=tmp_path / "run", progress=False)
     assert d.iteration == 6 and [h["kind"] for h in history].count("student") == 2
@@ -81,7 +81,8 @@ def test_preset_runs_with_a_tiny_teacher(tmp_path, persistence_module, name, dat
     assert d.sample_cond(3, slice(None)).shape == (3, TINY[name]["label_dim"])
     if name == "imagenet64":
         assert d.opt_g.param_groups[0]["lr"] == 5e-7
-    net, sigma, info = images.load_generator(tmp_path / "run")
+    net, sigma, teacher = distill.load_generator(tmp_path / "run")
+    info = teacher.info
     res = info["network"]["img_resolution"]
     x, _ = images.generate(net, 2, (3, res, res), info["network"]["label_dim"], sigma)
     assert res == TINY[name]["img_resolution"] and x.shape == (2, 3, res, res) and x.isfinite().all()

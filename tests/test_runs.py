@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from tiny import DISTILL, TINY
 
+from fdistill import io
 from fdistill.apps import cli
 from fdistill.core.diffusion import SigmaSampler
 from fdistill.networks.heads import Discriminator
@@ -57,7 +58,8 @@ def _save_with_a_crash_at(path: Path, d: Distiller, k: int) -> bool:
             return wrapper
 
         checkpoint.save_file = dying(checkpoint.save_file)
-        checkpoint._fsync = dying(checkpoint._fsync)
+        io.fsync_file = dying(io.fsync_file)  # each fsync of the checkpoint writer (fdistill.io.atomic_dir)
+        io.fsync_dir = dying(io.fsync_dir)
         os.rename = dying(os.rename)
         Path.write_text = dying(Path.write_text)
         checkpoint.save(path, d.modules(), d.optimizers(), {"iteration": d.iteration})
@@ -296,6 +298,41 @@ def test_a_folder_holding_another_run_and_resuming_with_changes(distill, tmp_pat
     assert checkpoint.latest(tmp_path / "run").name == "000000004"
     assert cli.main(distill("--overwrite")) == 0
     assert checkpoint.latest(tmp_path / "run").name == "000000002"
+
+
+def test_what_a_resume_may_change_is_marked_on_the_config_fields():
+    """The fields marked resumable are exactly the keys the resume policy allowed when it was a list of names."""
+    assert cli.resumable("distill") == {f"distill.{k}" for k in (
+        "iterations", "log_every", "checkpoint_every", "keep_checkpoints", "micro_batch", "precision", "tf32",
+        "channels_last", "compile", "lr", "lr_critic", "lr_stages")}
+    assert cli.resumable("train-teacher") == {f"teacher.{k}" for k in (
+        "iterations", "log_every", "checkpoint_every", "keep_checkpoints")}
+
+
+def test_resumable_keys_walk_nested_dataclasses():
+    from dataclasses import dataclass, field
+
+    from fdistill.config import resumable, resumable_keys
+
+    @dataclass
+    class Inner:
+        steps: int = resumable(3)
+        width: int = 8
+
+    @dataclass
+    class Outer:
+        inner: Inner = field(default_factory=Inner)
+        maybe: Inner | None = None
+        name: str = resumable("a")
+        size: int = 1
+
+    assert resumable_keys(Outer) == {"inner.steps", "maybe.steps", "name"}
+    assert resumable_keys(Outer, "inner") == {"inner.steps"}
+    assert Outer().inner.steps == 3 and Outer().name == "a"
+    with pytest.raises(KeyError, match="no field 'nope'"):
+        resumable_keys(Outer, "nope")
+    with pytest.raises(KeyError, match="size is a value"):
+        resumable_keys(Outer, "size")
 
 
 def test_resume_without_a_checkpoint_starts_at_zero(distill, tmp_path, capsys):

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 import t2i_pipelines  # noqa: E402
 
-from fdistill.apps import cli, images, t2i  # noqa: E402
+from fdistill.apps import cli, distill, images, t2i  # noqa: E402
 from fdistill.core.diffusion import one_step  # noqa: E402
 from fdistill.core.objective import fdistill_loss  # noqa: E402
 from fdistill.training import checkpoint  # noqa: E402
@@ -44,7 +44,7 @@ def captioned(tmp_path_factory):
 
 def distiller(pipe, data, *overrides):
     cfg = images.load_config("digits", [f"data={data}", *RUN, *overrides])
-    return images.make_distiller(cfg, pipe)
+    return distill.make_distiller(cfg, pipe)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -54,7 +54,7 @@ def test_distill_runs_and_the_generator_reloads(pipes, captioned, family, tmp_pa
     history = training_loop(d, run_dir=tmp_path, progress=False)
     assert [h["kind"] for h in history] == ["student", "critic"] * 2
     assert all(np.isfinite(v) for h in history for v in h.values() if isinstance(v, float))
-    generator, sigma_gen, sd = t2i.load_generator(tmp_path)
+    generator, sigma_gen, sd = distill.load_generator(tmp_path)
     x = t2i.generate_images(generator, sigma_gen, sd, ["a red square", "a blue circle"], seed=3)
     assert x.shape == (2, 3, 16, 16) and x.abs().max() <= 1
     torch.testing.assert_close(generator.unet.state_dict(), d.generator_ema.unet.state_dict())
@@ -157,7 +157,7 @@ def test_lora_trains_only_the_adapters_and_exports_merged(pipes, captioned, tmp_
     base = {n: p.detach().clone() for n, p in d.generator.named_parameters() if not p.requires_grad}
     training_loop(d, run_dir=tmp_path, progress=False)
     assert all(torch.equal(p, base[n]) for n, p in d.generator.named_parameters() if n in base)
-    generator, _, _ = t2i.load_generator(tmp_path)
+    generator, _, _ = distill.load_generator(tmp_path)
     assert not any("lora" in n for n, _ in generator.named_parameters())  # merged into the weights
 
 
@@ -215,12 +215,12 @@ def test_presets_carry_table5_and_run(pipes, captioned, family, tmp_path):
     assert cfg.guidance == {"sd15": 1.75, "sdxl": 8}[family] and cfg.distill.sigmas.schedule == "scaled_linear"
     tiny = [f"data={captioned}", "disc_resolutions=[4]", "disc_hidden=8", "distill.batch_size=4",
             "distill.micro_batch=2", "distill.iterations=3", "distill.log_every=1", "distill.tau=2"]
-    d = images.make_distiller(images.load_config(family, tiny), pipes[family])
+    d = distill.make_distiller(images.load_config(family, tiny), pipes[family])
     assert d.generator_ema is d.generator  # no EMA for text-to-image, as FastGen and DMD2
     history = training_loop(d, run_dir=tmp_path, progress=False)
     assert all(np.isfinite(v) for h in history for v in h.values() if isinstance(v, float))
     assert "generator_ema" not in checkpoint.read(tmp_path).weights
-    generator, sigma_gen, sd = t2i.load_generator(tmp_path)  # falls back to the generator
+    generator, sigma_gen, sd = distill.load_generator(tmp_path)  # falls back to the generator
     assert t2i.generate_images(generator, sigma_gen, sd, ["a dog"]).shape == (1, 3, 16, 16)
 
 
@@ -230,6 +230,6 @@ def test_the_sdxl_preset_taps_the_mid_block_of_a_smaller_sdxl_layout(pipes, capt
     cfg = images.load_config("sdxl", [f"data={captioned}", "distill.batch_size=4", "distill.fsdp=false",
                                       "distill.precision=fp32", "text.prompts=null",
                                       "text.gradient_checkpointing=false"])
-    d = images.make_distiller(cfg, pipes["sdxl"])
+    d = distill.make_distiller(cfg, pipes["sdxl"])
     assert d.discriminator.keys == [min(d.teacher.net.encoder_resolutions)] == [4]
     assert torch.isfinite(d.step()["loss_fdistill"])

@@ -47,7 +47,7 @@ def has_open_clip_files():
 
 
 def tokenizer_ready():
-    from fdistill.data.text import _bundled_bpe
+    from fdistill.evaluation.clip_tokenizer import _bundled_bpe
 
     try:
         import transformers  # noqa: F401
@@ -265,11 +265,11 @@ def test_clip_preprocessing_constant_images():
 def test_resize_center_crop_keeps_the_centre():
     x = torch.zeros(1, 3, 32, 64, dtype=torch.uint8)
     x[..., 16:48] = 255  # a white centre band as wide as the crop: the crop is all white
-    out = clipmod.resize_center_crop(x, 16)
+    out = clipmod.resize_center_crop_batch(x, 16)
     assert out.shape == (1, 3, 16, 16) and out.dtype == torch.uint8
     assert (out[..., :, 2:-2] == 255).all()
     same = images(1, 16, 16)
-    assert torch.equal(clipmod.resize_center_crop(same, 16), same)
+    assert torch.equal(clipmod.resize_center_crop_batch(same, 16), same)
 
 
 def test_hps_preprocessing_pads_the_short_side():
@@ -362,7 +362,7 @@ def test_dino_in_batch_similarity_of_identical_images():
 
 @needs_tokenizer
 def test_clip_score_equals_the_cosine_by_hand():
-    from fdistill.data.text import tokenize
+    from fdistill.evaluation.clip_tokenizer import tokenize
 
     net = tiny_clip()
     x, captions = images(3, 40, 48), ["a cat", "two dogs in the snow", "a red fire hydrant"]
@@ -382,7 +382,7 @@ def test_clip_score_equals_the_cosine_by_hand():
 
 @needs_tokenizer
 def test_hps_score_is_100_times_the_cosine_with_hps_preprocessing():
-    from fdistill.data.text import tokenize
+    from fdistill.evaluation.clip_tokenizer import tokenize
 
     net = tiny_clip()
     x, prompts = images(2, 48, 32), ["an astronaut riding a horse", "a bowl of soup"]

@@ -1,4 +1,4 @@
-"""CLIP tokenization from the real CLIP BPE vocabulary (fdistill.data.text)."""
+"""CLIP tokenization from the real CLIP BPE vocabulary (fdistill.evaluation.clip_tokenizer)."""
 
 import importlib.util
 import sys
@@ -6,8 +6,15 @@ import sys
 import pytest
 import torch
 
-from fdistill.data import text
-from fdistill.data.text import END_ID, START_ID, VOCAB_SIZE, clip_bpe_path, clip_vocab_and_merges, tokenize
+from fdistill.evaluation import clip_tokenizer as text
+from fdistill.evaluation.clip_tokenizer import (
+    END_ID,
+    START_ID,
+    VOCAB_SIZE,
+    clip_bpe_path,
+    clip_vocab_and_merges,
+    tokenize,
+)
 
 pytest.importorskip("transformers")
 if text._bundled_bpe() is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fdistill.core import divergences
+from fdistill.io import atomic_path
 
 
 def normalized_variance(div: str | divergences.Divergence, mean_gap: float) -> float:
@@ -156,7 +157,8 @@ def analyze(out_dir: str | Path, custom: Sequence[str] = ()) -> str:
     ax_h.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig4 = out / "fig4_fprime_h.png"
-    fig.savefig(fig4, dpi=120)
+    with atomic_path(fig4) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
     # Fig. 5a: normalized variance Var_q(h / E_q h) for p = N(0,1), q = N(gap,1).
@@ -173,7 +175,8 @@ def analyze(out_dir: str | Path, custom: Sequence[str] = ()) -> str:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig5 = out / "fig5a_normalized_variance.png"
-    fig.savefig(fig5, dpi=120)
+    with atomic_path(fig5) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
     return f"{_table(rows)}\n\nwrote {fig4}\nwrote {fig5}"

@@ -39,9 +39,9 @@ def rebuild(run_dir: str | Path) -> Distiller:
         mlp = lab2d.cached_teacher(mixture, cfg, run_dir.parent, progress=False)
         d = lab2d.make_distiller(record["run"]["name"], mixture, mlp, cfg, cfg.seed)
     elif command == "distill":
-        from fdistill.apps import images
+        from fdistill.apps import distill, images
 
-        d = images.make_distiller(images.load_config(run_dir), record["run"]["teacher"])
+        d = distill.make_distiller(images.load_config(run_dir), record["run"]["teacher"])
     else:
         raise ValueError(f"{run_dir} holds a {command} run; analyze-run reads distillation runs (distill, demo)")
     d.load(checkpoint.resolve(run_dir))

@@ -19,14 +19,18 @@ from fdistill import __version__, require_torch
 from fdistill.io import write_text
 
 DIGITS_PRESET = "digits"  # the default preset of the image commands (fdistill/configs/digits.yaml)
-# What --resume may change; every other difference from the run's config.yaml is refused, by name.
-RESUMABLE = {
-    "distill": {f"distill.{k}" for k in ("iterations", "log_every", "checkpoint_every", "keep_checkpoints",
-                                         "micro_batch", "precision", "tf32", "channels_last", "compile", "lr",
-                                         "lr_critic", "lr_stages")},
-    "train-teacher": {f"teacher.{k}" for k in ("iterations", "log_every", "checkpoint_every", "keep_checkpoints")},
-}
+# What --resume may change: the fields marked resumable (fdistill.config.resumable) in the part of the config a
+# command runs; every other difference from the run's config.yaml is refused, by name.
+RESUMED_PART = {"distill": "distill", "train-teacher": "teacher"}
 UNUSED = {"distill": ("teacher.",), "train-teacher": ("distill.", "disc_", "guidance")}  # parts a command ignores
+
+
+def resumable(command: str) -> set[str]:
+    """The dotted config keys (``distill.iterations``, ...) that ``command --resume`` may change."""
+    from fdistill.apps import images
+    from fdistill.config import resumable_keys
+
+    return resumable_keys(images.ImageConfig, RESUMED_PART[command])
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -105,7 +109,7 @@ def _open_run(args: argparse.Namespace, command: str, overrides: list[str]):
         raise ValueError(f"{out} holds a {record['run'].get('command')} run, not a {command} run")
     cfg = images.load_config(out, overrides)
     saved = to_dict(images.load_config(out))  # through the config classes: keys added since then take defaults
-    run.check_resume(out, saved, to_dict(cfg), RESUMABLE[command], UNUSED[command])
+    run.check_resume(out, saved, to_dict(cfg), resumable(command), UNUSED[command])
     return cfg, record
 
 
@@ -144,7 +148,7 @@ def _train_teacher(args: argparse.Namespace) -> None:
 
 def _distill(args: argparse.Namespace) -> None:
     """Single process, or one process per GPU under torchrun (data parallel, see fdistill.training.distributed)."""
-    from fdistill.apps import images
+    from fdistill.apps import distill
     from fdistill.training import distributed, run
     from fdistill.training.loop import training_loop
 
@@ -161,7 +165,7 @@ def _distill(args: argparse.Namespace) -> None:
     device = distributed.init_from_env(args.device)
     try:
         main = distributed.rank() == 0
-        d = images.make_distiller(cfg, teacher, device=device)
+        d = distill.make_distiller(cfg, teacher, device=device)
         resume = _resume_point(out) if record else None
         if args.init_from and not resume:
             d.init_from(args.init_from)
@@ -246,76 +250,19 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    import torch
-
-    from fdistill.apps import images, shards
-    from fdistill.data.datasets import to_float
-    from fdistill.teachers.loading import load_network
-    from fdistill.training import checkpoint, distributed
+    from fdistill.apps.sample import sample
+    from fdistill.training import distributed
 
     _check_options(args, {"--num-samples": ("num", 1, None), "--batch": ("batch", 1, None),
                           "--shard": ("shard", 1, None), "--grid-size": ("grid_size", 0, None),
                           "--steps": ("steps", 2, MAX_STEPS)}, {"--guidance": "guidance"})
-    if bool(args.checkpoint) == bool(args.teacher):
-        raise ValueError("give exactly one of --checkpoint (a one-step generator: a distill run folder or one of its "
-                         "checkpoints) or --teacher (multi-step sampling)")
     prompts = _prompts(args)
-    text_to_image = args.checkpoint and checkpoint.read_meta(args.checkpoint)["info"].get("precond") == \
-        "stable_diffusion"
-    if prompts and not text_to_image:
-        raise ValueError("--prompt/--prompts apply to text-to-image checkpoints (a Stable Diffusion teacher's run)")
-    if args.checkpoint:
-        ignored = [f"--{name}" for name in ("steps", "guidance") if getattr(args, name) is not None]
-        if ignored:
-            raise ValueError(f"{' and '.join(ignored)} apply to --teacher sampling; a one-step generator "
-                             "(--checkpoint) samples in one network call, unguided")
-        given = Path(args.checkpoint)  # a run folder, or run/checkpoints/<iteration>
-        run_dir = given if (given / "checkpoints").is_dir() else given.parent.parent
-        out = Path(args.out) if args.out else run_dir / "samples"
-    else:
-        out = Path(args.out or "runs/samples")
     device = distributed.init_from_env(args.device)
     try:
-        t0 = time.perf_counter()
-        if text_to_image:
-            from fdistill.apps import t2i
-
-            if not prompts:
-                raise ValueError("a text-to-image generator needs --prompt TEXT (repeatable) or --prompts FILE")
-            if distributed.world_size() > 1:
-                raise ValueError("text-to-image sample runs in one process; for many prompts on several GPUs, "
-                                 "torchrun ... evaluate-t2i writes the images in shards")
-            generator, sigma_gen, sd = t2i.load_generator(args.checkpoint, device)
-            x = t2i.generate_images(generator, sigma_gen, sd, prompts, args.seed, progress=not args.no_progress)
-            paths = t2i.write_pngs(x, prompts, out, args.seed)
-            grid = images.write_grid(x, 0, out / "grid.png", args.grid_size)
-            print(f"wrote {len(paths)} PNGs, prompts.txt and {grid.name} in {out}: one generator call and one "
-                  f"VAE decode each, {time.perf_counter() - t0:.1f} s")
-            return
-        if args.checkpoint:
-            net, sigma_gen, info = images.load_generator(args.checkpoint)
-            kwargs, steps, guidance = info["network"], 1, 1.0
-            model = {"checkpoint": str(checkpoint.resolve(args.checkpoint).resolve())}
-        else:
-            net, _, kwargs = load_network(args.teacher)
-            sigma_gen, steps = None, 18 if args.steps is None else args.steps
-            guidance = 1.0 if args.guidance is None else args.guidance
-            model = {"teacher": str(Path(args.teacher).resolve()), "steps": steps, "guidance": guidance}
-        label_dim = kwargs.get("label_dim", 0)
-        shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
-        make = images.sample_maker(net, shape, label_dim, sigma_gen, steps, guidance, device)
-        classes = images.sample_classes(args.num, label_dim)
-        rank = distributed.rank()
-        folder = shards.claim(out / "images", {**model, "seed": args.seed, "shard": args.shard}, classes)
-        shards.generate_shards(make, classes, folder, args.shard, args.seed, rank, distributed.world_size(),
-                               args.batch, progress=not args.no_progress and rank == 0)
-        distributed.barrier()
-        if rank == 0:
-            x = to_float(torch.from_numpy(shards.read_all(folder)))
-            npz, grid = images.write_samples(out, x, images.one_hot(classes, label_dim), args.grid_size)
-            seconds, nfe = time.perf_counter() - t0, 1 if sigma_gen is not None else 2 * steps - 1
-            print(f"wrote {npz}, {grid} and {folder}/shard-*/: {args.num} samples, {nfe} NFE each, {seconds:.1f} s "
-                  f"({1000 * seconds / args.num:.1f} s per 1000). Next: fdistill evaluate {out}")
+        line = sample(args.checkpoint, args.teacher, args.out, args.num, prompts, args.seed, args.shard, args.batch,
+                      args.steps, args.guidance, args.grid_size, device, progress=not args.no_progress)
+        if line:
+            print(line)
     finally:
         distributed.shutdown()
 
@@ -357,18 +304,10 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from fdistill.apps import t2i
-    from fdistill.teachers.stable_diffusion import export_pipeline
-    from fdistill.training import checkpoint
+    from fdistill.apps.distill import load_generator
 
-    info = checkpoint.read_meta(args.checkpoint)["info"]
-    if info.get("precond") != "stable_diffusion":
-        raise ValueError(f"{args.checkpoint} is not a text-to-image run: --diffusers exports Stable Diffusion students")
-    generator, _, _ = t2i.load_generator(args.checkpoint)
-    out = export_pipeline(generator, info["network"]["folder"], args.diffusers)
-    family = "StableDiffusionXLPipeline" if info["network"]["family"] == "sdxl" else "StableDiffusionPipeline"
-    print(f"wrote {out}: {family}.from_pretrained('{out}')(prompt, num_inference_steps=1, guidance_scale=0) "
-          "gives fdistill sample's image for the same seed")
+    generator, _, teacher = load_generator(args.checkpoint)
+    print(teacher.export(generator, args.diffusers))
 
 
 def _prepare_latents(args: argparse.Namespace) -> None:

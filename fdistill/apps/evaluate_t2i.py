@@ -5,7 +5,7 @@ ViT-g-14, "A photo depicts " + caption, raw cosine), in-batch similarity (DINO V
 group of images; lower is more diverse) and HPSv2 when its checkpoint is given.
 
 Images are generated once into PNG shards of ``--shard`` images (``<out>/images/shard-000000/``, by
-``fdistill.apps.shards``: image i from seed ``seed + i``, shards split over ``torchrun`` ranks, a stopped
+``fdistill.apps.png_shards``: image i from seed ``seed + i``, shards split over ``torchrun`` ranks, a stopped
 run continues), then each shard is scored once into ``scores.safetensors`` beside its images: the results
 equal a 1-process run's, and a resumed evaluation neither regenerates nor rescores finished shards.
 """
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fdistill.apps.shards import claim, generate_shards, read_shard
+from fdistill.apps.png_shards import claim, generate_shards, read_shard
 from fdistill.data.datasets import to_float
 from fdistill.evaluation import t2i_metrics
 from fdistill.evaluation.clip import CLIP, square_center_crop_resize
@@ -65,7 +65,8 @@ def save_stand_in(net: torch.nn.Module, kind: str, architecture: dict, path: str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {STAND_IN: json.dumps({"kind": kind, "architecture": architecture})}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path, metadata=meta)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp, metadata=meta)
     return path
 
 

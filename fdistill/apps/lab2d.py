@@ -48,7 +48,7 @@ class MixtureConfig:
 
 
 @dataclass
-class TeacherConfig:
+class ToyTeacherConfig:
     """``kind="mlp"``: an MLP denoiser trained with the EDM loss on mixture samples (its score is
     wrong where data is scarce); ``kind="gmm"``: the exact analytic denoiser. The MLP is trained in
     both cases: it initializes the generator and the fake score, as the teacher's copy does for images."""
@@ -70,7 +70,7 @@ class TeacherConfig:
 @dataclass
 class ToyConfig:
     mixture: MixtureConfig
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher: ToyTeacherConfig = field(default_factory=ToyTeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     runs: list[str] = field(default_factory=lambda: ["reverse_kl", "js", "forward_kl"])  # divergences or "adversarial"
     num_eval: int = 5000
@@ -96,7 +96,7 @@ def build_mixture(cfg: ToyConfig) -> GaussianMixture:
 
 # -- teacher ------------------------------------------------------------------------------------
 def train_mlp_teacher(
-    mixture: GaussianMixture, cfg: TeacherConfig, seed: int = 0, progress: bool = True
+    mixture: GaussianMixture, cfg: ToyTeacherConfig, seed: int = 0, progress: bool = True
 ) -> MLPDenoiser:
     """EDM training (EDM Eq. 2) of an MLP denoiser on fresh mixture samples every step."""
     torch.manual_seed(seed)

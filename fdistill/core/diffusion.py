@@ -37,7 +37,7 @@ def one_step(net, z: Tensor, sigma_gen: float, cond=None) -> Tensor:
     A network may scale its noise otherwise (``net.prior_std(sigma)``, e.g. sqrt(1 + sigma^2) for the
     unit-variance latents of Stable Diffusion)."""
     sigma = torch.full((z.shape[0],), sigma_gen, device=z.device)
-    scale = net.prior_std(sigma_gen) if hasattr(net, "prior_std") else sigma_gen
+    scale = net.prior_std(sigma_gen)
     return net(z * scale, sigma, cond)
 
 
@@ -80,8 +80,9 @@ class SigmaSampler:
     """Noise levels for the distillation losses (Alg. 1 line 3: t ~ U{1..T}).
 
     An integer index uniform in ``index_range`` (inclusive) on a ``num_levels``-point grid:
-    ``schedule: karras`` (default) is EDM's grid over [sigma_min, sigma_max] with ``rho`` (FastGen uses
-    [2, 998] of 1000 levels over [0.002, 80] with rho = 7, median sigma about 2.5); ``scaled_linear`` or
+    ``schedule: karras`` (default) is EDM's grid over [sigma_min, sigma_max] with ``rho``, from the largest sigma
+    down (index 0 = sigma_max). The default [1, 997] of 1000 levels over [0.002, 80] with rho = 7 is FastGen's
+    [2, 998] on its ascending grid (79.56 down to 0.00214; median sigma about 2.5); ``scaled_linear`` or
     ``linear`` are the timesteps of a DDPM teacher's own schedule (``beta_start``, ``beta_end``), so
     t is uniform over its timesteps as FastGen and DMD2 draw them for Stable Diffusion.
     """
@@ -90,7 +91,7 @@ class SigmaSampler:
     sigma_max: float = 80.0
     rho: float = 7.0
     num_levels: int = 1000
-    index_range: tuple[int, int] = (2, 998)
+    index_range: tuple[int, int] = (1, 997)
     schedule: str = "karras"
     beta_start: float = 0.00085
     beta_end: float = 0.012

@@ -41,8 +41,9 @@ class RatioNormalizer(nn.Module):
     Uses E_{q_t}[r_t] = 1 at every t. Bins (``binning``):
       - ``"equal_mass"`` (default): edges at quantiles of log sigma under the training sigma
         distribution, so every bin receives the same expected number of samples;
-      - ``"linear"``: equal-width bins linear in sigma, as NVlabs/FastGen does (most samples land
-        in the first bin because the Karras grid is dense at small sigma).
+      - ``"linear"``: equal-width bins linear in sigma over ``sigma_range`` (the schedule's, default the
+        support's), as NVlabs/FastGen does (most samples land in the first bin because the Karras grid is
+        dense at small sigma).
 
     In training mode, ``forward`` divides by ema * bin_mean + (1 - ema) * (this group's bin means), the
     group being the samples of one call across all ranks (bins the group misses use bin_mean alone),
@@ -53,7 +54,8 @@ class RatioNormalizer(nn.Module):
     """
 
     def __init__(
-        self, sigma_support: Tensor, num_bins: int = 10, binning: str = "equal_mass", ema: float = 0.0
+        self, sigma_support: Tensor, num_bins: int = 10, binning: str = "equal_mass", ema: float = 0.0,
+        sigma_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= ema < 1.0:
@@ -63,9 +65,9 @@ class RatioNormalizer(nn.Module):
             # Each support point is equally likely; cut the sorted list into num_bins equal runs.
             cuts = [round(i * len(log_s) / num_bins) for i in range(1, num_bins)]
             inner = torch.stack([(log_s[c - 1] + log_s[c]) / 2 for c in cuts]) if cuts else log_s[:0]
-        elif binning == "linear":
-            s = log_s.exp()
-            inner = torch.linspace(float(s[0]), float(s[-1]), num_bins + 1, dtype=torch.float64)[1:-1].log()
+        elif binning == "linear":  # over the schedule's whole range (FastGen: [min_t, max_t]), not just the support
+            lo, hi = sigma_range if sigma_range is not None else (float(log_s[0].exp()), float(log_s[-1].exp()))
+            inner = torch.linspace(lo, hi, num_bins + 1, dtype=torch.float64)[1:-1].log()
         else:
             raise ValueError(f"unknown ratio binning {binning!r}; expected 'equal_mass' or 'linear'")
         self.ema = ema

@@ -1,5 +1,6 @@
 """Image-caption pairs for text-to-image distillation, indexed once and read lazily (datasets are far larger
-than memory), and random minibatches of them for the trainer.
+than memory). The random draws of them for the trainer (``PromptSampler``, ``CaptionSampler``) are in
+``fdistill.data.sampler``; brace patterns and the tar header scan in ``fdistill.data.tar_index``.
 
 ``open_captions`` picks the reader from what the path is:
 
@@ -25,24 +26,16 @@ ValueError naming the shard (or folder) and the key.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import tarfile
-import threading
 import warnings
 from array import array
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
 
-from fdistill.data.datasets import to_float
+from fdistill.data.tar_index import BRACE, OffsetReader, expand_shards, scan_tar
+from fdistill.data.transforms import resize_center_crop
 from fdistill.io import open_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # in order of preference when a sample has several
@@ -52,7 +45,6 @@ SOURCES = ("WebDataset .tar shards (a folder of *.tar files, one .tar file, or a
            "data/shard-{000000..000099}.tar), a folder of images with same-named .txt captions, or a prompts "
            ".txt file (one prompt per line)")
 MAX_WARNINGS = 20  # per dataset; later skipped samples are only counted (ds.skipped)
-OPEN_FILES = 64  # tar shards kept open per dataset (and per process)
 
 
 class CaptionDataWarning(UserWarning):
@@ -63,71 +55,7 @@ class _BadSample(ValueError):
     """A sample's image or caption cannot be decoded (the message says why, without naming the sample)."""
 
 
-# -- brace patterns -------------------------------------------------------------------------------
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
-
-
-def _range(first: str, last: str) -> list[str]:
-    """``{first..last}`` as the shell expands it: inclusive, descending if first > last, zero-padded to the
-    wider bound when either bound is written with a leading zero."""
-    a, b = int(first), int(last)
-    padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-").startswith("0") for s in (first, last))
-    width = max(len(first), len(last)) if padded else 0
-    step = 1 if a <= b else -1
-    return [f"{v:0{width}d}" for v in range(a, b + step, step)]
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Shell-style brace expansion: ``shard-{000..002}.tar`` -> shard-000.tar, shard-001.tar, shard-002.tar
-    (zero-padded as written), ``{a,b}`` -> a, b; several braces multiply out (left to right). Not nested."""
-    depth = 0
-    for ch in pattern:
-        depth += (ch == "{") - (ch == "}")
-        if depth < 0 or depth > 1:
-            raise ValueError(f"brace pattern {pattern!r} has unbalanced or nested braces; expected e.g. "
-                             "data/shard-{000000..000099}.tar")
-    if depth:
-        raise ValueError(f"brace pattern {pattern!r} has an unclosed '{{'; expected e.g. data/shard-{{000..099}}.tar")
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
-    rng = _RANGE.fullmatch(body)
-    if rng:
-        items = _range(*rng.groups())
-    elif "," in body:
-        items = body.split(",")
-    else:
-        raise ValueError(f"brace pattern {pattern!r}: cannot expand {{{body}}}; expected {{first..last}} with "
-                         "integers or {a,b,...}")
-    return [out for item in items for out in expand_braces(head + item + tail)]
-
-
-def _expand_shards(pattern: str) -> list[Path]:
-    paths = [Path(p) for p in expand_braces(pattern)]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{pattern}: shard {missing[0]} not found ({len(missing)} of {len(paths)} "
-                                "files of the pattern are missing)")
-    return paths
-
-
 # -- decoding -------------------------------------------------------------------------------------
-def resize_center_crop(img: Image.Image, resolution: int) -> np.ndarray:
-    """PIL image -> uint8 (3, resolution, resolution) RGB: shorter side resized to ``resolution`` (the longer
-    to int(resolution * long / short)), PIL bicubic with antialiasing, then the centered square (offsets
-    round((size - resolution) / 2)), as torchvision's Resize(resolution, BICUBIC) + CenterCrop(resolution)."""
-    img = img.convert("RGB")
-    w, h = img.size
-    size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
-    if size != (w, h):
-        img = img.resize(size, Image.Resampling.BICUBIC)
-    left, top = int(round((size[0] - resolution) / 2.0)), int(round((size[1] - resolution) / 2.0))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-
-
 def decode_image(data: bytes, resolution: int) -> np.ndarray:
     """Encoded image bytes -> uint8 (3, resolution, resolution) RGB (``resize_center_crop``). Raises a
     ValueError for bytes that are not a readable 8-bit image."""
@@ -147,44 +75,8 @@ def _decode_caption(data: bytes) -> str:
         raise _BadSample(f"the caption is not UTF-8 text ({e})") from e
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
-    """Tar member path -> (key, lower-case extension): the key is the path up to the first dot of the file
-    name (``a/b/0001.seg.png`` -> ``a/b/0001``, ``seg.png``). None for hidden files and names without a dot."""
-    folder, _, base = name.removeprefix("./").rpartition("/")
-    if not base or base.startswith(".") or "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def _nonzero_after(path: str, offset: int, end: int) -> bool:
-    """Whether file ``path`` has a nonzero byte in [offset, end): after a tar's last member comes only the
-    zero-filled end-of-archive blocks and padding."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while offset < end:
-            block = f.read(min(1 << 20, end - offset))
-            if not block:
-                return False
-            if block.count(0) != len(block):
-                return True
-            offset += len(block)
-    return False
-
-
 def _is_hidden(rel: str) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
-
-
-class _OpenFile:
-    """A read-only file descriptor (for os.pread), closed when the last reference to it goes."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError, TypeError):  # already closed, or interpreter shutdown
-            os.close(self.fd)
 
 
 # -- datasets -------------------------------------------------------------------------------------
@@ -315,32 +207,12 @@ class TarCaptions(CaptionDataset):
         rows = np.frombuffer(table, dtype=np.int64).reshape(-1, 5) if len(table) else np.zeros((0, 5), np.int64)
         self._shard, self._image, self._text = rows[:, 0].astype(np.int32), rows[:, 1:3], rows[:, 3:5]
         self._check_not_empty("samples with an image (" + ", ".join(IMAGE_EXTS) + ") and a .txt caption")
-        self._lock = threading.Lock()
-        self._files: OrderedDict[int, object] = OrderedDict()
-        self._pid = os.getpid()
+        self._reader = OffsetReader(self.shards)
 
     def _index_shard(self, shard: str) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
         """(key, (image offset, image size, caption offset, caption size)) of each good sample of ``shard``."""
-        members: dict[str, dict[str, tuple[int, int]]] = {}
         end = os.path.getsize(shard)
-        try:
-            with tarfile.open(shard, "r:") as tf:  # iterating reads the headers and seeks over the data
-                try:
-                    for m in tf:
-                        split = _split_name(m.name) if m.isfile() else None
-                        if split is not None:
-                            members.setdefault(split[0], {})[split[1]] = (m.offset_data, m.size)
-                except tarfile.ReadError as e:  # after some members: the file is cut short
-                    if not members:
-                        raise
-                    self._problem(f"{shard}: truncated tar ({e}): the samples after byte {tf.offset}")
-                else:
-                    if _nonzero_after(shard, tf.offset, end):  # tarfile stops silently at a bad header
-                        self._problem(f"{shard}: corrupt tar header at byte {tf.offset}: the samples after it")
-        except tarfile.TarError as e:
-            raise ValueError(f"{shard} is not a readable tar file ({e}); expected an uncompressed WebDataset "
-                             "shard") from e
-        for key, exts in members.items():
+        for key, exts in scan_tar(shard, end, self._problem).items():
             image = next((e for e in IMAGE_EXTS if e in exts), None)
             text = exts.get(CAPTION_EXT)
             if image is None and text is None:
@@ -358,20 +230,7 @@ class TarCaptions(CaptionDataset):
         return self.shards[self._shard[i]]
 
     def _read_at(self, shard: int, offset: int, size: int) -> bytes:
-        with self._lock:
-            if self._pid != os.getpid():  # a forked worker: open its own files
-                self._files, self._pid = OrderedDict(), os.getpid()
-            f = self._files.get(shard)
-            if f is None:
-                f = self._files[shard] = _OpenFile(self.shards[shard])
-                if len(self._files) > OPEN_FILES:
-                    self._files.popitem(last=False)  # closed when no reader holds it any more
-            self._files.move_to_end(shard)
-            if not hasattr(os, "pread"):
-                os.lseek(f.fd, offset, os.SEEK_SET)
-                data = os.read(f.fd, size)
-        if hasattr(os, "pread"):
-            data = os.pread(f.fd, size, offset)
+        data = self._reader.read(shard, offset, size)
         if len(data) != size:
             raise _BadSample(f"read {len(data)} of {size} bytes: the shard changed since it was indexed")
         return data
@@ -381,15 +240,6 @@ class TarCaptions(CaptionDataset):
 
     def _caption_bytes(self, i: int) -> bytes:
         return self._read_at(int(self._shard[i]), *map(int, self._text[i]))
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"], state["_files"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock, self._files, self._pid = threading.Lock(), OrderedDict(), os.getpid()
 
 
 class FolderCaptions(CaptionDataset):
@@ -460,8 +310,8 @@ def open_captions(source: str | Path, resolution: int = 512, on_error: str = "sk
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution={resolution!r}; expected a positive integer (pixels)")
     text, path = str(source), Path(source)
-    if not path.exists() and _BRACE.search(text):
-        return TarCaptions(_expand_shards(text), text, resolution, on_error)
+    if not path.exists() and BRACE.search(text):
+        return TarCaptions(expand_shards(text), text, resolution, on_error)
     if not path.exists():
         raise FileNotFoundError(f"caption source {path} not found; expected {SOURCES}")
     if path.is_dir():
@@ -478,73 +328,3 @@ def open_captions(source: str | Path, resolution: int = 512, on_error: str = "sk
     if name.endswith(".txt"):
         return PromptCaptions(path, on_error)
     raise ValueError(f"cannot read captions from {path}: expected {SOURCES}")
-
-
-def _as_captions(source: CaptionDataset | str | Path) -> CaptionDataset:
-    return source if isinstance(source, CaptionDataset) else open_captions(source)
-
-
-# -- minibatches ----------------------------------------------------------------------------------
-class PromptSampler:
-    """Random prompts for the generator (uniform, with replacement) from a caption dataset or a prompts file,
-    with its own seeded torch.Generator: state_dict()/load_state_dict() resume the draws exactly."""
-
-    def __init__(self, prompts: CaptionDataset | str | Path, seed: int = 0) -> None:
-        self.prompts = _as_captions(prompts)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def _draw(self, size: int, n: int) -> list[int]:
-        return torch.randint(size, (n,), generator=self.generator).tolist()
-
-    def sample_prompts(self, n: int, part: slice = slice(None)) -> list[str]:
-        """Captions for the generator: n drawn uniformly with replacement, those at positions ``part`` returned
-        (data-parallel ranks draw the same n and keep their own part)."""
-        return [self.prompts.caption(i) for i in self._draw(len(self.prompts), n)[part]]
-
-    def _sizes(self) -> list[int]:
-        return [len(self.prompts)]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state(), "sizes": torch.tensor(self._sizes())}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        sizes = state.get("sizes")
-        if sizes is not None and sizes.tolist() != self._sizes():
-            warnings.warn(f"{type(self).__name__}: the state was saved for datasets of {sizes.tolist()} samples, "
-                          f"these have {self._sizes()}: the draws will not repeat those of the saved run",
-                          stacklevel=2)
-        self.generator.set_state(state["generator"].cpu().to(torch.uint8))
-
-
-class CaptionSampler(PromptSampler):
-    """Random image-caption minibatches for Alg. 1's real data (x ~ p_data, with its caption), like
-    ImageSampler: indices uniform with replacement from its own seeded torch.Generator, so that
-    state_dict()/load_state_dict() resume exactly.
-
-    ``prompts`` (a caption dataset or prompts file; default: ``dataset``) is where ``sample_prompts`` draws
-    the generator's prompts. ``threads`` > 0 decodes each minibatch's images in that many threads.
-    """
-
-    def __init__(self, dataset: CaptionDataset | str | Path, seed: int = 0, device: str | torch.device = "cpu",
-                 prompts: CaptionDataset | str | Path | None = None, threads: int = 0) -> None:
-        self.dataset = _as_captions(dataset)
-        self.dataset._need_images()
-        super().__init__(self.dataset if prompts is None else prompts, seed)
-        self.device = torch.device(device)
-        self._pool = ThreadPoolExecutor(threads) if threads > 0 else None
-
-    def _map(self, fn: Callable, items: list) -> list:
-        return list(self._pool.map(fn, items)) if self._pool is not None else [fn(x) for x in items]
-
-    def __call__(self, n: int, part: slice = slice(None)) -> tuple[Tensor, list[str]]:
-        """Draws n samples' indices and returns the samples at positions ``part`` (data-parallel ranks draw the
-        same n and keep their own part): images float32 in [-1, 1] (m, 3, R, R) and their m captions."""
-        idx = self._draw(len(self.dataset), n)[part]
-        samples = self._map(self.dataset.__getitem__, idx)
-        r = self.dataset.resolution
-        images = (torch.from_numpy(np.stack([s[0] for s in samples])) if samples
-                  else torch.empty((0, 3, r, r), dtype=torch.uint8))
-        return to_float(images.to(self.device)), [s[1] for s in samples]
-
-    def _sizes(self) -> list[int]:
-        return [len(self.dataset), len(self.prompts)]

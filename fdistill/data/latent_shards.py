@@ -19,9 +19,7 @@ already written. One writer per folder at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import threading
 import warnings
 from collections import OrderedDict, defaultdict
@@ -35,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from fdistill.io import TEMP_GLOB, atomic_path, sha256, write_text
+
 FORMAT = "fdistill-latent-shards"
 VERSION = 1
 INDEX = "index.json"
@@ -43,38 +43,6 @@ SHARD_NAME = "shard-{:06d}.safetensors"
 WHAT = "a latent-shards folder written by LatentShardWriter (fdistill prepare-latents)"
 _STORED = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # safetensors dtype codes
-
-
-# -- files ----------------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX; folders cannot be opened on Windows)."""
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """fsync ``tmp``, rename it to ``path`` (atomically replacing any file there) and fsync the folder."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -181,7 +149,7 @@ class LatentShardWriter:
         self._done: set[str] = set()
         for entry in self.index["shards"]:
             self._done.update(_open_shard(self.folder, entry, self.index["tensors"]).keys)
-        for stale in self.folder.glob(".*.tmp-*"):  # left by a killed writer
+        for stale in self.folder.glob(TEMP_GLOB):  # left by a killed writer (of any process id)
             if stale.name.startswith((".shard-", f".{INDEX}.")):
                 stale.unlink()
         self._pending: list[tuple[str, dict[str, Tensor], str]] = []
@@ -252,27 +220,17 @@ class LatentShardWriter:
         tensors = {n: torch.stack([t[n] for _, t, _ in self._pending]).contiguous() for n in self.index["tensors"]}
         meta = {"format": FORMAT, "keys": json.dumps(keys, ensure_ascii=False),
                 "captions": json.dumps(captions, ensure_ascii=False)}
-        tmp = _tmp_name(path)
-        try:
+        with atomic_path(path, durable=True) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
             del tensors
-            _commit(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        entry = {"file": path.name, "samples": len(keys), "bytes": path.stat().st_size, "sha256": _sha256(path),
+        entry = {"file": path.name, "samples": len(keys), "bytes": path.stat().st_size, "sha256": sha256(path),
                  "source": self.source, "first_key": keys[0], "last_key": keys[-1]}
         self._write_index({**self.index, "shards": [*self.index["shards"], entry]})
         self._done.update(keys)
         self._pending, self._pending_keys = [], set()
 
     def _write_index(self, index: dict) -> None:
-        path = self.folder / INDEX
-        tmp = _tmp_name(path)
-        try:
-            tmp.write_text(json.dumps(index, indent=1, ensure_ascii=False), encoding="utf-8")
-            _commit(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text(self.folder / INDEX, json.dumps(index, indent=1, ensure_ascii=False), durable=True)
         self.index = index
 
     def close(self) -> None:
@@ -389,7 +347,7 @@ class LatentShards:
         for entry in self.shards:
             _open_shard(self.folder, entry, self.index["tensors"])
             path = self.folder / entry["file"]
-            if "sha256" in entry and _sha256(path) != entry["sha256"]:
+            if "sha256" in entry and sha256(path) != entry["sha256"]:
                 raise ValueError(f"{path}: sha256 differs from the one recorded in {INDEX}: the shard is corrupt")
 
     def __getstate__(self) -> dict:

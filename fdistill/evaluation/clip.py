@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fdistill import require_torch
-from fdistill.data.text import open_clip_folder
+from fdistill.data.transforms import pil_filter, resize_center_crop, rgb_uint8
+from fdistill.evaluation.clip_tokenizer import open_clip_folder
 
 require_torch()  # its torch.load(weights_only=True) must not load TorchScript
 
@@ -46,25 +47,14 @@ SUPPORTED_MODELS = ("ViT-g-14", "ViT-H-14", "ViT-B-32")  # tested; other plain-V
 
 
 # -- images ------------------------------------------------------------------------------------------
-def rgb_uint8(images: Tensor | np.ndarray, what: str = "CLIP") -> Tensor:
-    """Checks uint8 (N, 1|3, H, W) images; grayscale is repeated to RGB."""
-    images = torch.as_tensor(images)
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"{what} needs images (N, 1|3, H, W), got shape {tuple(images.shape)}")
-    if images.dtype != torch.uint8:
-        raise ValueError(f"{what} needs uint8 images in [0, 255], got {images.dtype} "
-                         "(convert with fdistill.data.to_uint8)")
-    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+def _pil(image: Tensor):
+    from PIL import Image
 
-
-_PIL_FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "lanczos": "LANCZOS", "nearest": "NEAREST"}
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy())
 
 
 def _pil_resize(image: Tensor, height: int, width: int, resample: str) -> Tensor:
-    from PIL import Image
-
-    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy())
-    out = pil.resize((width, height), getattr(Image.Resampling, _PIL_FILTERS[resample]))
+    out = _pil(image).resize((width, height), pil_filter(resample))
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 
@@ -75,30 +65,19 @@ def _center_crop(image: Tensor, height: int, width: int) -> Tensor:
     return image[..., top : top + height, left : left + width]
 
 
-def resize_center_crop(images: Tensor, size: int, resample: str = "bicubic") -> Tensor:
-    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size): the shorter side resized to ``size`` with PIL (the long side
-    to int(size * long / short), as torchvision's Resize(size)), then a center crop; open_clip's evaluation
+def resize_center_crop_batch(images: Tensor, size: int, resample: str = "bicubic") -> Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size): ``fdistill.data.transforms.resize_center_crop`` (the
+    shorter side resized to ``size`` with PIL, then a center crop) on each image; open_clip's evaluation
     transform before ToTensor."""
-    if resample not in _PIL_FILTERS:
-        raise ValueError(f"resample must be one of {sorted(_PIL_FILTERS)}, got {resample!r}")
-    out = []
-    for image in images:
-        h, w = image.shape[-2:]
-        if (h, w) != (size, size):
-            if h <= w:
-                nh, nw = size, int(size * w / h)
-            else:
-                nh, nw = int(size * h / w), size
-            image = _center_crop(_pil_resize(image, nh, nw, resample), size, size)
-        out.append(image)
-    return torch.stack(out)
+    pil_filter(resample)  # an unknown filter is refused before any image is touched
+    return torch.stack([image if image.shape[-2:] == (size, size)
+                        else torch.from_numpy(resize_center_crop(_pil(image), size, resample)) for image in images])
 
 
 def square_center_crop_resize(images: Tensor, size: int, resample: str = "lanczos") -> Tensor:
     """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size): the central min(H, W) square, resized with PIL (LANCZOS by
     default). DMD2 applies this with size 256 to generated and COCO images before the CLIP preprocessing."""
-    if resample not in _PIL_FILTERS:
-        raise ValueError(f"resample must be one of {sorted(_PIL_FILTERS)}, got {resample!r}")
+    pil_filter(resample)  # an unknown filter is refused before any image is touched
     out = []
     for image in images:
         s = min(image.shape[-2:])
@@ -148,7 +127,7 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
-class TextConfig:
+class CLIPTextConfig:
     context_length: int = 77
     vocab_size: int = 49408
     width: int = 512
@@ -162,7 +141,7 @@ class TextConfig:
 class CLIPConfig:
     embed_dim: int
     vision: VisionConfig
-    text: TextConfig
+    text: CLIPTextConfig
     quick_gelu: bool = False
     name: str = "custom"
 
@@ -240,7 +219,7 @@ def clip_config(model: str | dict | CLIPConfig) -> CLIPConfig:
                 raise ValueError(f"{name}: non-square vision {key} {value} is not supported")
             vcfg[key] = value[0]
     vision = VisionConfig(**{k: vcfg[k] for k in _VISION_KEYS if k in vcfg})
-    text = TextConfig(**{k: tcfg[k] for k in _TEXT_KEYS if k in tcfg})
+    text = CLIPTextConfig(**{k: tcfg[k] for k in _TEXT_KEYS if k in tcfg})
     if vision.width % vision.head_width or text.width % text.heads:
         raise ValueError(f"{name}: width must be a multiple of the head width / number of heads")
     if vision.image_size % vision.patch_size:
@@ -351,7 +330,8 @@ class CLIP(nn.Module):
     """open_clip's CLIP for ViT configs (see the module docstring for the parameter names).
 
     ``encode_image`` takes uint8 images, ``encode_text`` token ids (LongTensor (N, L), L <= context_length, as
-    ``fdistill.data.text.tokenize`` makes them) or strings; both return L2-normalised embeddings (N, embed_dim).
+    ``fdistill.evaluation.clip_tokenizer.tokenize`` makes them) or strings; both return L2-normalised embeddings
+    (N, embed_dim).
     """
 
     def __init__(self, config: str | dict | CLIPConfig = "ViT-B-32"):
@@ -386,7 +366,7 @@ class CLIP(nn.Module):
         open_clip's evaluation transform; ``"longest"``: HPSv2's (see the module docstring)."""
         x = rgb_uint8(images)
         if resize_mode == "shortest":
-            x = resize_center_crop(x, self.image_size).float().div(255)
+            x = resize_center_crop_batch(x, self.image_size).float().div(255)
         elif resize_mode == "longest":
             x = resize_longest_pad(x, self.image_size)
         else:
@@ -416,7 +396,7 @@ class CLIP(nn.Module):
     def encode_text(self, text: Tensor | str | Sequence[str]) -> Tensor:
         """Token ids or strings -> L2-normalised text embeddings."""
         if not isinstance(text, Tensor):
-            from fdistill.data.text import tokenize
+            from fdistill.evaluation.clip_tokenizer import tokenize
 
             text = tokenize(text, context_length=self.context_length)
         return F.normalize(self.text_features(text), dim=-1)

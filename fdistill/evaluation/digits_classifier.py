@@ -9,7 +9,6 @@ file's metadata. Numbers are comparable only between runs that use the same reci
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from fdistill.config import cache_dir
 from fdistill.data.datasets import load_dataset, to_float
+from fdistill.io import atomic_path
 
 RECIPE_VERSION = 1
 FILENAME = f"digits_classifier-v{RECIPE_VERSION}.safetensors"
@@ -145,10 +145,9 @@ def load_digits_classifier(cache: str | Path | None = None, progress: bool = Tru
                   flush=True)
         trained, acc = train_digits_classifier(progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         meta = {"heldout_accuracy": f"{acc:.6f}", "recipe_version": str(RECIPE_VERSION), "seed": "0"}
-        save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees a partial file
+        with atomic_path(path) as tmp:  # a concurrent reader never sees a partial file
+            save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp), metadata=meta)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("recipe_version") != str(RECIPE_VERSION):

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdistill.evaluation.clip import normalize, resize_center_crop, rgb_uint8
+from fdistill.data.transforms import rgb_uint8
+from fdistill.evaluation.clip import normalize, resize_center_crop_batch
 
 WEIGHTS_NAME = "dino_vitbase8_pretrain.pth"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/" + WEIGHTS_NAME
@@ -119,7 +120,7 @@ class DINOViT(nn.Module):
         (``image_size=None``) or resized (shorter side) and center-cropped to ``image_size``."""
         x = rgb_uint8(images, what="DINO")
         if image_size is not None:
-            x = resize_center_crop(x, image_size)
+            x = resize_center_crop_batch(x, image_size)
         p = self.pos_embed
         return normalize(x.to(p.device).float().div(255), IMAGENET_MEAN, IMAGENET_STD).to(p.dtype)
 

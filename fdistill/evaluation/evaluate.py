@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 import zipfile
@@ -34,6 +33,7 @@ from fdistill.evaluation.metrics import (
     frechet_distance,
     precision_recall,
 )
+from fdistill.io import atomic_path
 
 STATS_VERSION = 1  # bump when the cached reference features change meaning
 SMALL_FID = 10_000  # below this many samples, FID carries a noticeable bias
@@ -200,9 +200,8 @@ def reference_stats_path(data: str, extractor, preprocessing: dict | None = None
 def save_npz(path: Path, **arrays) -> None:
     """``np.savez`` written atomically: a concurrent reader never sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:  # a file object: np.savez would add .npz to a name
+        np.savez(f, **arrays)
 
 
 def reference_features(data: str, extractor, batch_size: int = 64, progress: bool = False,

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from fdistill import require_torch
 from fdistill.config import cache_dir
+from fdistill.data.transforms import rgb_uint8
 
 require_torch()  # torch.load(weights_only=True) must not load TorchScript
 
@@ -211,7 +212,7 @@ class FIDInceptionV3(nn.Module):
         """uint8 (N, 1|3, H, W) -> float (N, 3, 299, 299) in [-1, 1], as pytorch-fid: x / 255, bilinear
         resize (align_corners=False), 2x - 1."""
         dtype = self.fc.weight.dtype
-        x = _rgb(images).to(device=self.fc.weight.device, dtype=dtype) / 255
+        x = rgb_uint8(images, "Inception-v3").to(device=self.fc.weight.device, dtype=dtype) / 255
         x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         return 2 * x - 1
 
@@ -262,15 +263,6 @@ def find_weights(path: str | Path | None = None) -> Path:
         else:
             looked.append(p)
     raise FileNotFoundError(missing_weights_message(looked))
-
-
-def _rgb(images: Tensor) -> Tensor:
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"Inception features need images (N, 1|3, H, W), got shape {tuple(images.shape)}")
-    if images.dtype != torch.uint8:
-        raise ValueError(f"Inception features need uint8 images in [0, 255], got {images.dtype} "
-                         "(convert with fdistill.data.to_uint8)")
-    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -354,7 +346,7 @@ class InceptionExtractor:
 
     @torch.no_grad()
     def __call__(self, images: Tensor | np.ndarray) -> Tensor:
-        x = _rgb(torch.as_tensor(images)).to(self.device)
+        x = rgb_uint8(images, "Inception-v3").to(self.device)
         feats = self.net(x, return_features=True) if self.kind == "torchscript" else self.net(x)
         if feats.ndim != 2 or len(feats) != len(x):
             raise ValueError(f"{self.path.name} returned features of shape {tuple(feats.shape)} for {len(x)} images; "

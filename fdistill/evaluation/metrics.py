@@ -92,7 +92,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     tr((S1 S2)^{1/2}) is the sum of the square roots of the eigenvalues of the symmetric PSD matrix
     A = S1^{1/2} S2 S1^{1/2} (similar to S1 S2), so two ``eigh`` calls suffice. Unlike
-    ``scipy.linalg.sqrtm(S1 @ S2)`` (pytorch-fid's route) this is faster (~5x at d = 2048), never
+    ``scipy.linalg.sqrtm(S1 @ S2)`` (pytorch-fid's route) this is faster (docs/performance.md), never
     returns complex parts, and needs no diagonal offset for singular (rank-deficient) covariances.
     Tiny negative eigenvalues (round-off) are clipped to 0 before square roots.
     """

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from fdistill.config import cache_dir
-from fdistill.evaluation.clip import CLIP, load_clip_from_file, rgb_uint8, square_center_crop_resize
+from fdistill.data.transforms import rgb_uint8
+from fdistill.evaluation.clip import CLIP, load_clip_from_file, square_center_crop_resize
 from fdistill.evaluation.dino import WEIGHTS_NAME as DINO_NAME
 from fdistill.evaluation.dino import WEIGHTS_URL as DINO_URL
 from fdistill.evaluation.dino import DINOViT, load_dino_from_file
@@ -100,7 +101,7 @@ def find_weights(spec: WeightSpec, path: str | Path | None = None) -> Path:
 
 def _text_ready() -> None:
     """Stop before any work when CLIP text encoding cannot run (BPE file or transformers missing)."""
-    from fdistill.data.text import clip_bpe_path
+    from fdistill.evaluation.clip_tokenizer import clip_bpe_path
 
     clip_bpe_path()
     try:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fdistill.core.diffusion import edm_preconditioning
+from fdistill.core.protocols import DenoiserDefaults
 from fdistill.networks.attention import twice_differentiable
 from fdistill.networks.taps import FeatureTaps
 
@@ -522,7 +523,7 @@ UNETS: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": Dhari
 # -- preconditioning --------------------------------------------------------------------------------
 
 
-class _Precond(nn.Module):
+class _Precond(DenoiserDefaults, nn.Module):
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) around a UNet ``self.model`` (EDM Table 1).
 
     Subclasses define ``coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)``.

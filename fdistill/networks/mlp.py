@@ -6,10 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.core.diffusion import edm_preconditioning
+from fdistill.core.protocols import DenoiserDefaults
 from fdistill.networks.edm import FourierEmbedding
 
 
-class MLPDenoiser(nn.Module):
+class MLPDenoiser(DenoiserDefaults, nn.Module):
     """D(x; sigma) = c_skip x + c_out F([c_in x, emb(c_noise), label]) with EDM's Table 1 coefficients.
 
     ``return_features=True`` also returns ``{0: last hidden activation}``, the feature the

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fdistill.core.protocols import DenoiserDefaults
 from fdistill.networks.attention import twice_differentiable
 from fdistill.networks.taps import FeatureTaps
 
@@ -145,7 +146,7 @@ class _StopForward(Exception):
     """Raised by a feature hook once every wanted feature is captured (``features()`` skips the rest)."""
 
 
-class VPUNetDenoiser(FeatureTaps):
+class VPUNetDenoiser(DenoiserDefaults, FeatureTaps):
     """A diffusers UNet of a variance-preserving (DDPM) schedule behind fdistill's denoiser interface
     ``net(x, sigma, cond)``; subclasses say how the UNet is called (``_call``) and where its taps are.
 

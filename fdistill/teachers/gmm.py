@@ -9,8 +9,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fdistill.core.protocols import DenoiserDefaults
 
-class GaussianMixture(nn.Module):
+
+class GaussianMixture(DenoiserDefaults, nn.Module):
     """p_0 = sum_k w_k N(mu_k, s_k^2 I); at noise sigma, p_sigma = sum_k w_k N(mu_k, (s_k^2 + sigma^2) I)."""
 
     def __init__(self, means: Sequence[Sequence[float]], stds: Sequence[float], weights: Sequence[float]) -> None:

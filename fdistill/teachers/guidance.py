@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fdistill.core.protocols import Denoiser
+
 
 class GuidedDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022) as a denoiser, for distilling a guided teacher
@@ -16,13 +18,19 @@ class GuidedDenoiser(nn.Module):
     discriminator's features come from the conditional pass. w = 1 is D itself.
     """
 
-    def __init__(self, net: nn.Module, scale: float) -> None:
+    def __init__(self, net: Denoiser, scale: float) -> None:
         super().__init__()
         self.net, self.scale = net, float(scale)
-        self.sigma_data = getattr(net, "sigma_data", 0.5)
+        self.sigma_data = net.sigma_data
 
     def feature_channels(self) -> dict[int, int]:
         return self.net.feature_channels()
+
+    def prior_std(self, sigma: float) -> float:
+        return self.net.prior_std(sigma)
+
+    def null_condition(self, cond):
+        return self.net.null_condition(cond)
 
     def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> dict[int, Tensor]:
         return self.net.features(x, sigma, cond)  # the conditional pass, as in forward
@@ -32,8 +40,7 @@ class GuidedDenoiser(nn.Module):
         if self.scale == 1.0 or cond is None:
             return out
         d_cond, features = out if return_features else (out, None)
-        null = self.net.null_condition(cond) if hasattr(self.net, "null_condition") else torch.zeros_like(cond)
         with torch.no_grad():
-            d_null = self.net(x, sigma, null)
+            d_null = self.net(x, sigma, self.net.null_condition(cond))
         d = d_null + self.scale * (d_cond - d_null)
         return (d, features) if return_features else d

@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from fdistill.io import atomic_path
 from fdistill.networks import edm
 from fdistill.safe_pickle import one_line
 
@@ -92,13 +93,9 @@ def build_network(precond: str, kwargs: dict) -> nn.Module:
         from fdistill.teachers.diffusers_unet import build_diffusers_network
 
         return build_diffusers_network(kwargs)
-    if precond == "stable_diffusion":
-        from fdistill.teachers.stable_diffusion import LatentUNetDenoiser
-
-        return LatentUNetDenoiser.from_configs(kwargs)
     if precond not in edm.PRECONDS:
         raise ValueError(f"unknown preconditioning {precond!r}; expected one of "
-                         f"{(*edm.PRECONDS, 'diffusers', 'stable_diffusion')}")
+                         f"{(*edm.PRECONDS, 'diffusers')}")
     check_network_kwargs(precond, kwargs)
     for name in ("img_resolution", "img_channels"):
         if name not in kwargs:
@@ -111,7 +108,8 @@ def save_network(net: nn.Module, precond: str, kwargs: dict, path: str | Path) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"fdistill": json.dumps({"precond": precond, "kwargs": kwargs})}
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, path, metadata=meta)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, tmp, metadata=meta)
     return path
 
 

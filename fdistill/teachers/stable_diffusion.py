@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.data.conditions import TextCondition
+from fdistill.io import temp_name
+from fdistill.teachers.base import Teacher
 from fdistill.teachers.diffusers_unet import (
     INSTALL_HINT,
     VPUNetDenoiser,
@@ -122,16 +124,6 @@ class LatentUNetDenoiser(VPUNetDenoiser):
             added = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
         return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.embeds.to(dtype), added_cond_kwargs=added,
                          return_dict=False)[0]
-
-    @classmethod
-    def from_configs(cls, kwargs: dict) -> LatentUNetDenoiser:
-        """The architecture of ``load_stable_diffusion``'s kwargs, randomly initialised (for load_state_dict)."""
-        diffusers, _ = _modules()
-        check_unet_config(kwargs["unet_config"])
-        check_scheduler_config(kwargs["scheduler_config"])
-        unet = diffusers.UNet2DConditionModel.from_config(kwargs["unet_config"])
-        sched = kwargs["scheduler_config"]
-        return cls(unet, alphas_cumprod(sched), sched.get("prediction_type", "epsilon"), kwargs["family"])
 
 
 class TextEncoder(nn.Module):
@@ -326,7 +318,7 @@ def export_pipeline(generator: LatentUNetDenoiser, teacher_folder: str | Path, o
     teacher_folder, out = Path(teacher_folder), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; give a new folder for the exported pipeline")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     copy_regular_files(teacher_folder, tmp, leave_out={"unet", "scheduler"})
     generator.unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -344,3 +336,118 @@ def export_pipeline(generator: LatentUNetDenoiser, teacher_folder: str | Path, o
         out.rmdir()
     os.rename(tmp, out)
     return out
+
+
+# -- the family's Teacher: what distillation, sampling and export dispatch on ---------------------------------------
+class TextToImageData:
+    """Alg. 1's real data and the generator's conditions in the teacher's latent space (``core.protocols.RealData``):
+    captioned images encoded online by the VAE and text encoders, or latent shards encoded once
+    (``fdistill prepare-latents``). Every rank draws the same n and encodes only its own part."""
+
+    def __init__(self, sd: StableDiffusion, sampler, device: torch.device) -> None:
+        from fdistill.data.latent_shards import LatentSampler
+
+        self.sd, self.sampler, self.device = sd, sampler, device
+        self.latents = isinstance(sampler, LatentSampler)  # else a CaptionSampler of images and captions
+
+    def __call__(self, n: int, part: slice = slice(None)) -> tuple[Tensor, TextCondition]:
+        if self.latents:
+            latents, cond = self.sampler(n, part)
+            return latents.to(self.device), TextCondition(**cond).to(self.device)
+        images, captions = self.sampler(n, part)
+        return self.sd.codec.encode(images.to(self.device)), self.sd.text(captions)
+
+    def sample_cond(self, n: int, part: slice = slice(None)) -> TextCondition:
+        if self.latents:
+            return TextCondition(**self.sampler.sample_cond(n, part)).to(self.device)
+        return self.sd.text(self.sampler.sample_prompts(n, part))
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def add_lora(net: LatentUNetDenoiser, rank: int) -> None:
+    """LoRA adapters (Hu et al. 2022) of ``rank`` on the UNet's attention projections, through peft, as DMD2's
+    SDXL variant; only they are trained (the base weights are frozen)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ImportError("text.lora_rank needs the peft package: pip install peft") from None
+    net.unet.requires_grad_(False)
+    net.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+
+
+class StableDiffusionTeacher(Teacher):
+    """A Stable Diffusion v1.5 / SDXL pipeline folder as a teacher; ``info`` = {"precond": "stable_diffusion",
+    "network": the pipeline's record (folder, family, resolution, UNet and scheduler configs)}."""
+
+    kind = "stable_diffusion"
+
+    @classmethod
+    def open(cls, folder: str | Path, resolution: int | None = None) -> StableDiffusionTeacher:
+        return cls._make(load_stable_diffusion(folder, resolution), str(folder))
+
+    @classmethod
+    def from_info(cls, info: dict, where: str = "the checkpoint") -> StableDiffusionTeacher:
+        kwargs = info["network"]
+        if not Path(kwargs["folder"]).is_dir():
+            raise FileNotFoundError(f"{where} was distilled from {kwargs['folder']}, which is not there any more: its "
+                                    "text encoders and VAE are needed to sample (move the folder back)")
+        return cls._make(load_stable_diffusion(kwargs["folder"], kwargs["resolution"]), kwargs["folder"])
+
+    @classmethod
+    def _make(cls, sd: StableDiffusion, source: str) -> StableDiffusionTeacher:
+        return cls(sd.denoiser, sd.latent_shape, {"precond": cls.kind, "network": sd.kwargs}, source, text=sd.text,
+                   codec=sd.codec, sigma_range=(sd.denoiser.sigma_min, sd.denoiser.sigma_max), extra={"sd": sd})
+
+    @property
+    def pipeline(self) -> StableDiffusion:
+        return self.extra["sd"]
+
+    def open_data(self, cfg, device: torch.device, dataset=None) -> TextToImageData:
+        """Latent shards (a folder with index.json) or captioned images, with the generator's prompts from
+        ``cfg.text.prompts`` when given."""
+        from fdistill.data.captions import open_captions
+        from fdistill.data.latent_shards import LatentSampler, LatentShards
+        from fdistill.data.sampler import CaptionSampler
+
+        seed = cfg.distill.seed
+        if (Path(cfg.data) / "index.json").is_file():
+            sampler = LatentSampler(LatentShards(cfg.data), seed=seed, device="cpu")
+        else:
+            on_error = cfg.text.on_bad_data.replace("error", "raise")
+            data = open_captions(cfg.data, resolution=self.info["network"]["resolution"], on_error=on_error)
+            prompts = open_captions(cfg.text.prompts) if cfg.text.prompts else None
+            sampler = CaptionSampler(data, seed=seed, prompts=prompts, threads=cfg.text.decode_threads)
+        return TextToImageData(self.pipeline, sampler, device)
+
+    def prepare_students(self, students: list[nn.Module], cfg) -> None:
+        for m in students:
+            if cfg.text.lora_rank:
+                add_lora(m, cfg.text.lora_rank)
+            if cfg.text.gradient_checkpointing:
+                m.unet.enable_gradient_checkpointing()
+
+    def student_info(self, cfg) -> dict:
+        return {"lora_rank": cfg.text.lora_rank}
+
+    def export(self, generator: nn.Module, out) -> str:
+        out = export_pipeline(generator, self.info["network"]["folder"], out)
+        family = "StableDiffusionXLPipeline" if self.info["network"]["family"] == "sdxl" else "StableDiffusionPipeline"
+        return (f"wrote {out}: {family}.from_pretrained('{out}')(prompt, num_inference_steps=1, guidance_scale=0) "
+                "gives fdistill sample's image for the same seed")
+
+    def load_student(self, weights: dict[str, Tensor], info: dict) -> nn.Module:
+        """The generator from its weights; LoRA adapters are folded into the base weights (a plain UNet again)."""
+        net = self.student_network()
+        if info.get("lora_rank"):
+            add_lora(net, info["lora_rank"])
+        net.load_state_dict(weights)
+        if info.get("lora_rank"):
+            net.unet.fuse_lora()
+            net.unet.unload_lora()
+        return net

@@ -3,9 +3,7 @@ written crash-safe, verified on load, named by iteration in a run folder and pru
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -16,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from fdistill.io import atomic_dir, other_temps, sha256
 
 
 def _flatten(prefix: str, obj: Any, tensors: dict[str, Tensor]) -> Any:
@@ -63,23 +63,6 @@ FILES = ("model.safetensors", "state.safetensors", "state.json")
 CHECKPOINTS = "checkpoints"  # a run folder's checkpoints: checkpoints/<iteration, 9 digits>/
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's contents to the disk (a folder: its entries, e.g. after a rename)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _state(obj) -> dict:
     """A module's or optimizer's state dict, or a state dict given as such (e.g. gathered from shards)."""
     return obj if isinstance(obj, dict) else obj.state_dict()
@@ -95,41 +78,24 @@ def save(path: str | Path, modules: dict[str, torch.nn.Module | dict],
     any other checkpoint is untouched. On an error (e.g. a full disk) the temporary folder is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        weights = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
-                   for name, m in modules.items() for k, v in _state(m).items()}
-        save_file(weights, tmp / "model.safetensors")
-        tensors: dict[str, Tensor] = {}
-        state = {
-            "optimizers": {n: _flatten(f"optim.{n}", _state(o), tensors) for n, o in optimizers.items()},
-            "rng": _flatten("rng", rng_state(), tensors),
-            "meta": _flatten("meta", meta, tensors),
-        }
-        save_file(tensors, tmp / "state.safetensors")
-        state["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)}
-                          for name in FILES[:2]}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for name in FILES:
-            _fsync(tmp / name)
-        _fsync(tmp)
-        if path.exists():  # the same iteration again: put the old one aside first
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-        _fsync(path.parent)
+        with atomic_dir(path, durable=True) as tmp:  # the same iteration again: the old one is put aside first
+            weights = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
+                       for name, m in modules.items() for k, v in _state(m).items()}
+            save_file(weights, tmp / "model.safetensors")
+            tensors: dict[str, Tensor] = {}
+            state = {
+                "optimizers": {n: _flatten(f"optim.{n}", _state(o), tensors) for n, o in optimizers.items()},
+                "rng": _flatten("rng", rng_state(), tensors),
+                "meta": _flatten("meta", meta, tensors),
+            }
+            save_file(tensors, tmp / "state.safetensors")
+            state["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
+                              for name in FILES[:2]}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
     except OSError as e:  # e.g. a full disk: say what was being written and what is kept
-        shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(e.errno, f"writing checkpoint {path} failed ({e.strerror or e}); nothing of it was kept, "
                       "earlier checkpoints are untouched") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -176,7 +142,7 @@ def _check_state(path: Path, state: Any) -> None:
 
 def _verify(path: Path, state: dict) -> None:
     for name, rec in state.get("files", {}).items():
-        if _digest(path / name) != rec["sha256"]:
+        if sha256(path / name) != rec["sha256"]:
             raise ValueError(f"checkpoint {path}: {name} is corrupt (its sha256 differs from the one recorded)")
 
 
@@ -212,9 +178,8 @@ def prune(run_dir: str | Path, keep: int) -> None:
     for path in found:
         if path not in kept:
             shutil.rmtree(path)
-    for stale in folder.glob(".*.tmp-*"):
-        if not stale.name.endswith(f".tmp-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in other_temps(folder):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fdistill.config import from_dict, to_dict
+from fdistill.config import from_dict, resumable, to_dict
 from fdistill.core import divergences
 from fdistill.core.diffusion import SigmaSampler, append_dims, denoising_loss, one_step, score_from_denoiser
 from fdistill.core.objective import (
@@ -38,16 +38,21 @@ from fdistill.training.ema import ema_update
 
 @dataclass
 class DistillConfig:
-    """Hyper-parameters of Alg. 1. Defaults follow Table 5 (CIFAR-10 column) and NVlabs/FastGen."""
+    """Hyper-parameters of Alg. 1. Defaults follow Table 5 (CIFAR-10 column) and NVlabs/FastGen.
 
+    One flat YAML section (``distill:``) in three blocks: the algorithm, scale and precision, logging and
+    checkpoints. Fields made by ``fdistill.config.resumable`` are the ones ``--resume`` may change."""
+
+    # -- the algorithm: Alg. 1 and the quantities of Table 5 ---------------------------------------------
     divergence: str = "js"  # a name from fdistill.core.divergences, or an expression h(r) (Prop. 1)
     fdistill_weight: float = 1.0  # 0 gives the adversarial-only ablation (Sec. 5.1)
     gan_weight: float = 1e-3  # w_GAN (Alg. 1 line 12; Table 5); 0 trains the head only to estimate r
     tau: int = 5  # fake-score update frequency: student when iteration % tau == 0 (Alg. 1 line 5)
-    iterations: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-4
-    lr_critic: float | None = None  # fake score and discriminator; None = lr
+    iterations: int = resumable(1000)
+    batch_size: int = 64  # the global batch (Table 5), whatever the number of ranks
+    lr: float = resumable(1e-4)
+    lr_critic: float | None = resumable(None)  # fake score and discriminator; None = lr
+    lr_stages: list[tuple[int, float]] = resumable(default_factory=list)  # [[iteration, lr], ...]: lr from then on
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     grad_clip: float | None = 10.0  # generator gradient-norm clip (FastGen)
@@ -74,27 +79,28 @@ class DistillConfig:
     # The GAN losses over several heads: "per_head", softplus of each head's logit, averaged (FastGen);
     # "mean_logit", softplus of the heads' mean logit. r = exp(mean logit) either way.
     gan_loss_heads: str = "per_head"
-    seed: int = 0
-    log_every: int = 10  # iterations between log lines (the last iteration is always logged)
-    checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end (with a run folder)
-    keep_checkpoints: int = 2  # the newest checkpoints kept in <run>/checkpoints/
-    # Scale: batch_size is the global batch (Table 5). Each of the world_size ranks takes
-    # batch_size / world_size of it, in forward passes of micro_batch (None = all at once);
-    # gradients accumulate over the passes and are averaged over ranks. The two-stage normalization
-    # of h (Alg. 1 lines 7 and 9) runs over each pass's samples on all ranks (world_size x micro_batch),
-    # so over the global batch when micro_batch is None; the ratio EMA is updated once per step.
-    micro_batch: int | None = None
-    lr_stages: list[tuple[int, float]] = field(default_factory=list)  # [[iteration, lr], ...]: lr from then on
-    precision: str = "fp32"  # "bf16": network passes under bf16 autocast; losses and optimizer in fp32
-    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (fp32 precision)
-    # Off by default on every device, from measurements (CIFAR-10 DDPM++, batch 8, fp32, 2-core CPU):
-    # channels_last made each network pass 1-15% slower there, and torch.compile made the student step 13%
-    # slower and the critic step 7% faster (3% per tau = 5 iteration) after 4 minutes of compiling.
-    # Neither has been measured on a GPU yet:
-    # benchmarks/gpu_check.sh times both at batch 256 in bf16.
-    channels_last: bool = False  # NHWC memory format for image networks
-    compile: bool = False  # torch.compile the networks (in place, so checkpoint names do not change)
+    seed: int = 0  # the run's random streams (latents, sigmas, noise, the data's draws), shared by all ranks
+
+    # -- scale and precision: how the steps are computed, not what they compute ----------------------------
+    # Each of the world_size ranks takes batch_size / world_size of the global batch, in forward passes
+    # of micro_batch (None = all at once); gradients accumulate over the passes and are averaged over ranks.
+    # The two-stage normalization of h (Alg. 1 lines 7 and 9) runs over each pass's samples on all ranks
+    # (world_size x micro_batch), so over the global batch when micro_batch is None; the ratio EMA is
+    # updated once per step.
+    micro_batch: int | None = resumable(None)
+    precision: str = resumable("fp32")  # "bf16": network passes under bf16 autocast; losses and optimizer in fp32
+    tf32: bool = resumable(True)  # TF32 matmuls and convolutions on CUDA (fp32 precision)
+    # channels_last and compile are off by default on every device: on the CPU they were measured on, neither
+    # made an iteration cheaper (docs/performance.md, "What each change bought"); benchmarks/gpu_check.sh
+    # times both on a GPU.
+    channels_last: bool = resumable(False)  # NHWC memory format for image networks
+    compile: bool = resumable(False)  # torch.compile the networks (in place, so checkpoint names do not change)
     fsdp: bool = False  # under torchrun: shard teacher, generator (and EMA) and fake score over the ranks (FSDP2)
+
+    # -- logging and checkpoints -------------------------------------------------------------------------------
+    log_every: int = resumable(10)  # iterations between log lines (the last iteration is always logged)
+    checkpoint_every: int = resumable(0)  # iterations between checkpoints; 0 = only at the end (with a run folder)
+    keep_checkpoints: int = resumable(2)  # the newest checkpoints kept in <run>/checkpoints/
 
     def __post_init__(self) -> None:
         from fdistill import checks
@@ -217,13 +223,15 @@ class Distiller:
         if self.sharded:  # weights, gradients and optimizer states split over the ranks
             for m in dict.fromkeys((self.teacher, self.generator, self.generator_ema, self.fake_score)):
                 distributed.shard(m)
-        self.ratio_norm = RatioNormalizer(self.sigmas.support, cfg.ratio_bins, cfg.ratio_binning, cfg.ratio_ema)
+        grid = self.sigmas.grid
+        self.ratio_norm = RatioNormalizer(self.sigmas.support, cfg.ratio_bins, cfg.ratio_binning, cfg.ratio_ema,
+                                          (float(grid.min()), float(grid.max())))
         self.ratio_norm.to(self.device)
         self._set_performance_flags()
 
-        # The fused kernel: one pass over each tensor instead of one per operation (55.7M parameters on
-        # the 2-core CPU: 41 ms instead of 131-155 ms per step, same values to float rounding). Sharded
-        # (DTensor) parameters keep PyTorch's default.
+        # The fused kernel: one pass over each tensor instead of one per operation, same values to float
+        # rounding and cheaper per step (docs/performance.md). Sharded (DTensor) parameters keep PyTorch's
+        # default.
         fused = not self.sharded and self.device.type in ("cpu", "cuda")
 
         def adamw(params, lr):
@@ -350,7 +358,7 @@ class Distiller:
         sigma_real, eps_real = self._sigma(), self._randn()  # real data gets its own sigma and noise
         approx_r1 = cfg.r1_gamma > 0 and cfg.r1_form == "approx"
         eps_r1 = self._randn() if approx_r1 else None
-        sigma_data = float(getattr(self.fake_score, "sigma_data", 0.5))
+        sigma_data = float(self.fake_score.sigma_data)
         self.opt_fake.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
         parts = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fdistill.io import write_text
 from fdistill.training import checkpoint, distributed
 
 EXIT_PREEMPTED = 75  # the exit status of a run stopped by SIGTERM/SIGINT after its checkpoint (EX_TEMPFAIL)
@@ -117,9 +117,7 @@ class RunLog:
     def __init__(self, path: Path, start: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = [line for line in self._lines(path) if _iteration(line) < start] if start > 0 else []
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a")  # noqa: SIM115 - closed by close()
 
     @staticmethod

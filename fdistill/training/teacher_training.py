@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fdistill.config import to_dict
+from fdistill.config import resumable, to_dict
 from fdistill.core.diffusion import denoising_loss, edm_loss
 from fdistill.data.conditions import TextCondition
 from fdistill.training import checkpoint
@@ -21,11 +21,12 @@ from fdistill.training.ema import ema_update
 
 @dataclass
 class TeacherConfig:
-    """EDM training of a teacher (EDM Eq. 2, Table 1), with label dropout for classifier-free guidance."""
+    """EDM training of a teacher (EDM Eq. 2, Table 1), with label dropout for classifier-free guidance.
+    Fields made by ``fdistill.config.resumable`` are the ones ``--resume`` may change."""
 
     precond: str = "EDMPrecond"  # EDMPrecond | VPPrecond | VEPrecond
     network: dict = field(default_factory=dict)  # constructor kwargs as NVlabs/edm's (model_type, model_channels, ...)
-    iterations: int = 4000
+    iterations: int = resumable(4000)
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200  # linear learning-rate warm-up, in iterations
@@ -35,9 +36,9 @@ class TeacherConfig:
     P_mean: float = -1.2
     P_std: float = 1.2
     seed: int = 0
-    log_every: int = 50  # iterations between log lines
-    checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # the newest checkpoints kept in <run>/checkpoints/
+    log_every: int = resumable(50)  # iterations between log lines
+    checkpoint_every: int = resumable(0)  # iterations between checkpoints; 0 = only at the end
+    keep_checkpoints: int = resumable(2)  # the newest checkpoints kept in <run>/checkpoints/
 
     def __post_init__(self) -> None:
         from fdistill import checks
@@ -86,7 +87,7 @@ class TeacherTrainer:
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                     fused=self.device.type in ("cpu", "cuda") or None)  # as the Distiller's
-        self.sigma_data = float(getattr(net, "sigma_data", 0.5))  # VP/VE nets have none: EDM's 0.5
+        self.sigma_data = float(net.sigma_data)  # VP/VE preconditionings: EDM's 0.5 (core.protocols)
         self.iteration, self.rank = 0, 0
         self.info: dict = {}
 
@@ -95,7 +96,7 @@ class TeacherTrainer:
         x, cond = self.real_data(cfg.batch_size)
         x = x.to(self.device)
         cond = drop_labels(None if cond is None else cond.to(self.device), cfg.label_dropout,
-                           getattr(self.net, "null_condition", None))
+                           self.net.null_condition)
         if cfg.noise == "edm":
             loss = edm_loss(self.net, x, cond, cfg.P_mean, cfg.P_std, self.sigma_data)
         else:  # DDPM's training: t uniform over the schedule; eps-MSE for an eps-prediction UNet (weight ~ 1/sigma^2)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ DERIVED = ("scores.safetensors",)  # what evaluate-t2i adds to a finished shard 
 IMAGE = re.compile(r"\d{8}\.png")
 SHARD = re.compile(r"shard-\d{6}")
 PARTIAL = re.compile(r"\.shard-\d{6}\.tmp-\d+")  # a shard being written (or a stopped process's)
-TEMP = re.compile(r"\.(.+)\.tmp-\d+")  # fdistill.io.temp_name's names (and evaluate-t2i's .scores.tmp-PID)
+TEMP = re.compile(r"\.(.+)\.tmp-\d+")  # fdistill.io.temp_name's names (.scores.tmp-PID: older evaluate-t2i's)
 
 
 def ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -109,7 +108,7 @@ def _remove_written(paths: list[Path]) -> None:
     for path in paths:
         if path.is_dir():
             if SHARD.fullmatch(path.name):
-                partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                partial = io.temp_name(path)
                 os.rename(path, partial)
                 path = partial
             for f in path.iterdir():
@@ -159,18 +158,13 @@ def generate_shards(make, items: list, folder: Path, shard: int, seed: int, rank
             if k % world == rank and not (folder / f"shard-{k:06d}").is_dir()]
     bar = tqdm(total=sum(b - a for _, a, b in todo), desc="generating", disable=not progress, leave=False)
     for k, a, b in todo:
-        tmp = folder / f".shard-{k:06d}.tmp-{os.getpid()}"
-        if tmp.is_symlink():
-            tmp.unlink()
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        io.write_text(tmp / MANIFEST, json.dumps({"images": [f"{i:08d}.png" for i in range(a, b)]}))
-        for i in range(a, b, batch_size):
-            j = min(i + batch_size, b)
-            for offset, img in enumerate(to_uint8(make(items[i:j], list(range(seed + i, seed + j))))):
-                io.write_bytes(tmp / f"{i + offset:08d}.png", encode_png(img))
-            bar.update(j - i)
-        os.rename(tmp, folder / f"shard-{k:06d}")
+        with io.atomic_dir(folder / f"shard-{k:06d}") as tmp:  # .shard-K.tmp-PID until complete
+            io.write_text(tmp / MANIFEST, json.dumps({"images": [f"{i:08d}.png" for i in range(a, b)]}))
+            for i in range(a, b, batch_size):
+                j = min(i + batch_size, b)
+                for offset, img in enumerate(to_uint8(make(items[i:j], list(range(seed + i, seed + j))))):
+                    io.write_bytes(tmp / f"{i + offset:08d}.png", encode_png(img))
+                bar.update(j - i)
     bar.close()
 
 

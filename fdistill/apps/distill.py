@@ -1,0 +1,96 @@
+"""Algorithm 1 for any teacher family, and its result: ``build_distiller`` (the Distiller for a config and a
+``Teacher``), ``load_generator`` (a run's one-step generator) and ``sample_maker`` (images from a generator or a
+multi-step teacher). Each family's particulars sit in its ``Teacher`` (``fdistill.teachers``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fdistill.config import from_dict
+from fdistill.core.diffusion import edm_sampler, one_step, seeded_noise
+from fdistill.networks.heads import Discriminator
+from fdistill.networks.taps import resolve_taps
+from fdistill.teachers.base import Teacher
+from fdistill.teachers.guidance import GuidedDenoiser
+from fdistill.teachers.open import open_teacher, teacher_from_info
+from fdistill.training import checkpoint
+from fdistill.training.distiller import DistillConfig, Distiller
+
+
+def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.device = "cpu") -> Distiller:
+    """Alg. 1 for ``teacher`` (``cfg``: an ImageConfig): generator and fake score are copies of its denoiser
+    (the generator evaluated once at sigma_max, ``core.diffusion.one_step``), prepared as the family says; the
+    teacher is guided at ``cfg.guidance`` (App. D.5); the discriminator is conv heads on the frozen teacher's
+    features at ``cfg.disc_resolutions`` (App. B). ``dataset`` replaces ``cfg.data`` (an opened ImageDataset)."""
+    device = torch.device(device)
+    teacher.to(device)
+    net = teacher.denoiser
+    taps = resolve_taps(cfg.disc_resolutions, net.encoder_resolutions, f"teacher {teacher.source}")
+    data = teacher.open_data(cfg, device, dataset)
+    torch.manual_seed(cfg.distill.seed)
+    students = [copy.deepcopy(net).train().requires_grad_(True) for _ in range(2)]  # generator, fake score
+    teacher.prepare_students(students, cfg)
+    net.feature_resolutions = taps  # on the teacher only: the students' own taps are never read
+    disc = Discriminator.conv({r: c for r, c in net.feature_channels().items()}, cfg.disc_hidden, cfg.disc_head)
+    d = Distiller(cfg.distill, GuidedDenoiser(net, cfg.guidance), *students, disc, real_data=data,
+                  sample_shape=teacher.sample_shape, sample_cond=data.sample_cond, device=device)
+    d.info = {**teacher.info, "data": cfg.data, **teacher.student_info(cfg)}
+    return d
+
+
+def make_distiller(cfg, teacher_path: str | Path, dataset=None, device: str | torch.device = "cpu") -> Distiller:
+    """``build_distiller`` for the teacher at ``teacher_path`` (a file, run folder, .pkl or diffusers folder)."""
+    return build_distiller(cfg, open_teacher(teacher_path, cfg.text.resolution), dataset, device)
+
+
+def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True
+                   ) -> tuple[nn.Module, float, Teacher]:
+    """A distillation run's one-step generator (from its newest checkpoint, or a checkpoint folder): (network in
+    eval mode, sigma_gen, the teacher it was distilled from: its sample shape, classes, text encoder, codec)."""
+    meta = checkpoint.read_meta(run)
+    info = meta["info"]
+    if "precond" not in info:
+        raise ValueError(f"checkpoint {run} holds no one-step generator (its meta.info names no network): "
+                         "is it a train-teacher run's? Give a distill run folder or one of its checkpoints")
+    try:
+        cfg = from_dict(DistillConfig, meta["config"])
+    except ValueError as e:
+        raise ValueError(f"checkpoint {run}: its state.json's config is not a distill config ({e})") from None
+    teacher = teacher_from_info(info, str(run))
+    weights = checkpoint.load_weights(run, "generator_ema" if ema else "generator", "generator")
+    try:
+        net = teacher.load_student(weights, info)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {run}: its generator weights do not fit the network its meta.info "
+                         f"describes ({' '.join(str(e).split())[:300]})") from None
+    device = torch.device(device)
+    return net.eval().requires_grad_(False).to(device), cfg.generator_sigma or cfg.sigmas.largest, teacher.to(device)
+
+
+def sample_maker(net: nn.Module, teacher: Teacher, sigma_gen: float | None = None, steps: int = 18,
+                 guidance: float = 1.0, device: str | torch.device = "cpu"):
+    """``make(items, seeds) -> images in [-1, 1]`` (on the CPU): sample i from z = ``seeded_noise`` of seed i and
+    condition ``items[i]`` (a class, ignored by an unconditional net, or a prompt). With ``sigma_gen``: the
+    one-step generator G(z) = D(prior_std z; sigma_gen); without: EDM's Heun sampler over the teacher's noise
+    range (2 steps - 1 evaluations, each guided at ``guidance``). Latents are decoded by the teacher's codec."""
+    net = net.to(device)
+    guided = GuidedDenoiser(net, guidance)
+    sigma_min, sigma_max = teacher.sigma_range
+
+    @torch.no_grad()
+    def make(items: list, seeds: list[int]) -> Tensor:
+        z = seeded_noise(teacher.sample_shape, seeds, device)
+        cond = teacher.condition(items, device)
+        x = one_step(net, z, sigma_gen, cond) if sigma_gen is not None else \
+            edm_sampler(guided, z, cond, num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max)
+        return teacher.decode(x).cpu()
+    return make
+
+
+def network_evaluations(sigma_gen: float | None, steps: int) -> int:
+    """Network calls per sample: 1 for a one-step generator, 2 steps - 1 for EDM's Heun sampler."""
+    return 1 if sigma_gen is not None else 2 * steps - 1

@@ -1,0 +1,30 @@
+"""Which family a teacher belongs to, decided once: from its path when it is opened, from a checkpoint's
+record when a run is reloaded. A new family adds its adapter module and one line to each function here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fdistill.teachers.base import Teacher
+from fdistill.teachers.image_teacher import ImageTeacher
+from fdistill.teachers.loading import is_pipeline_folder
+
+
+def open_teacher(path: str | Path, resolution: int | None = None) -> Teacher:
+    """The teacher at ``path``: a Stable Diffusion (XL) pipeline folder (at ``resolution`` pixels, default the
+    pipeline's), or an image denoiser (``teachers.loading.load_network``: a fdistill teacher file or run folder,
+    an NVlabs/edm .pkl, a diffusers UNet folder). Text-to-image code is imported only for a pipeline."""
+    if is_pipeline_folder(path):
+        from fdistill.teachers.stable_diffusion import StableDiffusionTeacher
+
+        return StableDiffusionTeacher.open(path, resolution)
+    return ImageTeacher.open(path)
+
+
+def teacher_from_info(info: dict, where: str = "the checkpoint") -> Teacher:
+    """The teacher a checkpoint's ``info`` records (its ``precond`` names the family)."""
+    if info.get("precond") == "stable_diffusion":
+        from fdistill.teachers.stable_diffusion import StableDiffusionTeacher
+
+        return StableDiffusionTeacher.from_info(info, where)
+    return ImageTeacher.from_info(info, where)
