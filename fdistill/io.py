@@ -150,3 +150,16 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> PILImage:
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"cannot decode {name} ({type(e).__name__}{': ' + why if why else ''})") from e
     return img
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file (a model folder's config), or one line saying why not."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data

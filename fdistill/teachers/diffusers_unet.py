@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.core.protocols import DenoiserDefaults
+from fdistill.io import read_json_object
 from fdistill.networks.attention import twice_differentiable
 from fdistill.networks.taps import FeatureTaps
 
@@ -350,20 +351,10 @@ class DiffusersDenoiser(VPUNetDenoiser):
 
 
 # -- loading ------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
-    return data
-
-
 def _locate(folder: Path) -> tuple[Path, Path | None]:
     """(unet folder, scheduler_config.json or None) of a pipeline folder or a bare UNet folder."""
     if (folder / "model_index.json").is_file():  # a pipeline: model_index.json, unet/, scheduler/
-        index = _read_json(folder / "model_index.json")
+        index = read_json_object(folder / "model_index.json")
         unet_entry = index.get("unet")
         if unet_entry is None or not (folder / "unet" / "config.json").is_file():
             raise ValueError(f"{folder} is a diffusers pipeline without a UNet (unet/config.json); "
@@ -388,7 +379,7 @@ def load_diffusers_teacher(folder: str | Path) -> tuple[DiffusersDenoiser, str, 
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers model folder not found: {folder}")
     unet_dir, sched_path = _locate(folder)
-    unet_config = _read_json(unet_dir / "config.json")
+    unet_config = read_json_object(unet_dir / "config.json")
     check_unet_config(unet_config, str(unet_dir / "config.json"))
     if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise NotImplementedError(f"{unet_dir} holds a {unet_config['_class_name']!r:.80}; only UNet2DModel "
@@ -398,7 +389,7 @@ def load_diffusers_teacher(folder: str | Path) -> tuple[DiffusersDenoiser, str, 
                       "1000 steps, epsilon prediction)", stacklevel=2)
         scheduler_config = dict(DEFAULT_SCHEDULER)
     else:
-        scheduler_config = _read_json(sched_path)
+        scheduler_config = read_json_object(sched_path)
         check_scheduler_config(scheduler_config, str(sched_path))
     low_mem = importlib.util.find_spec("accelerate") is not None  # else diffusers warns and falls back
     try:

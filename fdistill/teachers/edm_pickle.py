@@ -134,7 +134,7 @@ def load_edm_pickle(path: str | Path, key: str = "ema") -> tuple[nn.Module, str,
     if precond not in edm.PRECONDS:
         raise UnreadablePickle(f"{path}: {key!r} is a {precond[:80]}, not one of {', '.join(edm.PRECONDS)}")
     try:
-        from fdistill.teachers.loading import check_network_kwargs
+        from fdistill.networks.edm_kwargs import check_network_kwargs
 
         args, kwargs = tuple(record.state.get("_init_args") or ()), dict(record.state.get("_init_kwargs") or {})
         if args:

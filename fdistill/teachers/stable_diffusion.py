@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.data.conditions import TextCondition
-from fdistill.io import temp_name
+from fdistill.io import read_json_object, temp_name
 from fdistill.teachers.base import Teacher
 from fdistill.teachers.diffusers_unet import (
     INSTALL_HINT,
@@ -191,17 +191,6 @@ class StableDiffusion(nn.Module):
         return (self.codec.channels, r, r)
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from a pipeline folder, or one line saying why not."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
-    return data
-
-
 def _check_layout(folder: Path, family: str) -> None:
     for name in COMPONENTS[family]:
         if name.startswith("tokenizer"):
@@ -233,14 +222,14 @@ def load_stable_diffusion(folder: str | Path, resolution: int | None = None,
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise FileNotFoundError(f"{folder} lacks model_index.json; expected {LAYOUT}")
-    class_name = _read_json(index_path).get("_class_name")
+    class_name = read_json_object(index_path).get("_class_name")
     if not isinstance(class_name, str) or class_name not in FAMILIES:
         raise ValueError(f"{folder} holds a {str(class_name)[:80]}, not a StableDiffusionPipeline or "
                          "StableDiffusionXLPipeline")
     family = FAMILIES[class_name]
     _check_layout(folder, family)
-    check_unet_config(_read_json(folder / "unet" / "config.json"), str(folder / "unet" / "config.json"))
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    check_unet_config(read_json_object(folder / "unet" / "config.json"), str(folder / "unet" / "config.json"))
+    scheduler_config = read_json_object(folder / "scheduler" / "scheduler_config.json")
     check_scheduler_config(scheduler_config, str(folder / "scheduler" / "scheduler_config.json"))
     local = dict(local_files_only=True)
     low_mem = dict(low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)

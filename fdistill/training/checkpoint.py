@@ -232,7 +232,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         from fdistill.networks.edm import PRECONDS
 
         if info["precond"] in PRECONDS:
-            from fdistill.teachers.loading import check_network_kwargs
+            from fdistill.networks.edm_kwargs import check_network_kwargs
 
             try:
                 check_network_kwargs(info["precond"], info["network"], "info.network")

@@ -43,7 +43,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         from fdistill import checks
         from fdistill.networks.edm import PRECONDS
-        from fdistill.teachers.loading import check_network_kwargs
+        from fdistill.networks.edm_kwargs import check_network_kwargs
 
         checks.choice("precond", self.precond, PRECONDS)
         check_network_kwargs(self.precond, self.network, "network")
