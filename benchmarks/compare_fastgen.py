@@ -9,7 +9,7 @@ parameters), random weights (no checkpoint is read or downloaded), random "real"
 fp32, with the same batch and the same number of threads (torch.set_num_threads and OMP/MKL_NUM_THREADS):
 
   - ours: ``fdistill.training.distiller.Distiller.student_step()`` and ``critic_step()``, built as
-    ``fdistill.apps.images.make_distiller`` builds them from the ``cifar10`` preset (teacher network,
+    ``fdistill.apps.distill.build_distiller`` builds them from the ``cifar10`` preset (teacher network,
     heads at ``disc_resolutions`` 32/16/8 of width ``disc_hidden``, the preset's DistillConfig) with
     precision fp32, batch --batch and r1_gamma 0 (the critic step without R1);
   - FastGen: its CIFAR-10 f-distill experiment config
@@ -107,12 +107,12 @@ def ours_worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     preset = load_config("cifar10")
     kwargs = dict(preset.teacher.network, img_resolution=32, img_channels=3, label_dim=10)
-    net = EDMPrecond(**kwargs)  # make_distiller's construction, with random weights
+    net = EDMPrecond(**kwargs)  # build_distiller's construction, with random weights
     net.feature_resolutions = list(preset.disc_resolutions)
     channels = net.feature_channels()
     generator = copy.deepcopy(net).train().requires_grad_(True)
     fake_score = copy.deepcopy(net).train().requires_grad_(True)
-    if preset.student_dropout is not None:  # as make_distiller does
+    if preset.student_dropout is not None:  # as build_distiller does
         for m in (generator, fake_score):
             set_dropout(m, preset.student_dropout)
     disc = Discriminator.conv({r: channels[r] for r in preset.disc_resolutions}, preset.disc_hidden,
@@ -359,7 +359,8 @@ def differences(o: dict, f: dict) -> list[tuple[str, str, str, str]]:
          + (": no dropout work" if o["dropout"] == 0 else ": dropout masks in every UNet block"),
          f"{f['dropout']} (label_dropout {f['label_dropout']}): no dropout work (and the fake score is switched to "
          "eval mode for the student step)",
-         "ours: fdistill/apps/images.py ImageConfig.student_dropout, make_distiller; "
+         "ours: fdistill/apps/images.py ImageConfig.student_dropout, "
+         "fdistill/teachers/image_teacher.py prepare_students; "
          "FastGen: configs/net.py EDM_CIFAR10_Config, dmd2.py _setup_grad_requirements"),
         ("discriminator heads",
          f"{o['disc']}; per-head logits, softplus per head (DistillConfig.gan_loss_heads); "

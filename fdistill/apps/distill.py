@@ -35,7 +35,7 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
     students = [copy.deepcopy(net).train().requires_grad_(True) for _ in range(2)]  # generator, fake score
     teacher.prepare_students(students, cfg)
     net.feature_resolutions = taps  # on the teacher only: the students' own taps are never read
-    disc = Discriminator.conv({r: c for r, c in net.feature_channels().items()}, cfg.disc_hidden, cfg.disc_head)
+    disc = Discriminator.conv(net.feature_channels(), cfg.disc_hidden, cfg.disc_head)
     d = Distiller(cfg.distill, GuidedDenoiser(net, cfg.guidance), *students, disc, real_data=data,
                   sample_shape=teacher.sample_shape, sample_cond=data.sample_cond, device=device)
     d.info = {**teacher.info, "data": cfg.data, **teacher.student_info(cfg)}
