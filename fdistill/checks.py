@@ -73,3 +73,10 @@ def choice(name: str, value: Any, options: Iterable[str]) -> None:
         listed = ", ".join(repr(o) for o in options[:-1]) + f" or {options[-1]!r}" if len(options) > 1 \
             else repr(options[0])
         raise ValueError(f"{name} must be {listed}, got {show(value)}")
+
+
+def below(low_name: str, low: Any, high_name: str, high: Any, why: str = "") -> None:
+    """Refuse ``low >= high`` for a range given as two keys (checked as numbers first)."""
+    if low >= high:
+        raise ValueError(f"{low_name} must be below {high_name}{' (' + why + ')' if why else ''}, got {low_name} "
+                         f"{show(low)} and {high_name} {show(high)}")

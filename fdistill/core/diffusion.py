@@ -105,9 +105,7 @@ class SigmaSampler:
             checks.number("sigma_min", self.sigma_min, 0, low_open=True)
             checks.number("sigma_max", self.sigma_max, 0, low_open=True)
             checks.number("rho", self.rho, 0, low_open=True)
-            if self.sigma_min >= self.sigma_max:
-                raise ValueError(f"sigma_min must be below sigma_max, got sigma_min {checks.show(self.sigma_min)} "
-                                 f"and sigma_max {checks.show(self.sigma_max)}")
+            checks.below("sigma_min", self.sigma_min, "sigma_max", self.sigma_max)
         else:
             checks.number("beta_start", self.beta_start, 0, 1, low_open=True, high_open=True)
             checks.number("beta_end", self.beta_end, 0, 1, low_open=True, high_open=True)

@@ -139,9 +139,7 @@ class DistillConfig:
         checks.number("logit_clip", self.logit_clip, 0, low_open=True)
         checks.number("r_min", self.r_min, 0, low_open=True)
         checks.number("r_max", self.r_max, 0, low_open=True)
-        if self.r_min >= self.r_max:
-            raise ValueError(f"r_min must be below r_max (the clip range of the density ratio r, Alg. 1 line 6), "
-                             f"got r_min {checks.show(self.r_min)} and r_max {checks.show(self.r_max)}")
+        checks.below("r_min", self.r_min, "r_max", self.r_max, "the clip range of the density ratio r, Alg. 1 line 6")
         checks.choice("ratio_binning", self.ratio_binning, ("equal_mass", "linear"))
         checks.number("ratio_ema", self.ratio_ema, 0, 1, high_open=True)
         checks.choice("fake_score_weighting", self.fake_score_weighting, ("edm", "none"))
