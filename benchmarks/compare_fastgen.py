@@ -99,9 +99,10 @@ def ours_worker(args: argparse.Namespace) -> None:
     import copy
     import dataclasses
 
-    from fdistill.apps.images import load_config, set_dropout
+    from fdistill.apps.images import load_config
     from fdistill.networks.edm import EDMPrecond
     from fdistill.networks.heads import Discriminator
+    from fdistill.teachers.image_teacher import set_dropout
     from fdistill.training.distiller import Distiller
 
     torch.manual_seed(0)
@@ -197,15 +198,16 @@ def _install_torchvision_stub(uses: list, phase: list) -> None:
     sys.meta_path.insert(0, Finder())
 
 
-def fastgen_worker(args: argparse.Namespace) -> None:
-    proto = _protocol_stdout()
-    torch.set_num_threads(args.threads)
-    uses: list = []
-    phase = ["import"]
+def build_fastgen_cifar10(fastgen: str, batch: int, seed: int, uses: list, phase: list, customize=None):
+    """FastGen's CIFAR-10 f-distill model and Trainer (``config_f_distill_cifar10``), built in Trainer.run's
+    order without DDP/FSDP, checkpoints and data loaders: device cpu, fp32, random weights (nothing loaded),
+    one pass of ``batch`` (no accumulation), of the callbacks only ``grad_clip`` and the EMAs. torchvision
+    imports are served by the recording stub (``uses``, ``phase``); ``customize(config)`` edits the config
+    before the model is built. Returns (config, model, trainer, the callbacks dropped)."""
     _install_torchvision_stub(uses, phase)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(Path(args.fastgen).resolve()))
+    sys.path.insert(0, str(Path(fastgen).resolve()))
     from fastgen.configs.experiments.EDM.config_f_distill_cifar10 import create_config
     from fastgen.trainer import Trainer
     from fastgen.utils import instantiate
@@ -213,31 +215,44 @@ def fastgen_worker(args: argparse.Namespace) -> None:
 
     phase[0] = "setup"
     config = create_config()
-    config.model.device = "cpu"
-    config.model.pretrained_model_path = ""  # random weights: nothing is loaded
-    config.model.precision = "float32"
-    config.model.precision_amp = None
-    config.dataloader_train.batch_size = args.batch
-    config.trainer.batch_size_global = None  # one pass of --batch, as ours (the config: 2048 by accumulation)
-    config.trainer.grad_accum_rounds = 1
-    all_callbacks = list(config.trainer.callbacks.keys())
-    kept = [k for k in all_callbacks if k == "grad_clip" or k.startswith("ema")]
-    config.trainer.callbacks = DictConfig({k: config.trainer.callbacks[k] for k in kept})
     m = config.model
+    m.device = "cpu"
+    m.pretrained_model_path = ""  # random weights: nothing is loaded
+    m.precision = "float32"
+    m.precision_amp = None
+    config.dataloader_train.batch_size = batch
+    config.trainer.batch_size_global = None  # one pass of the batch, as ours (the config: 2048 by accumulation)
+    config.trainer.grad_accum_rounds = 1
+    kept = [k for k in config.trainer.callbacks if k == "grad_clip" or k.startswith("ema")]
+    dropped = [k for k in config.trainer.callbacks if k not in kept]
+    config.trainer.callbacks = DictConfig({k: config.trainer.callbacks[k] for k in kept})
+    if customize is not None:
+        customize(config)
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config.model_class.config = config.model  # as train.py
     model = instantiate(config.model_class)
     config.model_class.config = None
     trainer = Trainer(config)
     cb = trainer.callbacks
-    cb.on_model_init_start(model)  # Trainer.run's order, without DDP/FSDP, checkpoints and data loaders
+    cb.on_model_init_start(model)
     model.on_train_begin(is_fsdp=False)
     cb.on_model_init_end(model)
     cb.on_optimizer_init_start(model)
     model.init_optimizers()
     cb.on_optimizer_init_end(model)
     cb.on_train_begin(model, iteration=0)
+    return config, model, trainer, dropped
+
+
+def fastgen_worker(args: argparse.Namespace) -> None:
+    proto = _protocol_stdout()
+    torch.set_num_threads(args.threads)
+    uses: list = []
+    phase = ["import"]
+    config, model, trainer, dropped = build_fastgen_cifar10(args.fastgen, args.batch, 0, uses, phase)
+    cb, m = trainer.callbacks, config.model
+    kept = list(config.trainer.callbacks)
 
     used = set()
 
@@ -275,7 +290,7 @@ def fastgen_worker(args: argparse.Namespace) -> None:
         "bin_num": int(m.f_distill.bin_num), "ratio_ema_rate": float(m.f_distill.ratio_ema_rate),
         "gan_loss_weight_gen": float(m.gan_loss_weight_gen), "guidance_scale": m.guidance_scale,
         "student_update_freq": int(m.student_update_freq), "time_dist": m.sample_t_cfg.time_dist_type,
-        "callbacks_kept": kept, "callbacks_dropped": [k for k in all_callbacks if k not in kept],
+        "callbacks_kept": kept, "callbacks_dropped": dropped,
         "config_batch_size_global": 2048,
     }
     phase[0] = "steps"

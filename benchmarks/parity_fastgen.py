@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_fastgen import _install_torchvision_stub, fastgen_commit  # noqa: E402
+from compare_fastgen import build_fastgen_cifar10, fastgen_commit  # noqa: E402
 
 RES = [32, 16, 8]  # FastGen's Discriminator_EDM_CIFAR10_Config all_res, feature_indices {0, 1, 2}
 TOL = 1e-5  # "equal to float rounding" in fp32
@@ -113,45 +113,17 @@ def fastgen_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     uses: list = []
     phase = ["import"]
-    _install_torchvision_stub(uses, phase)
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(Path(args.fastgen).resolve()))
-    from fastgen.configs.experiments.EDM.config_f_distill_cifar10 import create_config
-    from fastgen.trainer import Trainer
-    from fastgen.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
 
-    phase[0] = "setup"
-    config = create_config()
-    m = config.model
-    m.device = "cpu"
-    m.pretrained_model_path = ""  # random weights: nothing is loaded
-    m.precision = "float32"
-    m.precision_amp = None
-    m.net.model_channels = args.channels
-    m.discriminator.in_channels = args.channels * max(m.net.channel_mult)  # 256 at FastGen's width 128
-    config.dataloader_train.batch_size = args.batch
-    config.trainer.batch_size_global = None
-    config.trainer.grad_accum_rounds = 1
-    kept = [k for k in config.trainer.callbacks if k == "grad_clip" or k.startswith("ema")]
-    config.trainer.callbacks = DictConfig({k: config.trainer.callbacks[k] for k in kept})
+    def tiny(config) -> None:  # width --channels, and the first EMA at --ema-beta
+        config.model.net.model_channels = args.channels
+        config.model.discriminator.in_channels = args.channels * max(config.model.net.channel_mult)  # 256 at 128
+        config.trainer.callbacks[config.model.use_ema[0]].beta = args.ema_beta
+
+    config, model, trainer, _ = build_fastgen_cifar10(args.fastgen, args.batch, args.seed, uses, phase, tiny)
+    from omegaconf import OmegaConf
+
+    cb, m = trainer.callbacks, config.model
     first_ema = m.use_ema[0]
-    config.trainer.callbacks[first_ema].beta = args.ema_beta
-
-    torch.manual_seed(args.seed)
-    config.model_class.config = config.model
-    model = instantiate(config.model_class)
-    config.model_class.config = None
-    trainer = Trainer(config)
-    cb = trainer.callbacks
-    cb.on_model_init_start(model)
-    model.on_train_begin(is_fsdp=False)
-    cb.on_model_init_end(model)
-    cb.on_optimizer_init_start(model)
-    model.init_optimizers()
-    cb.on_optimizer_init_end(model)
-    cb.on_train_begin(model, iteration=0)
 
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # independent random weights, none of them near zero
