@@ -39,7 +39,8 @@ from fdistill.data.latent_shards import LatentSampler  # noqa: E402
 from fdistill.data.writers import save_image_grid  # noqa: E402
 from fdistill.evaluation.clip_tokenizer import clip_tokenizer  # noqa: E402
 from fdistill.evaluation.digits_classifier import load_digits_classifier  # noqa: E402
-from fdistill.evaluation.metrics import class_accuracy, evaluate_features  # noqa: E402
+from fdistill.evaluation.metrics import class_accuracy, evaluate_features, precision_recall  # noqa: E402
+from fdistill.evaluation.t2i_metrics import in_batch_similarity  # noqa: E402
 from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
 from fdistill.teachers.stable_diffusion import TextToImageData, load_stable_diffusion  # noqa: E402
 from fdistill.training import run as run_record  # noqa: E402
@@ -139,11 +140,22 @@ def to_digits(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(x: torch.Tensor, digits: torch.Tensor, seconds: float) -> dict:
+def score(x: torch.Tensor, digits: torch.Tensor, seconds: float, prompts: list[str] | None = None) -> dict:
+    """digits-FID, precision and recall against the 1,797 real digits in the digits classifier's feature space;
+    prompt accuracy; recall per prompted class (each class's samples against that class's real digits, averaged);
+    and with ``prompts``, the in-batch similarity: the mean cosine between distinct samples of the same prompt
+    string, in the classifier's features centred on the real digits' mean (raw SiLU features are all positive,
+    which would put every cosine near 1); lower is more diverse."""
     clf = load_digits_classifier(progress=False)
-    real = to_float(load_dataset("digits").images)
+    real, labels = to_float(load_dataset("digits").images), torch.as_tensor(load_dataset("digits").labels)
     fake = to_digits(x)
-    out = evaluate_features(clf.features(real), clf.features(fake))
+    f_real, f_fake = clf.features(real), clf.features(fake)
+    out = evaluate_features(f_real, f_fake)
+    out["class_recall"] = float(np.mean([precision_recall(f_real[labels == c], f_fake[digits == c])[1]
+                                         for c in range(10) if (digits == c).sum() > 3]))
+    if prompts is not None:
+        _, group = np.unique(prompts, return_inverse=True)
+        out["in_batch_similarity"] = in_batch_similarity(f_fake - f_real.mean(0), torch.as_tensor(group))[0]
     return {**out, "prompt_accuracy": class_accuracy(clf(fake), digits), "s_per_1000": 1000 * seconds / len(x)}
 
 
@@ -154,9 +166,10 @@ def prompts_for(n: int, seed: int = 1) -> tuple[list[str], torch.Tensor]:
 
 
 @torch.no_grad()
-def sample_teacher(folder: Path, prompts: list[str], steps: int = 18) -> tuple[torch.Tensor, float]:
+def sample_teacher(folder: Path, prompts: list[str], steps: int = 18, guidance: float = GUIDANCE
+                   ) -> tuple[torch.Tensor, float]:
     sd = load_stable_diffusion(folder)
-    net = GuidedDenoiser(sd.denoiser, GUIDANCE)
+    net = GuidedDenoiser(sd.denoiser, guidance)
     t0, out = time.perf_counter(), []
     for i in range(0, len(prompts), 250):
         batch = prompts[i:i + 250]
@@ -168,14 +181,55 @@ def sample_teacher(folder: Path, prompts: list[str], steps: int = 18) -> tuple[t
 
 
 @torch.no_grad()
-def sample_student(run: Path, prompts: list[str]) -> tuple[torch.Tensor, float]:
-    generator, sigma_gen, teacher = distill.load_generator(run)
+def sample_student(run: Path, prompts: list[str], ema: bool = True) -> tuple[torch.Tensor, float]:
+    generator, sigma_gen, teacher = distill.load_generator(run, ema=ema)
     t0, out = time.perf_counter(), []
     for i in range(0, len(prompts), 250):
         batch = prompts[i:i + 250]
         z = torch.randn(len(batch), *teacher.sample_shape, generator=torch.Generator().manual_seed(i))
         out.append(teacher.decode(one_step(generator, z, sigma_gen, teacher.condition(batch))))
     return torch.cat(out), time.perf_counter() - t0
+
+
+def table(rows: dict[str, dict]) -> str:
+    """The benchmark's markdown table, a row per model."""
+    lines = ["| model | digits-FID | precision | recall | class recall | prompt accuracy | in-batch similarity "
+             "| s / 1000 samples |", "|---|---|---|---|---|---|---|---|"]
+    def cell(r: dict, key: str, digits: int = 3) -> str:
+        v = r.get(key)
+        if v is None:
+            return ""
+        return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if isinstance(v, tuple) else f"{v:.{digits}f}"
+
+    for name, r in rows.items():
+        lines.append(f"| {name} | {cell(r, 'fid', 2)} | {cell(r, 'precision')} | {cell(r, 'recall')} "
+                     f"| {cell(r, 'class_recall')} | {cell(r, 'prompt_accuracy')} | {cell(r, 'in_batch_similarity')} "
+                     f"| {cell(r, 's_per_1000', 2)} |")
+    return "\n".join(lines)
+
+
+def student_overrides(latents: Path, run: str, iterations: int, extra: list[str] = (),
+                      guidance: float = GUIDANCE) -> list[str]:
+    """The benchmark's distillation settings for student ``run`` (a divergence or "adversarial"), then ``extra``."""
+    overrides = [f"data={latents}", "disc_resolutions=[4]", "disc_hidden=32", f"guidance={guidance}",
+                 f"distill.iterations={iterations}", "distill.batch_size=64", "distill.tau=5",
+                 "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_gamma=0",
+                 "distill.ema_beta=0.998", "distill.sigmas.schedule=scaled_linear",
+                 "distill.sigmas.index_range=[1, 999]", "distill.log_every=100"]
+    overrides += ["distill.fdistill_weight=0"] if run == "adversarial" else [f"distill.divergence={run}"]
+    return overrides + list(extra)
+
+
+def distill_student(run_dir: Path, teacher: Path, overrides: list[str]) -> float:
+    """Train one student into ``run_dir`` (skipped when it holds checkpoints); its seconds of training."""
+    cfg = images.load_config("digits", overrides)
+    if not (run_dir / "config.yaml").is_file():  # a run folder as `fdistill distill` writes (analyze-run reads it)
+        run_record.write(run_dir, "distill", cfg, teacher=str(teacher.resolve()), data=cfg.data)
+    if (run_dir / "checkpoints").is_dir():
+        return 0.0
+    t0 = time.perf_counter()
+    training_loop(distill.make_distiller(cfg, teacher), run_dir=run_dir, progress=False)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -189,8 +243,12 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-t2i-digits")
     p.add_argument("--evaluate-t2i", type=int, default=250, metavar="N",
                    help="then run fdistill evaluate-t2i on each model with N prompts x 4 images (0: skip)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="students per divergence (distill.seed 0..N-1, the teacher shared); rows give mean ± std")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="the teacher's CFG scale (sampled and distilled)")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out, t_start = Path(args.out), time.perf_counter()
 
     def say(text: str) -> None:
@@ -214,48 +272,46 @@ def main() -> None:
     with torch.no_grad():  # the floor any model in the VAE's latent space stands on
         rows["real digits through the VAE"] = score(sd.codec.decode(sd.codec.encode(real)),
                                                     torch.as_tensor(load_dataset("digits").labels), 0.0)
-    x, seconds = sample_teacher(teacher, prompts)
-    rows["teacher (35 NFE, CFG 2)"] = score(x, digits, seconds)
-    save_image_grid(to_digits(x[:100]), out / "teacher.png", nrow=10, scale=4, column_labels=list("0123456789"))
-    say(f"teacher: {rows['teacher (35 NFE, CFG 2)']}")
+    cfg_tag = "" if args.guidance == GUIDANCE else f"-cfg{args.guidance:g}"
+    x, seconds = sample_teacher(teacher, prompts, guidance=args.guidance)
+    teacher_row = f"teacher (35 NFE, CFG {args.guidance:g})"
+    rows[teacher_row] = score(x, digits, seconds, prompts)
+    save_image_grid(to_digits(x[:100]), out / f"teacher{cfg_tag}.png", nrow=10, scale=4,
+                    column_labels=list("0123456789"))
+    say(f"teacher: {rows[teacher_row]}")
     for run in args.runs.split(","):
-        run_dir = out / run
-        overrides = [f"data={latents}", "disc_resolutions=[4]", "disc_hidden=32", f"guidance={GUIDANCE}",
-                     f"distill.iterations={args.distill_iterations}", "distill.batch_size=64", "distill.tau=5",
-                     "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_gamma=0",
-                     "distill.ema_beta=0.998", "distill.sigmas.schedule=scaled_linear",
-                     "distill.sigmas.index_range=[1, 999]", "distill.log_every=100", *args.overrides]
-        overrides += ["distill.fdistill_weight=0"] if run == "adversarial" else [f"distill.divergence={run}"]
-        cfg = images.load_config("digits", overrides)
-        if not (run_dir / "config.yaml").is_file():  # a run folder as `fdistill distill` writes (analyze-run reads it)
-            run_record.write(run_dir, "distill", cfg, teacher=str(teacher.resolve()), data=cfg.data)
-        if not (run_dir / "checkpoints").is_dir():
-            t0 = time.perf_counter()
-            training_loop(distill.make_distiller(cfg, teacher), run_dir=run_dir, progress=False)
-            say(f"distilled {run} in {time.perf_counter() - t0:.0f} s")
-        x, seconds = sample_student(run_dir, prompts)
-        rows[f"{run} (1 NFE)"] = score(x, digits, seconds)
-        save_image_grid(to_digits(x[:100]), out / f"{run}.png", nrow=10, scale=4, column_labels=list("0123456789"))
-        say(f"{run}: {rows[f'{run} (1 NFE)']}")
+        seeds = []
+        for seed in range(args.seeds):
+            run_dir = out / f"{run}{cfg_tag}{f'-seed{seed}' if seed else ''}"
+            seconds = distill_student(run_dir, teacher, student_overrides(
+                latents, run, args.distill_iterations, [*args.overrides, f"distill.seed={seed}"], args.guidance))
+            if seconds:
+                say(f"distilled {run_dir.name} in {seconds:.0f} s")
+            x, seconds = sample_student(run_dir, prompts)
+            seeds.append(score(x, digits, seconds, prompts))
+            if seed == 0:
+                save_image_grid(to_digits(x[:100]), out / f"{run}{cfg_tag}.png", nrow=10, scale=4,
+                                column_labels=list("0123456789"))
+            say(f"{run_dir.name}: {seeds[-1]}")
+        rows[f"{run} (1 NFE)"] = seeds[0] if len(seeds) == 1 else {
+            k: (float(np.mean([r[k] for r in seeds])), float(np.std([r[k] for r in seeds], ddof=1)))
+            for k in seeds[0] if isinstance(seeds[0][k], float)}
 
     print(f"\ntext-to-image digits, {args.num} prompted samples per model, {args.distill_iterations} distillation "
-          f"iterations (batch 64), {torch.get_num_threads()} CPU threads\n")
-    print("| model | digits-FID | precision | recall | prompt accuracy | s / 1000 samples |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['prompt_accuracy']:.3f} "
-              f"| {r['s_per_1000']:.2f} |")
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+          f"iterations (batch 64), {args.seeds} seed(s) per student, {torch.get_num_threads()} CPU threads\n")
+    print(table(rows))
+    (out / f"results{cfg_tag}.json").write_text(json.dumps(rows, indent=1))
+    run_dirs = [f"{run}{cfg_tag}" for run in args.runs.split(",")]
     if args.evaluate_t2i:
-        evaluate_t2i_tables(out, args.runs.split(","), args.evaluate_t2i)
+        evaluate_t2i_tables(out, run_dirs, args.evaluate_t2i, args.guidance)
     from fdistill.apps.analyze_run import analyze_run
 
-    for run in args.runs.split(","):  # Fig. 6: h_bar against the teacher-fake score difference
+    for run in run_dirs:  # Fig. 6: h_bar against the teacher-fake score difference
         print(f"\n## fdistill analyze-run {out / run}\n{analyze_run(out / run)}", flush=True)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; grids and results.json in {out}")
 
 
-def evaluate_t2i_tables(out: Path, runs: list[str], n_prompts: int) -> None:
+def evaluate_t2i_tables(out: Path, runs: list[str], n_prompts: int, guidance: float = GUIDANCE) -> None:
     """``fdistill evaluate-t2i`` on every student and on the teacher (18 Heun steps, CFG 2), 4 images per
     prompt, with digits-FID and random stand-in CLIP and DINO networks (so their numbers only show that the
     pipeline runs: the output labels them as stand-ins)."""
@@ -275,10 +331,11 @@ def evaluate_t2i_tables(out: Path, runs: list[str], n_prompts: int) -> None:
     prompts.write_text("".join(f"{p}\n" for p in prompts_for(n_prompts, seed=2)[0]))
     common = ["--prompts", str(prompts), "--ref", "digits", "--clip", str(clip), "--dino", str(dino), "--group", "4",
               "--batch", "250", "--no-progress", "--device", "cpu"]
-    jobs = [(f"teacher (35 NFE, CFG {GUIDANCE:g})", runs[0], ["--teacher-steps", "18", "--guidance", f"{GUIDANCE}"])]
-    jobs += [(f"{run} (1 NFE)", run, []) for run in runs]
-    for name, run, extra in jobs:
-        folder = out / "evaluate-t2i" / name.split(" ")[0]
+    jobs = [(f"teacher (35 NFE, CFG {guidance:g})", runs[0], f"teacher-cfg{guidance:g}",
+             ["--teacher-steps", "18", "--guidance", f"{guidance}"])]
+    jobs += [(f"{run} (1 NFE)", run, run, []) for run in runs]
+    for name, run, folder, extra in jobs:
+        folder = out / "evaluate-t2i" / folder
         print(f"\n## fdistill evaluate-t2i: {name}", flush=True)
         if cli.main(["evaluate-t2i", "--checkpoint", str(out / run), "--out", str(folder), *common, *extra]) != 0:
             raise SystemExit(f"evaluate-t2i failed for {name}")
