@@ -1,7 +1,10 @@
 """Cost of Algorithm 1 with Stable Diffusion v1.5 and SDXL UNets as teacher, fake score and generator (random
-weights built from the architectures' configs, nothing downloaded).
+weights built from the architectures' configs, nothing downloaded); per-GPU weights and states for the
+flow-matching transformers SD3.5-Large, SD3.5-Medium and FLUX.1-dev (--memory --flow).
 
     python benchmarks/sd_cost.py --memory                  # per-GPU memory model, meta device, no network run
+    python benchmarks/sd_cost.py --memory --flow           # SD3.5 / FLUX weights + states, full FT vs shared-base LoRA
+    python benchmarks/sd_cost.py --memory --flow --lora-rank 128 --precomputed-embeddings
     python benchmarks/sd_cost.py --model sd15              # time every pass on this machine (CPU, fp32)
     python benchmarks/sd_cost.py --model sdxl --batch 1 --steps 2 --warmup 1
     python benchmarks/sd_cost.py --model sd15 --passes fwd # only some passes (fwd, fwd_bwd, mid_grad, mid)
@@ -22,6 +25,11 @@ activations saved for backward, measured by summing the distinct storages that
 ``torch.autograd.graph.saved_tensors_hooks`` sees in one forward on the meta device at the real resolution (at
 batch 1 and 2: per-sample slope and fixed intercept), with CUDA's bf16 autocast policy emulated on meta tensors;
 then the largest per-GPU batch that fits 80 GB and 141 GB GPUs under data parallel and FSDP (FULL_SHARD, 8 GPUs).
+
+Flow-matching transformers (--memory --flow): weights + optimizer states per GPU (activations not modelled) on 1 and
+8 GPUs for (a) full fine-tuning of generator and fake score under FSDP (the same bytes per parameter as the UNet
+model above) and (b) the shared-base LoRA mode (one frozen bf16 base, also the teacher, and two LoRA adapters on the
+attention projections, optimizer states only for adapters and the discriminator head); see FLOW_ASSUMPTIONS.
 """
 
 from __future__ import annotations
@@ -42,8 +50,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torch.utils.checkpoint  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 # UNet configs as on the Hugging Face hub (unet/config.json), fields left at diffusers' defaults omitted where the
@@ -538,6 +547,138 @@ MEMORY_ASSUMPTIONS = f"""Assumptions of the memory model:
   gradient-accumulation passes of m samples (m divides the per-GPU batch, as distill.micro_batch must)."""
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Flow-matching transformers (SD3.5, FLUX.1): weights and optimizer states per GPU
+
+
+# Transformer configs as on the Hugging Face hub (transformer/config.json), diffusers 0.42.1's argument names.
+# SD3.5-Large: stabilityai/stable-diffusion-3.5-large, 8,056,627,520 parameters. SD3.5-Medium:
+# stabilityai/stable-diffusion-3.5-medium (MMDiT-X: a second self-attention in blocks 0..12), 2,243,171,520.
+# FLUX.1-dev: black-forest-labs/FLUX.1-dev (19 double-stream, 38 single-stream blocks, guidance embedding),
+# 11,901,408,320.
+SD35_LARGE_DIT = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+    joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM_DIT = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+FLUX_DEV_DIT = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+# Frozen text encoders' parameter counts (the hub checkpoints' encoders): T5-XXL encoder (google/t5-v1_1-xxl,
+# encoder only), CLIP ViT-L/14 text model, OpenCLIP ViT-bigG/14 text model (with its text projection).
+TEXT_ENCODERS = {"T5-XXL": 4_762_310_656, "CLIP-L": 123_650_304, "CLIP-bigG": 694_659_840}
+
+# LoRA targets: the joint-attention projections of every block (image stream, context stream, SD3.5-Medium's
+# second attention); FLUX's single-stream blocks have to_q / to_k / to_v only (their output is proj_out).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+N_GPUS_FLOW = (1, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSpec:
+    name: str
+    cls: type
+    config: dict
+    text_encoders: tuple[str, ...]
+    expected_params: int
+
+    def build(self, device: str | torch.device = "meta") -> nn.Module:
+        with torch.device(device):
+            return self.cls(**self.config)
+
+
+FLOW_SPECS = {
+    "sd35l": FlowSpec("SD3.5-Large", SD3Transformer2DModel, SD35_LARGE_DIT, ("CLIP-L", "CLIP-bigG", "T5-XXL"),
+                      8_056_627_520),
+    "sd35m": FlowSpec("SD3.5-Medium", SD3Transformer2DModel, SD35_MEDIUM_DIT, ("CLIP-L", "CLIP-bigG", "T5-XXL"),
+                      2_243_171_520),
+    "flux": FlowSpec("FLUX.1-dev", FluxTransformer2DModel, FLUX_DEV_DIT, ("CLIP-L", "T5-XXL"), 11_901_408_320),
+}
+
+
+def dit_head(channels: int) -> nn.Sequential:
+    """NVlabs/FastGen's DiT discriminator head on the middle block's image tokens (reshaped to a C x H x W map):
+    4x4 conv stride 2 to C / 2, GroupNorm, LeakyReLU, 1x1 conv to one logit. fdistill/networks/heads.py has no
+    DiT head (its conv heads keep a UNet feature map's width), so only this one is counted here."""
+    if channels % 2:
+        raise ValueError(f"DiT head width must be even, got {channels}")
+    half = channels // 2
+    return nn.Sequential(nn.Conv2d(channels, half, 4, stride=2, padding=1), nn.GroupNorm(32, half),
+                         nn.LeakyReLU(0.2), nn.Conv2d(half, 1, 1))
+
+
+def lora_params(model: nn.Module, rank: int) -> tuple[int, int]:
+    """(parameters of one rank-`rank` LoRA adapter, number of adapted layers): A (r x in) + B (out x r) for every
+    nn.Linear among LORA_TARGETS inside the transformer blocks, shapes read off the model."""
+    if rank < 1:
+        raise ValueError(f"--lora-rank must be a positive integer, got {rank}")
+    total = layers = 0
+    for name, module in model.named_modules():
+        targeted = name.startswith(BLOCK_PREFIXES) and any(name.endswith("." + t) for t in LORA_TARGETS)
+        if targeted and isinstance(module, nn.Linear):
+            total += rank * (module.in_features + module.out_features)
+            layers += 1
+    return total, layers
+
+
+def flow_memory_report(rank: int, precomputed: bool) -> None:
+    GB = 1e9
+    rows = []
+    print("\n## Flow-matching transformers: weights + optimizer states per GPU (activations not modelled)\n")
+    print(f"| model | parameters P (meta) | known count | head H (DiT, C -> C/2) | LoRA rank {rank}: L per adapter "
+          "(layers) | text encoders T (frozen) |")
+    print("|---|---|---|---|---|---|")
+    for spec in FLOW_SPECS.values():
+        model = spec.build("meta")
+        n = sum(p.numel() for p in model.parameters())
+        with torch.device("meta"):
+            h = sum(p.numel() for p in dit_head(model.inner_dim).parameters())
+        lora, layers = lora_params(model, rank)
+        text = 0 if precomputed else sum(TEXT_ENCODERS[e] for e in spec.text_encoders)
+        check = "matches" if n == spec.expected_params else f"DOES NOT MATCH {spec.expected_params:,}"
+        enc = "precomputed: 0" if precomputed else f"{' + '.join(spec.text_encoders)} = {text:,}"
+        print(f"| {spec.name} | {n:,} | {check} | {h:,} (C = {model.inner_dim}) | {lora:,} ({layers}) | {enc} |")
+        # bytes: FSDP FULL_SHARD divides `sharded` by the GPU count; the frozen text encoders are replicated
+        full = 2 * n + 2 * (4 + 4 + 8) * n + 16 * h  # teacher bf16; gen + fake: fp32 master, fp32 grad, AdamW
+        shared = 2 * n + 2 * 16 * lora + 16 * h  # one frozen bf16 base; two adapters and the head: 16 B / param
+        rows += [(spec.name, "full FT (FSDP)", full, 2 * text),
+                 (spec.name, f"shared-base LoRA r{rank}", shared, 2 * text)]
+    print("\n| model | mode | GPUs | weights+states GB per GPU | fits 80 GB? | fits 141 GB? |")
+    print("|---|---|---|---|---|---|")
+    for name, mode, sharded, replicated in rows:
+        for gpus in N_GPUS_FLOW:
+            per_gpu = sharded / gpus + replicated
+            cells = []
+            for gb in GPUS_GB:
+                left = HEADROOM * gb * GB - per_gpu
+                cells.append(f"yes ({left / GB:.0f} GB left)" if left > 0 else f"no ({-left / GB:.0f} GB over)")
+            print(f"| {name} | {mode} | {gpus} | {per_gpu / GB:.1f} | " + " | ".join(cells) + " |")
+    print("\n" + FLOW_ASSUMPTIONS)
+
+
+FLOW_ASSUMPTIONS = f"""Assumptions (flow-matching transformers):
+- Activations are not modelled: "GB left" is what remains for activations, the all-gathered FSDP unit and
+  workspaces out of {HEADROOM:.0%} of the GPU (80 GB = 80e9 bytes, 141 GB = 141e9 bytes; 1 GB = 1e9 bytes).
+- P: the transformer's parameters, built from the hub config on the meta device. H: the discriminator head,
+  NVlabs/FastGen's DiT head on the middle block's image tokens (Conv2d(C, C/2, 4, stride 2, padding 1),
+  GroupNorm, LeakyReLU, Conv2d(C/2, 1, 1); C = heads x head dim), trained: fp32 weight, grad, AdamW = 16 B / param.
+- (a) full fine-tuning, as in the UNet model: teacher frozen bf16 (2 x P); generator and fake score fp32 masters
+  (8 x P), fp32 gradients (8 x P), AdamW exp_avg + exp_avg_sq (16 x P); 34 x P + 16 x H, all FSDP FULL_SHARD
+  sharded (1 GPU: nothing sharded). No EMA copy of the generator (it would add 4 x P / GPUs).
+- (b) shared-base LoRA: one frozen bf16 base (2 x P), which is also the teacher; generator and fake score are two
+  LoRA adapters on it (A: r x in, B: out x r, fp32 weight + grad + AdamW = 16 B / param each, L per adapter) on
+  to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out of every block (as present);
+  2 x P + 32 x L + 16 x H, sharded like (a).
+- Text encoders (frozen, bf16, 2 B / param, replicated on every GPU, not sharded): T5-XXL encoder 4,762,310,656,
+  CLIP-L text 123,650,304, CLIP-bigG text 694,659,840 (SD3.5: all three; FLUX.1: CLIP-L + T5-XXL); 0 with
+  --precomputed-embeddings. The VAE (latents precomputed or decoded elsewhere) is not counted."""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(SPECS), help="time this model's passes (with --memory: only this model)")
@@ -548,6 +689,11 @@ def main() -> None:
     p.add_argument("--passes", help=f"comma-separated subset of {','.join(PASSES)} (default: all)")
     p.add_argument("--checkpointing-variants", choices=["both", "off", "on"], default="both",
                    help="gradient checkpointing for the passes with grad: both (default), off or on")
+    p.add_argument("--flow", action="store_true",
+                   help="with --memory: SD3.5-Large / -Medium and FLUX.1-dev weights + states instead of the UNets")
+    p.add_argument("--lora-rank", type=int, default=64, help="with --memory --flow: LoRA rank (default 64)")
+    p.add_argument("--precomputed-embeddings", action="store_true",
+                   help="with --memory --flow: text embeddings precomputed (text encoders not counted)")
     p.add_argument("--tiny", action="store_true", help="tiny configs with the same code path (validation)")
     p.add_argument("--mem-limit-gb", type=float, default=0.0,
                    help="data-segment limit (RLIMIT_DATA) per pass, GiB (default: 90%% of MemAvailable)")
@@ -563,6 +709,13 @@ def main() -> None:
             resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
         res = run_pass(specs[args.model], args.pass_name, args.checkpointing, args.batch, args.warmup, args.steps)
         print("RESULT " + json.dumps(res), flush=True)
+        return
+    if args.lora_rank < 1:
+        p.error(f"--lora-rank must be a positive integer, got {args.lora_rank}")
+    if args.flow and not args.memory:
+        p.error("--flow goes with --memory (the transformers are only sized, not timed)")
+    if args.memory and args.flow:
+        flow_memory_report(args.lora_rank, args.precomputed_embeddings)
         return
     if args.memory:
         for key in [args.model] if args.model else list(specs):

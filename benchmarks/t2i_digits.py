@@ -51,6 +51,7 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 PHRASES = ["a handwritten {w}", "the digit {d}", "a drawing of the number {w}", "{w}", "a {w} written by hand"]
 RUNS = "reverse_kl,js,forward_kl,adversarial"
 GUIDANCE = 2.0
+SIGMA_T500 = 1.61828  # sigma at timestep 500 of Stable Diffusion's scaled_linear schedule
 
 
 def prompt(digit: int, rng: np.random.Generator) -> str:
@@ -211,9 +212,13 @@ def table(rows: dict[str, dict]) -> str:
 def student_overrides(latents: Path, run: str, iterations: int, extra: list[str] = (),
                       guidance: float = GUIDANCE) -> list[str]:
     """The benchmark's distillation settings for student ``run`` (a divergence or "adversarial"), then ``extra``."""
+    # The generator at t = 500 (sigma 1.62; its input still unit-variance noise), generator lr 5e-5 and w_GAN 0.2:
+    # the winners of benchmarks/t2i_ablations.py's screen (docs/text-to-image.md), against t = 999, lr 2e-4 and
+    # w_GAN 0.05 before.
     overrides = [f"data={latents}", "disc_resolutions=[4]", "disc_hidden=32", f"guidance={guidance}",
                  f"distill.iterations={iterations}", "distill.batch_size=64", "distill.tau=5",
-                 "distill.lr=2e-4", "distill.gan_weight=0.05", "distill.r1_gamma=0",
+                 f"distill.generator_sigma={SIGMA_T500}", "distill.lr=5e-5", "distill.lr_critic=2e-4",
+                 "distill.gan_weight=0.2", "distill.r1_gamma=0",
                  "distill.ema_beta=0.998", "distill.sigmas.schedule=scaled_linear",
                  "distill.sigmas.index_range=[1, 999]", "distill.log_every=100"]
     overrides += ["distill.fdistill_weight=0"] if run == "adversarial" else [f"distill.divergence={run}"]
@@ -238,7 +243,7 @@ def main() -> None:
     p.add_argument("--runs", default=RUNS)
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--teacher-iterations", type=int, default=5000)
-    p.add_argument("--distill-iterations", type=int, default=2500)
+    p.add_argument("--distill-iterations", type=int, default=1000)
     p.add_argument("--num", type=int, default=2000, help="samples per model for the metrics")
     p.add_argument("--out", default="runs/bench-t2i-digits")
     p.add_argument("--evaluate-t2i", type=int, default=250, metavar="N",

@@ -134,3 +134,14 @@ def test_bad_folders_name_the_missing_file(sd15_folder, tmp_path):
     (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
     with pytest.raises(ValueError, match="holds a KandinskyPipeline"):
         load_stable_diffusion(broken)
+
+
+def test_export_refuses_a_student_below_the_top_sigma(sd15_folder, tmp_path):
+    """The one-step DDIM export evaluates the top timestep: a student trained at another sigma is refused in one
+    line, not written as a pipeline that would sample it at the wrong noise level."""
+    from fdistill.teachers.open import open_teacher
+
+    teacher = open_teacher(sd15_folder)
+    with pytest.raises(ValueError, match="generator_sigma"):
+        teacher.export(teacher.denoiser, tmp_path / "out", sigma_gen=1.61828)
+    assert not (tmp_path / "out").exists()

@@ -306,8 +306,8 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from fdistill.apps.distill import load_generator
 
-    generator, _, teacher = load_generator(args.checkpoint)
-    print(teacher.export(generator, args.diffusers))
+    generator, sigma_gen, teacher = load_generator(args.checkpoint)
+    print(teacher.export(generator, args.diffusers, sigma_gen))
 
 
 def _prepare_latents(args: argparse.Namespace) -> None:

@@ -44,7 +44,7 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
 
 def make_distiller(cfg, teacher_path: str | Path, dataset=None, device: str | torch.device = "cpu") -> Distiller:
     """``build_distiller`` for the teacher at ``teacher_path`` (a file, run folder, .pkl or diffusers folder)."""
-    return build_distiller(cfg, open_teacher(teacher_path, cfg.text.resolution), dataset, device)
+    return build_distiller(cfg, open_teacher(teacher_path, cfg.text.resolution, cfg.text), dataset, device)
 
 
 def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True

@@ -15,13 +15,13 @@ from tqdm.auto import tqdm
 
 from fdistill.apps.distill import load_generator, sample_maker
 from fdistill.data.captions import open_captions
+from fdistill.data.conditions import TextConfig
 from fdistill.data.datasets import to_float, to_uint8
 from fdistill.data.latent_shards import LatentShardWriter
 from fdistill.data.writers import encode_png
 from fdistill.io import write_bytes, write_text
 from fdistill.teachers.base import Teacher
-from fdistill.teachers.open import teacher_from_info
-from fdistill.teachers.stable_diffusion import load_stable_diffusion
+from fdistill.teachers.open import open_teacher, teacher_from_info
 from fdistill.training import checkpoint
 
 
@@ -64,20 +64,27 @@ def write_pngs(images: Tensor, prompts: list[str], out: str | Path, seed: int) -
 
 def prepare_latents(teacher_folder: str | Path, source: str | Path, out: str | Path, resolution: int | None = None,
                     batch_size: int = 16, shard_size: int = 1024, device: str | torch.device = "cpu",
-                    on_error: str = "skip", progress: bool = True) -> Path:
+                    on_error: str = "skip", progress: bool = True, text: TextConfig | None = None) -> Path:
     """Encode a captioned dataset once into latent shards (VAE latents and text embeddings), resumable: samples
-    already in ``out``'s index are skipped. Training reads the folder as its data (SDXL recipes do)."""
+    already in ``out``'s index are skipped. Training reads the folder as its data (SDXL recipes do). Any
+    text-to-image teacher folder (SD1.5, SDXL, SD3, FLUX.1) encodes with its own VAE and text encoders; ``text``
+    (a run's ``TextConfig``) sets a flow teacher's T5 length, which training must then use too."""
     device = torch.device(device)
-    sd = load_stable_diffusion(teacher_folder, resolution).to(device)
-    data = open_captions(source, resolution=sd.kwargs["resolution"], on_error=on_error.replace("error", "raise"))
+    teacher = open_teacher(teacher_folder, resolution, text)
+    if not teacher.text_to_image:
+        raise ValueError(f"prepare-latents needs a text-to-image pipeline folder (Stable Diffusion v1.5 / XL, SD3, "
+                         f"FLUX.1), but {teacher_folder} is an image denoiser")
+    codec, encoder = teacher.codec.to(device), teacher.text.to(device)  # the denoiser stays where it was loaded
+    data = open_captions(source, resolution=teacher.info["network"]["resolution"],
+                         on_error=on_error.replace("error", "raise"))
     writer = LatentShardWriter(out, shard_size=shard_size, source=str(source))
     bar = tqdm(total=len(data), initial=writer.written, desc="prepare-latents", disable=not progress)
     batch = []
 
     def encode() -> None:
         images = to_float(np.stack([b[0] for b in batch]))
-        latents = sd.codec.encode(images.to(device)).cpu()
-        cond = sd.text([b[1] for b in batch]).to("cpu")
+        latents = codec.encode(images.to(device)).cpu()
+        cond = encoder([b[1] for b in batch]).to("cpu")
         writer.add_batch([b[2] for b in batch], latents, cond.tensors(), [b[1] for b in batch])
         bar.update(len(batch))
         batch.clear()

@@ -72,6 +72,15 @@ def vp_sigmas(num_levels: int = 1000, beta_start: float = 0.00085, beta_end: flo
     return ((1 - abar) / abar).sqrt()
 
 
+def flow_sigmas(num_levels: int = 1000, t_min: float = 0.001, t_max: float = 0.999, shift: float = 1.0) -> Tensor:
+    """Noise levels of a rectified-flow teacher (x_t = (1 - t) x0 + t eps), ascending, float64: t on the uniform
+    grid t_min..t_max of ``num_levels`` points (NVlabs/FastGen draws t in [0.001, 0.999]) mapped to EDM's
+    sigma = shift t / (1 - t) (since x_t / (1 - t) = x0 + t / (1 - t) eps; a static shift s, SD3's 3, scales
+    sigma by s, the same as diffusers' t -> s t / (1 + (s - 1) t))."""
+    t = torch.linspace(t_min, t_max, num_levels, dtype=torch.float64)
+    return shift * t / (1 - t)
+
+
 MAX_LEVELS = 100_000  # the most noise levels a grid may have (DDPM teachers use 1000)
 
 
@@ -84,7 +93,10 @@ class SigmaSampler:
     down (index 0 = sigma_max). The default [1, 997] of 1000 levels over [0.002, 80] with rho = 7 is FastGen's
     [2, 998] on its ascending grid (79.56 down to 0.00214; median sigma about 2.5); ``scaled_linear`` or
     ``linear`` are the timesteps of a DDPM teacher's own schedule (``beta_start``, ``beta_end``), so
-    t is uniform over its timesteps as FastGen and DMD2 draw them for Stable Diffusion.
+    t is uniform over its timesteps as FastGen and DMD2 draw them for Stable Diffusion; ``flow`` is for
+    rectified-flow teachers (SD3, FLUX.1): t uniform on a grid over [``t_min``, ``t_max``], sigma =
+    ``shift`` t / (1 - t) (``flow_sigmas``), ascending like the DDPM grids (index_range [0, 999] of 1000 levels
+    is FastGen's t in [0.001, 0.999]).
     """
 
     sigma_min: float = 0.002
@@ -95,17 +107,25 @@ class SigmaSampler:
     schedule: str = "karras"
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    t_min: float = 0.001
+    t_max: float = 0.999
+    shift: float = 1.0
 
     def __post_init__(self) -> None:
         from fdistill import checks
 
-        checks.choice("schedule", self.schedule, ("karras", "scaled_linear", "linear"))
+        checks.choice("schedule", self.schedule, ("karras", "scaled_linear", "linear", "flow"))
         checks.integer("num_levels", self.num_levels, 2, MAX_LEVELS)
         if self.schedule == "karras":
             checks.number("sigma_min", self.sigma_min, 0, low_open=True)
             checks.number("sigma_max", self.sigma_max, 0, low_open=True)
             checks.number("rho", self.rho, 0, low_open=True)
             checks.below("sigma_min", self.sigma_min, "sigma_max", self.sigma_max)
+        elif self.schedule == "flow":
+            checks.number("t_min", self.t_min, 0, 1, low_open=True, high_open=True)
+            checks.number("t_max", self.t_max, 0, 1, low_open=True, high_open=True)
+            checks.below("t_min", self.t_min, "t_max", self.t_max)
+            checks.number("shift", self.shift, 0, low_open=True)
         else:
             checks.number("beta_start", self.beta_start, 0, 1, low_open=True, high_open=True)
             checks.number("beta_end", self.beta_end, 0, 1, low_open=True, high_open=True)
@@ -117,6 +137,8 @@ class SigmaSampler:
             raise ValueError(f"index_range {self.index_range} must lie in [0, {self.num_levels - 1}]")
         if self.schedule == "karras":
             self.grid = karras_sigmas(self.num_levels, self.sigma_min, self.sigma_max, self.rho).float()
+        elif self.schedule == "flow":
+            self.grid = flow_sigmas(self.num_levels, self.t_min, self.t_max, self.shift).float()
         else:
             self.grid = vp_sigmas(self.num_levels, self.beta_start, self.beta_end, self.schedule).float()
 

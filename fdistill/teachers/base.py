@@ -3,9 +3,11 @@ everything downstream (the distiller, sampling, export, evaluation) dispatches o
 
 A family is one adapter module holding a ``Teacher`` subclass: how to open its files (``open``), how a
 checkpoint's record rebuilds it (``from_info``), which real data it trains on (``open_data``), how its students
-are prepared (``prepare_students``) and reloaded (``load_student``). The families: ``teachers.image_teacher``
-(EDM-style image networks: fdistill's own teachers, NVlabs/edm .pkl snapshots, diffusers pixel UNets) and
-``teachers.stable_diffusion`` (Stable Diffusion v1.5 / SDXL pipelines, latent and text-conditional).
+are prepared (``prepare_students``), reloaded (``load_student``) and exported (``export``). The families:
+``teachers.image_teacher`` (EDM-style image networks: fdistill's own teachers, NVlabs/edm .pkl snapshots,
+diffusers pixel UNets), ``teachers.stable_diffusion`` (Stable Diffusion v1.5 / SDXL pipelines, latent and
+text-conditional UNets on the VP schedule) and ``teachers.flow_matching`` (SD3 / SD3.5 and FLUX.1 dev / schnell
+pipelines: rectified-flow transformers, D = x_t - t v). ``teachers.open`` picks the family.
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ class Teacher:
     def prepare_students(self, students: list[nn.Module], cfg) -> None:
         """Make the deep copies of the denoiser (generator, fake score) trainable as ``cfg`` says."""
 
-    def export(self, generator: nn.Module, out) -> str:
-        """Write the one-step ``generator`` as another library's model folder; returns the line to print."""
-        raise ValueError(f"{self.source} is not a text-to-image run: --diffusers exports Stable Diffusion students")
+    def export(self, generator: nn.Module, out, sigma_gen: float | None = None) -> str:
+        """Write the one-step ``generator`` (evaluated at ``sigma_gen``, default its sigma_max) as another
+        library's model folder; returns the line to print."""
+        raise ValueError(f"{self.source} is not a text-to-image run: --diffusers exports Stable Diffusion, SD3 and "
+                         "FLUX.1 students")
 
     def student_info(self, cfg) -> dict:
         """What a checkpoint records about the students beyond ``info`` (e.g. their LoRA rank)."""

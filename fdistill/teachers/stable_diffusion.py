@@ -375,6 +375,8 @@ class StableDiffusionTeacher(Teacher):
     "network": the pipeline's record (folder, family, resolution, UNet and scheduler configs)}."""
 
     kind = "stable_diffusion"
+    backbone = "unet"  # the denoiser's diffusers model: where LoRA and gradient checkpointing go
+    lora = staticmethod(add_lora)
 
     @classmethod
     def open(cls, folder: str | Path, resolution: int | None = None) -> StableDiffusionTeacher:
@@ -417,14 +419,19 @@ class StableDiffusionTeacher(Teacher):
     def prepare_students(self, students: list[nn.Module], cfg) -> None:
         for m in students:
             if cfg.text.lora_rank:
-                add_lora(m, cfg.text.lora_rank)
+                self.lora(m, cfg.text.lora_rank)
             if cfg.text.gradient_checkpointing:
-                m.unet.enable_gradient_checkpointing()
+                getattr(m, self.backbone).enable_gradient_checkpointing()
 
     def student_info(self, cfg) -> dict:
         return {"lora_rank": cfg.text.lora_rank}
 
-    def export(self, generator: nn.Module, out) -> str:
+    def export(self, generator: nn.Module, out, sigma_gen: float | None = None) -> str:
+        top = float(generator.sigma_max)
+        if sigma_gen is not None and abs(sigma_gen - top) > 1e-4 * top:
+            raise ValueError(f"this student was trained at sigma {sigma_gen:.4g} (distill.generator_sigma), but the "
+                             f"exported one-step DDIM scheduler evaluates it at the top timestep (sigma {top:.4g}); "
+                             "export supports students at the schedule's largest sigma only")
         out = export_pipeline(generator, self.info["network"]["folder"], out)
         family = "StableDiffusionXLPipeline" if self.info["network"]["family"] == "sdxl" else "StableDiffusionPipeline"
         return (f"wrote {out}: {family}.from_pretrained('{out}')(prompt, num_inference_steps=1, guidance_scale=0) "
@@ -434,9 +441,9 @@ class StableDiffusionTeacher(Teacher):
         """The generator from its weights; LoRA adapters are folded into the base weights (a plain UNet again)."""
         net = self.student_network()
         if info.get("lora_rank"):
-            add_lora(net, info["lora_rank"])
+            self.lora(net, info["lora_rank"])
         net.load_state_dict(weights)
         if info.get("lora_rank"):
-            net.unet.fuse_lora()
-            net.unet.unload_lora()
+            getattr(net, self.backbone).fuse_lora()
+            getattr(net, self.backbone).unload_lora()
         return net

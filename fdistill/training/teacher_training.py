@@ -1,5 +1,6 @@
-"""Training a teacher with the EDM loss (Karras et al. 2022, Eq. 2 with Table 1), or DDPM's uniform-timestep
-loss for a VP teacher, with condition dropout for classifier-free guidance; run by
+"""Training a teacher with the EDM loss (Karras et al. 2022, Eq. 2 with Table 1), DDPM's uniform-timestep
+loss for a VP teacher, or the rectified-flow velocity loss (Liu et al. 2023; Esser et al. 2024) for a
+flow-matching teacher in EDM form, with condition dropout for classifier-free guidance; run by
 ``fdistill.training.loop.training_loop`` like the distiller."""
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from fdistill.data.conditions import TextCondition
 from fdistill.training import checkpoint
 from fdistill.training.ema import ema_update
 
+NOISE = ("edm", "timesteps", "flow")
+FLOW_T = ("uniform", "logit_normal")
+
 
 @dataclass
 class TeacherConfig:
-    """EDM training of a teacher (EDM Eq. 2, Table 1), with label dropout for classifier-free guidance.
+    """EDM training of a teacher (EDM Eq. 2, Table 1), DDPM's (``noise="timesteps"``) or rectified flow's
+    (``noise="flow"``, ``flow_matching_loss``), with label dropout for classifier-free guidance.
     Fields made by ``fdistill.config.resumable`` are the ones ``--resume`` may change."""
 
     precond: str = "EDMPrecond"  # EDMPrecond | VPPrecond | VEPrecond
@@ -33,8 +38,12 @@ class TeacherConfig:
     ema_beta: float = 0.999
     label_dropout: float = 0.1  # probability of the null condition (label or prompt), for CFG
     noise: str = "edm"  # sigma ~ EDM's log-normal (P_mean, P_std), or "timesteps": uniform over a VP teacher's own
+    # grid, or "flow": rectified-flow time t ~ flow_t on [t_min, t_max], sigma = t / (1 - t), velocity MSE
     P_mean: float = -1.2
     P_std: float = 1.2
+    flow_t: str = "uniform"  # uniform | logit_normal (t = sigmoid(n), n ~ N(0, 1), as SD3 trains; clamped)
+    t_min: float = 0.001  # NVlabs/FastGen's range of t for rectified-flow teachers
+    t_max: float = 0.999
     seed: int = 0
     log_every: int = resumable(50)  # iterations between log lines
     checkpoint_every: int = resumable(0)  # iterations between checkpoints; 0 = only at the end
@@ -55,9 +64,36 @@ class TeacherConfig:
         checks.number("lr", self.lr, 0, low_open=True)
         checks.number("ema_beta", self.ema_beta, 0, 1, high_open=True)
         checks.number("label_dropout", self.label_dropout, 0, 1, high_open=True)
-        checks.choice("noise", self.noise, ("edm", "timesteps"))
+        checks.choice("noise", self.noise, NOISE)
         checks.number("P_mean", self.P_mean)
         checks.number("P_std", self.P_std, 0, low_open=True)
+        checks.choice("flow_t", self.flow_t, FLOW_T)
+        checks.number("t_min", self.t_min, 0, 1, low_open=True, high_open=True)
+        checks.number("t_max", self.t_max, self.t_min, 1, high_open=True)
+
+
+def flow_times(n: int, kind: str, t_min: float, t_max: float, device=None) -> Tensor:
+    """Rectified-flow times for training: uniform on [t_min, t_max], or logit-normal(0, 1) (SD3's
+    ``logit_normal`` sampling, Esser et al. 2024 Sec. 3.1: t = sigmoid(n), n ~ N(0, 1)) clamped to the range."""
+    if kind == "uniform":
+        return t_min + (t_max - t_min) * torch.rand(n, device=device)
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, device=device)).clamp(t_min, t_max)
+    raise ValueError(f"flow_t must be one of {FLOW_T}, got {kind!r}")
+
+
+def flow_matching_loss(net, x0: Tensor, t: Tensor, cond=None, noise: Tensor | None = None) -> Tensor:
+    """The rectified-flow loss ||v_pred - (eps - x0)||^2 (mean over elements) of an EDM-form denoiser D.
+
+    With x = x0 + sigma eps, sigma = t / (1 - t): x_t = x / (1 + sigma) = (1 - t) x0 + t eps, and the velocity
+    read off D is v = (x_t - D(x; sigma)) / t (D = x_t - t v, ``teachers.flow_matching``), the target
+    eps - x0 = (x_t - x0) / t. So v - (eps - x0) = (x0 - D) / t and the loss is
+    ((1 + sigma) / sigma)^2 ||D(x; sigma) - x0||^2, i.e. 1 / t^2 times the x0-MSE."""
+    eps = torch.randn_like(x0) if noise is None else noise
+    sigma = (t / (1 - t)).to(x0.dtype)
+    s = sigma.reshape(-1, *[1] * (x0.ndim - 1))
+    err = (net(x0 + s * eps, sigma, cond).float() - x0).square()
+    return (err * ((1 + s) / s) ** 2).mean()
 
 
 def drop_labels(cond, p: float, null=None):
@@ -80,8 +116,8 @@ class TeacherTrainer:
 
     def __init__(self, cfg: TeacherConfig, net: nn.Module, real_data: Callable[[int], tuple[Tensor, Tensor | None]],
                  device: str | torch.device = "cpu") -> None:
-        if cfg.noise not in ("edm", "timesteps"):
-            raise ValueError(f"teacher.noise must be 'edm' or 'timesteps', got {cfg.noise!r}")
+        if cfg.noise not in NOISE:
+            raise ValueError(f"teacher.noise must be one of {NOISE}, got {cfg.noise!r}")
         self.cfg, self.real_data, self.device = cfg, real_data, torch.device(device)
         self.net = net.to(self.device).train()
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
@@ -99,6 +135,8 @@ class TeacherTrainer:
                            self.net.null_condition)
         if cfg.noise == "edm":
             loss = edm_loss(self.net, x, cond, cfg.P_mean, cfg.P_std, self.sigma_data)
+        elif cfg.noise == "flow":
+            loss = flow_matching_loss(self.net, x, flow_times(len(x), cfg.flow_t, cfg.t_min, cfg.t_max, x.device), cond)
         else:  # DDPM's training: t uniform over the schedule; eps-MSE for an eps-prediction UNet (weight ~ 1/sigma^2)
             grid = self.net.log_sigmas.exp()
             sigma = grid[torch.randint(len(grid), (len(x),), device=grid.device)].to(x)
