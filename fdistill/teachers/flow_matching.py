@@ -50,7 +50,13 @@ from fdistill.io import read_json_object, temp_name
 from fdistill.networks.attention import twice_differentiable
 from fdistill.networks.taps import FeatureTaps
 from fdistill.teachers.diffusers_unet import _StopForward
-from fdistill.teachers.stable_diffusion import StableDiffusionTeacher, _modules, _quiet, copy_regular_files
+from fdistill.teachers.stable_diffusion import (
+    StableDiffusion,
+    StableDiffusionTeacher,
+    _modules,
+    _quiet,
+    copy_regular_files,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call fails fast instead of hanging
 
@@ -310,18 +316,9 @@ class FlowLatentCodec(nn.Module):
             return self.vae.decode(z).sample.clamp(-1, 1)
 
 
-class FlowPipeline(nn.Module):
-    """A loaded SD3 / FLUX folder: ``denoiser``, ``text``, ``codec``; ``kwargs`` is its JSON record."""
-
-    def __init__(self, denoiser: FlowTransformerDenoiser, text: FlowTextEncoder, codec: FlowLatentCodec,
-                 kwargs: dict) -> None:
-        super().__init__()
-        self.denoiser, self.text, self.codec, self.kwargs = denoiser, text, codec, kwargs
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        r = self.kwargs["resolution"] // self.codec.downsample
-        return (self.codec.channels, r, r)
+class FlowPipeline(StableDiffusion):
+    """A loaded SD3 / FLUX folder: ``denoiser`` (FlowTransformerDenoiser), ``text`` (FlowTextEncoder), ``codec``
+    (FlowLatentCodec); ``kwargs`` is its JSON record. The same container as Stable Diffusion's."""
 
 
 def _check_layout(folder: Path, family: str) -> None:
