@@ -80,3 +80,16 @@ def flux(folder, seed: int = 0, guidance_embeds: bool = True):
 
 
 __all__ = ["VOCAB", "flux", "sd3", "t5_tokenizer"]
+
+
+def latent_shards(folder, sd, n=6):
+    """``n`` random latents with encoded captions as fdistill's latent shards (what prepare-latents writes)."""
+    from fdistill.data.latent_shards import LatentShardWriter
+
+    captions = [f"a shape number {i}" for i in range(n)]
+    cond = sd.text(captions)
+    g = torch.Generator().manual_seed(0)
+    with LatentShardWriter(folder, shard_size=4) as w:
+        w.add_batch([f"s{i}" for i in range(n)], torch.randn(n, *sd.latent_shape, generator=g), cond.tensors(),
+                    captions)
+    return folder

@@ -212,24 +212,12 @@ def test_bad_folders_name_the_missing_file(folders, tmp_path):
         fm.load_flow_pipeline(folders["sd3"], 16, guidance=3.5)
 
 
-def _latent_shards(folder, sd, n=6):
-    from fdistill.data.latent_shards import LatentShardWriter
-
-    captions = [f"a shape number {i}" for i in range(n)]
-    cond = sd.text(captions)
-    g = torch.Generator().manual_seed(0)
-    with LatentShardWriter(folder, shard_size=4) as w:
-        w.add_batch([f"s{i}" for i in range(n)], torch.randn(n, *sd.latent_shape, generator=g), cond.tensors(),
-                    captions)
-    return folder
-
-
 def test_short_distillation_of_sd3_changes_the_generator_and_reloads(folders, tmp_path):
     from fdistill.apps import distill, images
     from fdistill.training.loop import training_loop
 
     sd = fm.load_flow_pipeline(folders["sd3"], 16)  # the pipeline's own 256 T5 tokens, as open_teacher loads it
-    data = _latent_shards(tmp_path / "latents", sd)
+    data = flow_pipelines.latent_shards(tmp_path / "latents", sd)
     cfg = images.load_config("digits", [
         f"data={data}", "disc_resolutions=[mid]", "disc_hidden=8", "guidance=2.0", "distill.batch_size=4",
         "distill.tau=2", "distill.log_every=1", "distill.r1_form=approx", "distill.iterations=3",

@@ -25,16 +25,21 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
     """Alg. 1 for ``teacher`` (``cfg``: an ImageConfig): generator and fake score are copies of its denoiser
     (the generator evaluated once at sigma_max, ``core.diffusion.one_step``), prepared as the family says; the
     teacher is guided at ``cfg.guidance`` (App. D.5); the discriminator is conv heads on the frozen teacher's
-    features at ``cfg.disc_resolutions`` (App. B). ``dataset`` replaces ``cfg.data`` (an opened ImageDataset)."""
+    features at ``cfg.disc_resolutions`` (App. B); with ``cfg.text.shared_base`` the three are views of one network
+(``networks.shared_base``). ``dataset`` replaces ``cfg.data`` (an opened ImageDataset)."""
     device = torch.device(device)
     teacher.to(device)
     net = teacher.denoiser
     taps = resolve_taps(cfg.disc_resolutions, net.encoder_resolutions, f"teacher {teacher.source}")
     data = teacher.open_data(cfg, device, dataset)
     torch.manual_seed(cfg.distill.seed)
-    students = [copy.deepcopy(net).train().requires_grad_(True) for _ in range(2)]  # generator, fake score
-    teacher.prepare_students(students, cfg)
-    net.feature_resolutions = taps  # on the teacher only: the students' own taps are never read
+    if cfg.text.shared_base:  # generator and fake score: adapters on the teacher's own weights
+        net.feature_resolutions = taps
+        net, students = teacher.shared_students(cfg)
+    else:
+        students = [copy.deepcopy(net).train().requires_grad_(True) for _ in range(2)]  # generator, fake score
+        teacher.prepare_students(students, cfg)
+        net.feature_resolutions = taps  # on the teacher only: the students' own taps are never read
     disc = Discriminator.conv(net.feature_channels(), cfg.disc_hidden, cfg.disc_head)
     d = Distiller(cfg.distill, GuidedDenoiser(net, cfg.guidance), *students, disc, real_data=data,
                   sample_shape=teacher.sample_shape, sample_cond=data.sample_cond, device=device)

@@ -60,6 +60,9 @@ class TextConfig:
     gradient_checkpointing: bool = False  # recompute the generator's and fake score's activations in backward
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) on generator and fake score, not all weights
     decode_threads: int = 0  # threads decoding each minibatch's images (0: in the training thread)
+    # with lora_rank: generator and fake score are two LoRA adapters on one frozen base that is also the teacher
+    # (one copy of the weights instead of three; fdistill.networks.shared_base)
+    shared_base: bool = False
     # flow-matching teachers (SD3, FLUX.1) only:
     max_sequence_length: int | None = None  # T5 tokens; None: the pipeline's (SD3 256, FLUX 512)
     flux_guidance: float = 3.5  # FLUX.1-dev's embedded guidance of teacher, generator, fake score (not schnell)
@@ -76,6 +79,14 @@ class TextConfig:
         if not (isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g > 0):
             raise ValueError(f"text.flux_guidance must be a positive number (FLUX.1-dev's embedded guidance, "
                              f"3.5 by default), got {g!r:.40}")
+        if not isinstance(self.shared_base, bool):
+            raise ValueError(f"text.shared_base must be true or false, got {self.shared_base!r:.40}")
+        if self.shared_base and not self.lora_rank:
+            raise ValueError("text.shared_base needs text.lora_rank > 0: the generator and fake score are LoRA "
+                             "adapters on the teacher's weights")
+        if self.shared_base and self.gradient_checkpointing:
+            raise ValueError("text.shared_base cannot be combined with text.gradient_checkpointing: a pass recomputed "
+                             "in backward would run with another role's adapter switched on")
         tap = self.tap_block
         if tap is not None and not (isinstance(tap, int) and not isinstance(tap, bool) and tap >= 0):
             raise ValueError(f"text.tap_block must be null (the middle block) or a block index >= 0, got {tap!r:.40}")

@@ -88,6 +88,11 @@ class Teacher:
         raise ValueError(f"{self.source} is not a text-to-image run: --diffusers exports Stable Diffusion, SD3 and "
                          "FLUX.1 students")
 
+    def shared_students(self, cfg) -> tuple[nn.Module, list[nn.Module]]:
+        """``text.shared_base``: (the teacher's network, [generator, fake score]) sharing one copy of weights."""
+        raise ValueError(f"text.shared_base needs a Stable Diffusion, SD3 or FLUX.1 teacher (LoRA on its diffusers "
+                         f"network), not {self.source}")
+
     def student_info(self, cfg) -> dict:
         """What a checkpoint records about the students beyond ``info`` (e.g. their LoRA rank)."""
         return {}

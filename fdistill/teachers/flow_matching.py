@@ -469,16 +469,16 @@ def pipeline_call(kwargs: dict, folder: str | Path) -> str:
     return f"{name}.from_pretrained('{folder}')({', '.join(args)})"
 
 
-def add_lora(net: FlowTransformerDenoiser, rank: int) -> None:
+def add_lora(net: FlowTransformerDenoiser, rank: int, name: str = "default") -> None:
     """LoRA adapters (Hu et al. 2022) of ``rank`` on the transformer's attention projections (image and text
-    streams), through peft; only they are trained."""
+    streams), through peft; only they are trained. ``name``: the peft adapter's."""
     try:
         from peft import LoraConfig
     except ImportError:
         raise ImportError("text.lora_rank needs the peft package: pip install peft") from None
     net.transformer.requires_grad_(False)
     net.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS))
+                                           target_modules=LORA_TARGETS), adapter_name=name)
 
 
 def text_options(folder: str | Path, text) -> dict:

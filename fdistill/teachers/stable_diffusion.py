@@ -358,16 +358,16 @@ class TextToImageData:
         self.sampler.load_state_dict(state)
 
 
-def add_lora(net: LatentUNetDenoiser, rank: int) -> None:
+def add_lora(net: LatentUNetDenoiser, rank: int, name: str = "default") -> None:
     """LoRA adapters (Hu et al. 2022) of ``rank`` on the UNet's attention projections, through peft, as DMD2's
-    SDXL variant; only they are trained (the base weights are frozen)."""
+    SDXL variant; only they are trained (the base weights are frozen). ``name``: the peft adapter's."""
     try:
         from peft import LoraConfig
     except ImportError:
         raise ImportError("text.lora_rank needs the peft package: pip install peft") from None
     net.unet.requires_grad_(False)
     net.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=name)
 
 
 class StableDiffusionTeacher(Teacher):
@@ -423,8 +423,20 @@ class StableDiffusionTeacher(Teacher):
             if cfg.text.gradient_checkpointing:
                 getattr(m, self.backbone).enable_gradient_checkpointing()
 
+    def shared_students(self, cfg) -> tuple[nn.Module, list[nn.Module]]:
+        """``text.shared_base``: the teacher and the two students as views of this teacher's one denoiser
+        (``networks.shared_base``): generator and fake score are LoRA adapters of rank ``text.lora_rank``."""
+        from fdistill.networks.shared_base import SharedBase
+
+        for flag, what in ((cfg.distill.fsdp, "distill.fsdp"), (cfg.distill.compile, "distill.compile")):
+            if flag:
+                raise ValueError(f"text.shared_base cannot be combined with {what}: the students' parameters live "
+                                 "inside the teacher's network (use one or the other)")
+        shared = SharedBase(self.denoiser, self.backbone, self.lora, cfg.text.lora_rank)
+        return shared.teacher(), [shared.add("generator").train(), shared.add("fake_score").train()]
+
     def student_info(self, cfg) -> dict:
-        return {"lora_rank": cfg.text.lora_rank}
+        return {"lora_rank": cfg.text.lora_rank, "shared_base": cfg.text.shared_base}
 
     def export(self, generator: nn.Module, out, sigma_gen: float | None = None) -> str:
         top = float(generator.sigma_max)
@@ -442,7 +454,15 @@ class StableDiffusionTeacher(Teacher):
         net = self.student_network()
         if info.get("lora_rank"):
             self.lora(net, info["lora_rank"])
-        net.load_state_dict(weights)
+        if info.get("shared_base"):  # an adapter view's weights only: the base is the teacher's
+            from fdistill.networks.shared_base import lora_state_dict
+
+            missing, unexpected = net.load_state_dict(lora_state_dict(weights), strict=False)
+            if unexpected or any(".lora_" in k for k in missing):
+                raise RuntimeError(f"missing adapter weights {[k for k in missing if '.lora_' in k][:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+        else:
+            net.load_state_dict(weights)
         if info.get("lora_rank"):
             getattr(net, self.backbone).fuse_lora()
             getattr(net, self.backbone).unload_lora()

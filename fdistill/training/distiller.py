@@ -11,7 +11,6 @@ The discriminator D_lambda is a head on the frozen teacher's features (App. B).
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from fdistill.core.objective import (
     ratio_stats,
 )
 from fdistill.training import checkpoint, distributed
-from fdistill.training.ema import ema_update
+from fdistill.training.ema import ema_copy, ema_update
 
 
 @dataclass
@@ -215,8 +214,7 @@ class Distiller:
             distributed.broadcast_state(m)
         if self.world > 1:  # dropout masks differ between ranks
             torch.manual_seed(cfg.seed + 1 + self.rank)
-        self.generator_ema = self.generator if cfg.ema_beta is None else \
-            copy.deepcopy(self.generator).eval().requires_grad_(False)
+        self.generator_ema = self.generator if cfg.ema_beta is None else ema_copy(self.generator)
         self.sharded = cfg.fsdp and self.world > 1
         if self.sharded:  # weights, gradients and optimizer states split over the ranks
             for m in dict.fromkeys((self.teacher, self.generator, self.generator_ema, self.fake_score)):

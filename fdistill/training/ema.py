@@ -3,8 +3,12 @@ EDM training): theta_ema <- beta theta_ema + (1 - beta) theta after every optimi
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+
+from fdistill.networks.shared_base import AdapterView
 
 
 @torch.no_grad()
@@ -21,3 +25,11 @@ def ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
             p_ema.lerp_(p, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
         b_ema.copy_(b)
+
+
+def ema_copy(net: nn.Module) -> nn.Module:
+    """A frozen copy of ``net`` to hold its EMA: a deep copy, or for a shared-base view a sibling adapter on the
+    same base (``networks.shared_base``: the base's weights are not copied)."""
+    if isinstance(net, AdapterView):
+        return net.ema_copy()
+    return copy.deepcopy(net).eval().requires_grad_(False)
