@@ -38,14 +38,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fdistill.apps import t2i  # noqa: E402
-from fdistill.core.diffusion import edm_sampler  # noqa: E402
 from fdistill.data.conditions import TextConfig  # noqa: E402
 from fdistill.data.datasets import load_dataset  # noqa: E402
 from fdistill.data.latent_shards import LatentSampler  # noqa: E402
 from fdistill.data.writers import save_image_grid  # noqa: E402
 from fdistill.evaluation.clip_tokenizer import clip_tokenizer  # noqa: E402
 from fdistill.teachers import flow_matching as fm  # noqa: E402
-from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
 from fdistill.teachers.stable_diffusion import TextToImageData  # noqa: E402
 from fdistill.training.loop import training_loop  # noqa: E402
 from fdistill.training.teacher_training import FLOW_T, TeacherConfig, TeacherTrainer  # noqa: E402
@@ -119,22 +117,6 @@ def train_teacher(folder: Path, data: Path, iterations: int, flow_t: str = "unif
     trainer.ema.transformer.save_pretrained(folder / "transformer")
 
 
-@torch.no_grad()
-def sample_teacher(folder: Path, prompts: list[str], steps: int = 18, guidance: float = bench.GUIDANCE
-                   ) -> tuple[torch.Tensor, float]:
-    """EDM's Heun sampler on the guided EDM-form denoiser over its sigma range (t from 0.999 to 0.001)."""
-    pipe = fm.load_flow_pipeline(folder, max_sequence_length=MSL)
-    net = GuidedDenoiser(pipe.denoiser, guidance)
-    t0, out = time.perf_counter(), []
-    for i in range(0, len(prompts), 250):
-        batch = prompts[i:i + 250]
-        z = torch.randn(len(batch), *pipe.latent_shape, generator=torch.Generator().manual_seed(i))
-        lat = edm_sampler(net, z, pipe.text(batch), num_steps=steps, sigma_min=pipe.denoiser.sigma_min,
-                          sigma_max=pipe.denoiser.sigma_max)
-        out.append(pipe.codec.decode(lat))
-    return torch.cat(out), time.perf_counter() - t0
-
-
 def score(x: torch.Tensor, digits: torch.Tensor, seconds: float, prompts: list[str]) -> dict:
     """t2i_digits' scores; the in-batch similarity only when every prompt string was drawn at least twice (it
     needs pairs; --num 2000 draws each of the ~50 strings ~40 times, a smoke run's --num 100 may not)."""
@@ -196,7 +178,8 @@ def main() -> None:
         rows["real digits through the VAE"] = bench.score(real, torch.as_tensor(load_dataset("digits").labels), 0.0)
     tag = ("" if args.guidance == bench.GUIDANCE else f"-cfg{args.guidance:g}") + \
         ("" if args.generator_t == GENERATOR_T else f"-t{args.generator_t:g}")
-    x, seconds = sample_teacher(teacher, prompts, guidance=args.guidance)
+    x, seconds = bench.sample_teacher(teacher, prompts, guidance=args.guidance,
+                                     load=lambda f: fm.load_flow_pipeline(f, max_sequence_length=MSL))
     teacher_row = f"teacher (35 NFE, CFG {args.guidance:g})"
     rows[teacher_row] = score(x, digits, seconds, prompts)
     save_image_grid(bench.to_digits(x[:100]), out / f"teacher{tag}.png", nrow=10, scale=4,

@@ -167,9 +167,10 @@ def prompts_for(n: int, seed: int = 1) -> tuple[list[str], torch.Tensor]:
 
 
 @torch.no_grad()
-def sample_teacher(folder: Path, prompts: list[str], steps: int = 18, guidance: float = GUIDANCE
-                   ) -> tuple[torch.Tensor, float]:
-    sd = load_stable_diffusion(folder)
+def sample_teacher(folder: Path, prompts: list[str], steps: int = 18, guidance: float = GUIDANCE,
+                   load=load_stable_diffusion) -> tuple[torch.Tensor, float]:
+    """EDM's Heun sampler on the guided denoiser of the pipeline ``load(folder)`` over its sigma range."""
+    sd = load(folder)
     net = GuidedDenoiser(sd.denoiser, guidance)
     t0, out = time.perf_counter(), []
     for i in range(0, len(prompts), 250):

@@ -53,7 +53,8 @@ class SharedBase:
         denoiser.requires_grad_(False)
         self._tuner_layer = BaseTunerLayer
         self.active: str | None = None  # None: the teacher (every adapter off)
-        self.layers: list = []
+        self.layers: list = []  # peft's tuner layers, and their adapters' parameters (``lora``)
+        self.lora: list[nn.Parameter] = []
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """``{view_key: parameter}`` of adapter ``name``, in the network's order."""
@@ -73,6 +74,7 @@ class SharedBase:
         for p, flag in flags:
             p.requires_grad_(flag)
         self.layers = [m for m in self.backbone.modules() if isinstance(m, self._tuner_layer)]
+        self.lora = [p for layer in self.layers for d in (layer.lora_A, layer.lora_B) for p in d.parameters()]
         self.active = "?"  # peft switched it: the next pass sets it again
         view = AdapterView(self, name)
         if like is not None:
@@ -89,15 +91,14 @@ class SharedBase:
             self.denoiser.train(training)
         if name == self.active:
             return
-        lora = [p for layer in self.layers for d in (layer.lora_A, layer.lora_B) for p in d.parameters()]
-        flags = [p.requires_grad for p in lora]
+        flags = [p.requires_grad for p in self.lora]
         for layer in self.layers:
             if name is None:
                 layer.enable_adapters(False)
             else:
                 layer.set_adapter(name)
                 layer.enable_adapters(True)
-        for p, flag in zip(lora, flags):
+        for p, flag in zip(self.lora, flags):
             p.requires_grad_(flag)
         self.active = name
 

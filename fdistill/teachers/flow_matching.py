@@ -51,6 +51,7 @@ from fdistill.networks.attention import twice_differentiable
 from fdistill.networks.taps import FeatureTaps
 from fdistill.teachers.diffusers_unet import _StopForward
 from fdistill.teachers.stable_diffusion import (
+    LatentCodec,
     StableDiffusion,
     StableDiffusionTeacher,
     _modules,
@@ -290,35 +291,9 @@ class FlowTextEncoder(nn.Module):
         return TextCondition(torch.cat([clip, t5], 1), torch.cat(pooled, -1))
 
 
-class FlowLatentCodec(nn.Module):
-    """The frozen VAE: images in [-1, 1] <-> latents (z - shift_factor) * scaling_factor (a posterior sample,
-    as FastGen encodes); decoding z / scaling_factor + shift_factor, as the pipelines do (SD3.5 1.5305 / 0.0609,
-    FLUX.1 0.3611 / 0.1159). Runs in fp32."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
-        self.scaling_factor = float(vae.config.get("scaling_factor") or 1.0)
-        self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
-        self.downsample = 2 ** (len(vae.config["block_out_channels"]) - 1)
-        self.channels = int(vae.config["latent_channels"])
-
-    @torch.no_grad()
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        with torch.autocast(images.device.type, enabled=False):
-            z = self.vae.encode(images.float()).latent_dist.sample(generator)
-            return (z - self.shift_factor) * self.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        with torch.autocast(latents.device.type, enabled=False):
-            z = latents.float() / self.scaling_factor + self.shift_factor
-            return self.vae.decode(z).sample.clamp(-1, 1)
-
-
 class FlowPipeline(StableDiffusion):
     """A loaded SD3 / FLUX folder: ``denoiser`` (FlowTransformerDenoiser), ``text`` (FlowTextEncoder), ``codec``
-    (FlowLatentCodec); ``kwargs`` is its JSON record. The same container as Stable Diffusion's."""
+    (LatentCodec with the shift); ``kwargs`` is its JSON record. The same container as Stable Diffusion's."""
 
 
 def _check_layout(folder: Path, family: str) -> None:
@@ -384,7 +359,7 @@ def load_flow_pipeline(folder: str | Path, resolution: int | None = None, max_se
                             transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_2", **local)]
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
             raise ValueError(f"{folder} is not a loadable {class_name}: {' '.join(str(e).split())[:300]}") from None
-    codec = FlowLatentCodec(vae)
+    codec = LatentCodec(vae, default_scaling=1.0)
     step = codec.downsample * 2  # both DiTs work on 2 x 2 patches of latents
     if resolution is None:
         size = transformer.config.get("sample_size") if family == "sd3" else 128

@@ -155,26 +155,31 @@ class TextEncoder(nn.Module):
 
 
 class LatentCodec(nn.Module):
-    """The frozen VAE: images in [-1, 1] <-> latents scaled by its ``scaling_factor`` (SD1.5 0.18215,
-    SDXL 0.13025). Encoding samples the posterior as FastGen does; SDXL's VAE always runs in fp32."""
+    """The frozen VAE: images in [-1, 1] <-> latents (z - shift_factor) * scaling_factor, decoded by
+    z / scaling_factor + shift_factor, as the pipelines do (SD1.5 0.18215, SDXL 0.13025, no shift; SD3.5
+    1.5305 / 0.0609, FLUX.1 0.3611 / 0.1159). ``default_scaling``: when the VAE's config names none. Encoding
+    samples the posterior as FastGen does; the VAE always runs in fp32 (SDXL's needs it)."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: nn.Module, default_scaling: float = 0.18215) -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        self.scaling_factor = float(vae.config.get("scaling_factor", 0.18215))
+        scaling = vae.config.get("scaling_factor")
+        self.scaling_factor = float(default_scaling if scaling is None else scaling)
+        self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
         self.downsample = 2 ** (len(vae.config["block_out_channels"]) - 1)
         self.channels = int(vae.config["latent_channels"])
 
     @torch.no_grad()
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         with torch.autocast(images.device.type, enabled=False):
-            dist = self.vae.encode(images.float()).latent_dist
-            return dist.sample(generator) * self.scaling_factor
+            z = self.vae.encode(images.float()).latent_dist.sample(generator)
+            return (z - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         with torch.autocast(latents.device.type, enabled=False):
-            return self.vae.decode(latents.float() / self.scaling_factor).sample.clamp(-1, 1)
+            z = latents.float() / self.scaling_factor + self.shift_factor
+            return self.vae.decode(z).sample.clamp(-1, 1)
 
 
 class StableDiffusion(nn.Module):
