@@ -204,8 +204,10 @@ def _distill(args: argparse.Namespace) -> None:
             print(f"wrote {checkpoint.latest(out)} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this "
                   f"run), {out}/log.jsonl{', tensorboard/' if writer else ''}, config.yaml. "
                   f"Next: fdistill sample --checkpoint {out}")
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    distributed.shutdown()
 
 
 def tensorboard_writer(log_dir: Path | None):
@@ -263,8 +265,10 @@ def _sample(args: argparse.Namespace) -> None:
                       args.steps, args.guidance, args.grid_size, device, progress=not args.no_progress)
         if line:
             print(line)
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    distributed.shutdown()
 
 
 def _evaluate_t2i(args: argparse.Namespace) -> None:
@@ -299,8 +303,10 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
             print(f"wrote {out}/metrics.json and the images in {out}/images/")
             if args.json:
                 write_text(args.json, json.dumps(result, indent=1))
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    distributed.shutdown()
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -53,8 +53,12 @@ def init_from_env(device: str = "auto") -> torch.device:
     return dev
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. ``clean``: every rank got here normally, so wait for the others first (a rank
+    that destroys its group while another still flushes its last collective aborts the job at exit)."""
     if is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
