@@ -43,5 +43,4 @@ if __name__ == "__main__":
     state = distributed.module_state(d.generator)  # gathered to rank 0 when sharded
     if state:
         save_file({k: v.contiguous() for k, v in state.items()}, Path(out) / f"rank{d.rank}.safetensors")
-    distributed.barrier()  # no rank tears gloo down while another still writes (an abort at exit otherwise)
     distributed.shutdown()

@@ -162,8 +162,7 @@ def _distill(args: argparse.Namespace) -> None:
         raise ValueError(f"cannot resume {args.out} with another teacher: it was distilled from "
                          f"{record['run']['teacher']}")
     out = Path(args.out)
-    device = distributed.init_from_env(args.device)
-    try:
+    with distributed.process_group(args.device) as device:
         main = distributed.rank() == 0
         d = distill.make_distiller(cfg, teacher, device=device)
         resume = _resume_point(out) if record else None
@@ -204,10 +203,6 @@ def _distill(args: argparse.Namespace) -> None:
             print(f"wrote {checkpoint.latest(out)} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this "
                   f"run), {out}/log.jsonl{', tensorboard/' if writer else ''}, config.yaml. "
                   f"Next: fdistill sample --checkpoint {out}")
-    except BaseException:
-        distributed.shutdown(clean=False)
-        raise
-    distributed.shutdown()
 
 
 def tensorboard_writer(log_dir: Path | None):
@@ -259,16 +254,11 @@ def _sample(args: argparse.Namespace) -> None:
                           "--shard": ("shard", 1, None), "--grid-size": ("grid_size", 0, None),
                           "--steps": ("steps", 2, MAX_STEPS)}, {"--guidance": "guidance"})
     prompts = _prompts(args)
-    device = distributed.init_from_env(args.device)
-    try:
+    with distributed.process_group(args.device) as device:
         line = sample(args.checkpoint, args.teacher, args.out, args.num, prompts, args.seed, args.shard, args.batch,
                       args.steps, args.guidance, args.grid_size, device, progress=not args.no_progress)
         if line:
             print(line)
-    except BaseException:
-        distributed.shutdown(clean=False)
-        raise
-    distributed.shutdown()
 
 
 def _evaluate_t2i(args: argparse.Namespace) -> None:
@@ -281,8 +271,7 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
                           "--teacher-steps": ("teacher_steps", 2, MAX_STEPS)}, {"--guidance": "guidance"})
     if (args.teacher_steps is None) != (args.guidance is None):
         raise ValueError("--teacher-steps and --guidance go together: they select the teacher's comparison row")
-    device = distributed.init_from_env(args.device)
-    try:
+    with distributed.process_group(args.device) as device:
         scorers = evaluate_t2i.load_scorers(args.ref, args.inception, args.clip, args.clip_model, args.dino,
                                             args.hps, device)  # every missing weights file fails here, first
         if args.dino and args.group < 2:
@@ -303,10 +292,6 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
             print(f"wrote {out}/metrics.json and the images in {out}/images/")
             if args.json:
                 write_text(args.json, json.dumps(result, indent=1))
-    except BaseException:
-        distributed.shutdown(clean=False)
-        raise
-    distributed.shutdown()
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -10,9 +10,10 @@ needs no ``no_sync`` bookkeeping. One all-reduce per optimizer step, in buckets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,18 @@ def shutdown(clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[torch.device]:
+    """``init_from_env`` for the block; on leaving it, ``shutdown``, waiting for the other ranks unless one raised."""
+    dev = init_from_env(device)
+    try:
+        yield dev
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
