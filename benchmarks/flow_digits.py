@@ -3,11 +3,11 @@ seven", a few phrasings per class) with a tiny rectified-flow teacher in Stable 
 (``StableDiffusion3Pipeline.save_pretrained``: an SD3Transformer2DModel, CLIP-L/CLIP-G stand-ins with the real
 CLIP BPE vocabulary, a tiny T5 encoder with an in-memory tokenizer, t2i_digits' AutoencoderKL, a
 FlowMatchEulerDiscreteScheduler of shift 1), trained by fdistill's TeacherTrainer on the rectified-flow loss
-(``noise="flow"``, 10% empty prompts), then distilled through the flow-matching teacher path
+(``noise="flow"``, t logit-normal, 10% empty prompts), then distilled through the flow-matching teacher path
 (``teachers.flow_matching``, ``distill.sigmas.schedule=flow``) by reverse-KL (DMD2), JS, forward-KL and
 adversarial-only into one-step students evaluated at t = 0.999 (sigma = 999).
 
-    python benchmarks/flow_digits.py                # wall time not yet measured; stages are cached in --out
+    python benchmarks/flow_digits.py                # 36.7 minutes on 2 cores; stages are cached in --out
     python benchmarks/flow_digits.py --runs js --distill-iterations 500 --seeds 3
     python benchmarks/flow_digits.py --teacher-iterations 20 --distill-iterations 10 --num 100 --threads 1 \\
         --runs js --vae-steps 20 --out /tmp/flow-smoke   # a smoke run
@@ -17,9 +17,11 @@ each guided: 70 transformer calls) and each one-step student, t2i_digits' table:
 class recall, prompt accuracy, in-batch similarity (the digits classifier's feature space) and seconds per 1000
 samples. Writes grids and results.json. The text encoders stay at their random initialisation.
 
-T5 length: the SD3 pipeline's default of 256 T5 tokens would make the text stream 333 tokens, three times the
-cost of the 77 + 16 used here (``MSL``): every load here asks for 16, the students get
-``text.max_sequence_length=16``, and the checkpoints record it.
+Text length: SD3's pipeline pads both CLIP prompts to 77 tokens and T5's to 256, a 333-token text stream beside
+the 16 image tokens here. The prompts are a few words, so the CLIP tokenizers are saved with
+``model_max_length=16`` (``CLIP_LENGTH``; the pipeline reads it) and every load asks for 16 T5 tokens (``MSL``;
+the students get ``text.max_sequence_length=16``, the checkpoints record it): 32 text tokens, which made a
+teacher iteration 2x cheaper than 77 + 16.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import t2i_digits as bench  # noqa: E402
 
 MSL = 16  # T5 tokens (see the module docstring)
+CLIP_LENGTH = 16  # CLIP tokens
 T5_PIECES = ["<pad>", "</s>", "<unk>", "\u2581"]
 T5_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'"
 GENERATOR_T = 0.999  # the flow schedule's t_max: sigma = 999
@@ -66,18 +69,23 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def save_flow_pipeline(folder: Path, vae, seed: int = 0) -> Path:
-    """The teacher in SD3's folder layout: a 4-block MMDiT, 64 wide (4 heads of 16), on 2 x 2 patches of the
-    8 x 8 x 4 latents (a 4 x 4 token grid; 0.59M parameters); CLIP-L/G stand-ins 32 wide (hidden states 32 + 32 =
-    T5's 64, pooled 32 + 32); a 2-layer T5 encoder 64 wide; the VAE with its scaling factor and shift 0."""
+def save_flow_pipeline(folder: Path, vae, seed: int = 0, patch_size: int = 2, layers: int = 4, heads: int = 4,
+                       clip_length: int = CLIP_LENGTH) -> Path:
+    """The teacher in SD3's folder layout: an MMDiT of ``layers`` blocks and ``heads`` heads of 16 on
+    ``patch_size``-square patches of the 8 x 8 x 4 latents (by default 64 wide on a 4 x 4 token grid, 0.59M
+    parameters); CLIP-L/G stand-ins 32 wide (hidden states 32 + 32 =
+    T5's 64, pooled 32 + 32) reading ``clip_length`` tokens; a 2-layer T5 encoder 64 wide; the VAE with its
+    scaling factor and shift 0."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
-                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                        caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=8,
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=patch_size, in_channels=4, out_channels=4,
+                                        num_layers=layers, attention_head_dim=16, num_attention_heads=heads,
+                                        joint_attention_dim=64, caption_projection_dim=16 * heads,
+                                        pooled_projection_dim=64, pos_embed_max_size=8 // patch_size,
                                         qk_norm="rms_norm")
+    torch.manual_seed(seed + 1)  # the text encoders do not depend on the transformer's size
 
     def clip():
         return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -91,8 +99,9 @@ def save_flow_pipeline(folder: Path, vae, seed: int = 0) -> Path:
     vae.register_to_config(shift_factor=0.0)
     pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae,
                                     scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-                                    text_encoder=clip(), tokenizer=clip_tokenizer(), text_encoder_2=clip(),
-                                    tokenizer_2=clip_tokenizer(), text_encoder_3=t5, tokenizer_3=t5_tokenizer())
+                                    text_encoder=clip(), tokenizer=clip_tokenizer(max_length=clip_length),
+                                    text_encoder_2=clip(), tokenizer_2=clip_tokenizer(max_length=clip_length),
+                                    text_encoder_3=t5, tokenizer_3=t5_tokenizer())
     pipe.save_pretrained(folder)
     return folder
 
@@ -103,7 +112,7 @@ def encode_latents(teacher: Path, data: Path, out: Path, batch_size: int = 256) 
                         text=TextConfig(max_sequence_length=MSL))
 
 
-def train_teacher(folder: Path, data: Path, iterations: int, flow_t: str = "uniform") -> None:
+def train_teacher(folder: Path, data: Path, iterations: int, flow_t: str = "logit_normal") -> None:
     """fdistill's TeacherTrainer on the EDM-form transformer denoiser from the latent shards ``data``: the
     rectified-flow velocity loss (t ~ ``flow_t`` on [0.001, 0.999]), 10% empty prompts for classifier-free
     guidance; the EMA's transformer is written back into the folder."""
@@ -138,9 +147,11 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="distillation config overrides (key=value) for every student")
     p.add_argument("--runs", default=bench.RUNS)
     p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--teacher-iterations", type=int, default=3000)
-    p.add_argument("--flow-t", default="uniform", choices=FLOW_T, help="the teacher's training times")
-    p.add_argument("--distill-iterations", type=int, default=1000)
+    p.add_argument("--teacher-iterations", type=int, default=6000)
+    p.add_argument("--teacher-heads", type=int, default=4, help="the MMDiT's width in heads of 16")
+    p.add_argument("--teacher-patch", type=int, default=2, choices=(1, 2), help="its patch size on 8 x 8 latents")
+    p.add_argument("--flow-t", default="logit_normal", choices=FLOW_T, help="the teacher's training times")
+    p.add_argument("--distill-iterations", type=int, default=2000)
     p.add_argument("--generator-t", type=float, default=GENERATOR_T,
                    help="the flow time the one-step generator is evaluated at (sigma = t / (1 - t))")
     p.add_argument("--num", type=int, default=2000, help="samples per model for the metrics")
@@ -163,7 +174,7 @@ def main() -> None:
     if not (teacher / "trained").is_file():
         vae, loss = bench.train_vae(args.vae_steps)
         say(f"VAE trained ({args.vae_steps} steps, final loss {loss:.4f})")
-        save_flow_pipeline(teacher, vae)
+        save_flow_pipeline(teacher, vae, patch_size=args.teacher_patch, heads=args.teacher_heads)
         shutil.rmtree(latents, ignore_errors=True)
         encode_latents(teacher, data, latents)  # the images, encoded once
         t0 = time.perf_counter()

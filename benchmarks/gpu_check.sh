@@ -4,26 +4,38 @@
 # fp32 (TF32 matmuls), bf16 autocast, and bf16 with channels_last; the real training loop (cifar10
 # preset, batch 256) in bf16 with and without torch.compile; then Stable Diffusion v1.5 at 512 px
 # (random weights of the real architecture): the student and critic steps at batch 8 in bf16 with
-# gradient checkpointing, and one-step vs teacher sampling latency (Table 4). At most 10 minutes.
-# The SD part needs diffusers, transformers and ftfy: carry their wheels (pip download them here,
+# gradient checkpointing, and one-step vs teacher sampling latency (Table 4); then SD3.5-Medium at 512 px
+# (random weights of the real 2.24B MMDiT-X) at batch 4, shared-base LoRA and full fine-tuning. At most 10
+# minutes each part; all three take up to 13: give a part's name to run only it.
+# The SD parts need diffusers, transformers and ftfy: carry their wheels (pip download them here,
 # `pip install --no-deps` them there) if the GPU machine lacks them.
-# Usage (from the repository root, torch with CUDA installed): bash benchmarks/gpu_check.sh
+# Usage (from the repository root, torch with CUDA installed): bash benchmarks/gpu_check.sh [cifar|sd15|sd35]
 # Needs torch, numpy, safetensors, pyyaml, tqdm, scipy; fdistill is used from this checkout.
 set -euo pipefail
+part=${1:-all}
+case $part in all|cifar|sd15|sd35) ;; *) echo "gpu_check.sh: unknown part '$part', expected cifar, sd15 or sd35"; exit 2;; esac
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+tmp=$(mktemp -d)
+if [[ $part == all || $part == cifar ]]; then
 for flags in "" "--bf16" "--bf16 --channels-last"; do
     echo "=== batch 256 ${flags:-fp32/tf32}"
     timeout 110 $PY benchmarks/step_time.py --device cuda --batch 256 --steps 5 --warmup 2 $flags \
         || echo "(failed or timed out)"
 done
-tmp=$(mktemp -d)
 for flags in "distill.precision=bf16" "distill.precision=bf16 distill.compile=true"; do
     echo "=== training loop, cifar10 preset, batch 256: $flags"
     timeout 60 $PY benchmarks/gpu_smoke.py "$tmp" distill.batch_size=256 $flags || echo "(failed or timed out)"
 done
+fi
+if [[ $part == all || $part == sd15 ]]; then
 echo "=== Stable Diffusion v1.5, 512 px, batch 8, bf16, gradient checkpointing"
 timeout 150 $PY benchmarks/gpu_sd15.py "$tmp" --batch 8 || echo "(failed or timed out)"
+fi
+if [[ $part == all || $part == sd35 ]]; then
+echo "=== SD3.5-Medium, 512 px, batch 4, bf16: shared-base LoRA r64, then full fine-tuning with checkpointing"
+timeout 240 $PY benchmarks/gpu_sd35.py "$tmp" --batch 4 || echo "(failed or timed out)"
+fi

@@ -59,6 +59,56 @@ def build(folder: Path, tiny: bool) -> Path:
     return folder
 
 
+def captioned_images(folder: Path, n: int, res: int) -> Path:
+    """``n`` flat-coloured ``res``-square images with captions: data for timing, not learning."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (res, res), (i * 13 % 256, 90, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo of thing number {i}")
+    return folder
+
+
+def time_steps(d) -> tuple[float, float, float, float]:
+    """Two tau-cycles of the distiller ``d`` (the first warms up): the last student step's seconds, the median
+    critic step's of the second cycle, the mean iteration at tau, and the peak GPU memory in GiB (nan on CPU)."""
+    tau, device = d.cfg.tau, d.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    times = {"student": [], "critic": []}
+    for _ in range(2 * tau):
+        sync()
+        t0 = time.perf_counter()
+        kind = d.step()["kind"]
+        sync()
+        times[kind].append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    student, critic = times["student"][-1], sorted(times["critic"][-(tau - 1):])[tau // 2 - 1]
+    return student, critic, (student + (tau - 1) * critic) / tau, peak
+
+
+def sampling_latency(d, guidance: float, steps: int) -> None:
+    """Batch-1 latency of the one-step generator against the teacher's guided Heun sampler, each + VAE decode."""
+    device = d.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    generator, sigma_gen, sd = d.generator, d.sigma_gen, d.real_data.sd
+    prompt = sd.text(["a photo of a cat"])
+    z = torch.randn(1, *sd.latent_shape, device=device)
+    with torch.no_grad(), d.autocast():
+        for name, fn in [("one-step generator + VAE decode (1 NFE)",
+                          lambda: sd.codec.decode(one_step(generator.eval(), z, sigma_gen, prompt))),
+                         (f"teacher, Heun {steps} steps, CFG {guidance:g} ({2 * (2 * steps - 1)} network calls) + VAE "
+                          "decode", lambda: sd.codec.decode(edm_sampler(
+                              GuidedDenoiser(sd.denoiser, guidance), z, prompt, num_steps=steps,
+                              sigma_min=sd.denoiser.sigma_min, sigma_max=sd.denoiser.sigma_max)))]:
+            fn()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            print(f"  sampling latency, batch 1, {name}: {time.perf_counter() - t0:.3f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
@@ -68,47 +118,15 @@ def main() -> None:
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = out / "sd15" if (out / "sd15" / "model_index.json").is_file() else build(out / "sd15", args.tiny)
-    from PIL import Image
-
-    data = out / "captioned"
-    data.mkdir(parents=True, exist_ok=True)
-    res = 64 if args.tiny else 512
-    for i in range(max(16, args.batch)):
-        Image.new("RGB", (res, res), (i * 13 % 256, 90, 200)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a photo of thing number {i}")
+    data = captioned_images(out / "captioned", max(16, args.batch), 64 if args.tiny else 512)
     cfg = images.load_config("sd15", [f"data={data}", f"distill.batch_size={args.batch}", "distill.iterations=100",
                                       *(["disc_resolutions=[8]"] if not args.tiny else ["disc_resolutions=[1]"])])
     d = distill.make_distiller(cfg, teacher, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    times = {"student": [], "critic": []}
-    for _ in range(2 * cfg.distill.tau):  # the first cycle warms up
-        sync()
-        t0 = time.perf_counter()
-        logs = d.step()
-        sync()
-        times[logs["kind"]].append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    student, critic = times["student"][-1], sorted(times["critic"][-(cfg.distill.tau - 1):])[cfg.distill.tau // 2 - 1]
-    print(f"SD1.5 {'tiny ' if args.tiny else ''}512 px, batch {args.batch}, bf16, gradient checkpointing, {device}: "
+    student, critic, iteration, peak = time_steps(d)
+    print(f"SD1.5 {64 if args.tiny else 512} px, batch {args.batch}, bf16, gradient checkpointing, {device}: "
           f"student step {student:.2f} s, critic step {critic:.2f} s, iteration at tau {cfg.distill.tau}: "
-          f"{(student + (cfg.distill.tau - 1) * critic) / cfg.distill.tau:.2f} s, peak {peak:.1f} GiB")
-
-    generator, sigma_gen, sd = d.generator, d.sigma_gen, d.real_data.sd
-    prompt = sd.text(["a photo of a cat"])
-    z = torch.randn(1, *sd.latent_shape, device=device)
-    with torch.no_grad(), d.autocast():
-        for name, fn in [("one-step generator + VAE decode (1 NFE)",
-                          lambda: sd.codec.decode(one_step(generator.eval(), z, sigma_gen, prompt))),
-                         ("teacher, Heun 25 steps, CFG 1.75 (98 UNet calls) + VAE decode",
-                          lambda: sd.codec.decode(edm_sampler(GuidedDenoiser(sd.denoiser, 1.75), z, prompt,
-                                                              num_steps=25, sigma_min=sd.denoiser.sigma_min,
-                                                              sigma_max=sd.denoiser.sigma_max)))]:
-            fn()
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            print(f"  sampling latency, batch 1, {name}: {time.perf_counter() - t0:.3f} s")
+          f"{iteration:.2f} s, peak {peak:.1f} GiB")
+    sampling_latency(d, 1.75, 25)
 
 
 if __name__ == "__main__":
