@@ -69,19 +69,18 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def save_flow_pipeline(folder: Path, vae, seed: int = 0, patch_size: int = 2, layers: int = 4, heads: int = 4,
+def save_flow_pipeline(folder: Path, vae, seed: int = 0, patch_size: int = 2, heads: int = 4,
                        clip_length: int = CLIP_LENGTH) -> Path:
-    """The teacher in SD3's folder layout: an MMDiT of ``layers`` blocks and ``heads`` heads of 16 on
-    ``patch_size``-square patches of the 8 x 8 x 4 latents (by default 64 wide on a 4 x 4 token grid, 0.59M
-    parameters); CLIP-L/G stand-ins 32 wide (hidden states 32 + 32 =
-    T5's 64, pooled 32 + 32) reading ``clip_length`` tokens; a 2-layer T5 encoder 64 wide; the VAE with its
-    scaling factor and shift 0."""
+    """The teacher in SD3's folder layout: a 4-block MMDiT of ``heads`` heads of 16 on ``patch_size``-square
+    patches of the 8 x 8 x 4 latents (by default 64 wide on a 4 x 4 token grid, 0.59M parameters); CLIP-L/G
+    stand-ins 32 wide (hidden states 32 + 32 = T5's 64, pooled 32 + 32) reading ``clip_length`` tokens; a 2-layer
+    T5 encoder 64 wide; the VAE with its scaling factor and shift 0."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=patch_size, in_channels=4, out_channels=4,
-                                        num_layers=layers, attention_head_dim=16, num_attention_heads=heads,
+                                        num_layers=4, attention_head_dim=16, num_attention_heads=heads,
                                         joint_attention_dim=64, caption_projection_dim=16 * heads,
                                         pooled_projection_dim=64, pos_embed_max_size=8 // patch_size,
                                         qk_norm="rms_norm")
