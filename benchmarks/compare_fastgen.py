@@ -102,7 +102,7 @@ def ours_worker(args: argparse.Namespace) -> None:
     from fdistill.apps.images import load_config
     from fdistill.networks.edm import EDMPrecond
     from fdistill.networks.heads import Discriminator
-    from fdistill.teachers.image_teacher import set_dropout
+    from fdistill.teachers.families.image import set_dropout
     from fdistill.training.distiller import Distiller
 
     torch.manual_seed(0)

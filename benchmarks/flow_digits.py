@@ -46,7 +46,7 @@ from fdistill.data.latent_shards import LatentSampler  # noqa: E402
 from fdistill.data.writers import save_image_grid  # noqa: E402
 from fdistill.evaluation.clip_tokenizer import clip_tokenizer  # noqa: E402
 from fdistill.teachers import flow_matching as fm  # noqa: E402
-from fdistill.teachers.stable_diffusion import TextToImageData  # noqa: E402
+from fdistill.teachers.latent_t2i import TextToImageData  # noqa: E402
 from fdistill.training.loop import training_loop  # noqa: E402
 from fdistill.training.teacher_training import FLOW_T, TeacherConfig, TeacherTrainer  # noqa: E402
 

@@ -91,7 +91,7 @@ def sampling_latency(d, guidance: float, steps: int) -> None:
     """Batch-1 latency of the one-step generator against the teacher's guided Heun sampler, each + VAE decode."""
     device = d.device
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    generator, sigma_gen, sd = d.generator, d.sigma_gen, d.real_data.sd
+    generator, sigma_gen, sd = d.generator, d.sigma_gen, d.real_data.pipe
     prompt = sd.text(["a photo of a cat"])
     z = torch.randn(1, *sd.latent_shape, device=device)
     with torch.no_grad(), d.autocast():

@@ -34,7 +34,7 @@ from fdistill.apps.images import load_config
 from fdistill.core.diffusion import SigmaSampler, edm_sampler
 from fdistill.networks.edm import EDMPrecond
 from fdistill.networks.heads import Discriminator
-from fdistill.teachers.image_teacher import set_dropout
+from fdistill.teachers.families.image import set_dropout
 from fdistill.training.distiller import DistillConfig, Distiller
 
 # NVlabs/edm's edm-cifar10-32x32-cond-vp.pkl architecture (55,735,299 parameters), as the cifar10 preset gives it.

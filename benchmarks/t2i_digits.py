@@ -41,8 +41,9 @@ from fdistill.evaluation.clip_tokenizer import clip_tokenizer  # noqa: E402
 from fdistill.evaluation.digits_classifier import load_digits_classifier  # noqa: E402
 from fdistill.evaluation.metrics import class_accuracy, evaluate_features, precision_recall  # noqa: E402
 from fdistill.evaluation.t2i_metrics import in_batch_similarity  # noqa: E402
+from fdistill.teachers.families.stable_diffusion import load_stable_diffusion
 from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
-from fdistill.teachers.stable_diffusion import TextToImageData, load_stable_diffusion  # noqa: E402
+from fdistill.teachers.latent_t2i import TextToImageData  # noqa: E402
 from fdistill.training import run as run_record  # noqa: E402
 from fdistill.training.loop import training_loop  # noqa: E402
 from fdistill.training.teacher_training import TeacherConfig, TeacherTrainer  # noqa: E402

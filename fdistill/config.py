@@ -8,6 +8,7 @@ import difflib
 import os
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,6 +95,10 @@ def _convert(tp, value, where: str):
             except ConfigError:
                 pass
         raise ConfigError(where, f"{where}: expected {' or '.join(a.__name__ for a in args)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, f"{where}: expected a mapping of keys, got {value!r:.80}")
+        return dict(value)
     if origin in (tuple, list):
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -259,16 +264,42 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load(cls: type[T], path: str | Path | list | None, overrides: list[str] = (), base: dict | None = None) -> T:
+def rename_keys(data: dict, renamed: dict[str, tuple[str, Any]]) -> dict:
+    """Keys renamed since a config was written, read with a one-line notice naming the new key: ``renamed`` maps
+    an old dotted key to (its new dotted key, the old default); an old key at its old default is dropped (a run
+    folder's config.yaml records every key)."""
+    for old, (new, default) in renamed.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not (isinstance(node, dict) and leaf in node):
+            continue
+        value = node.pop(leaf)
+        if value == default:
+            continue
+        warnings.warn(f"config key {old} is deprecated: read as {new}={value!r}; write {new} instead",
+                      FutureWarning, stacklevel=3)
+        *parents, leaf = new.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node.setdefault(leaf, value)
+    return data
+
+
+def load(cls: type[T], path: str | Path | list | None, overrides: list[str] = (), base: dict | None = None,
+         renamed: dict[str, tuple[str, Any]] | None = None) -> T:
     """Config ``cls`` from ``path`` (a YAML file, a preset name or a run folder, or a list of them, each read
     over the ones before, e.g. ``["cifar10", "fastgen"]``; all read over ``base`` when given), then the
-    ``key=value`` overrides. Errors name the override or the file the bad key came from."""
+    ``key=value`` overrides, then the ``renamed`` keys (``rename_keys``). Errors name the override or the file
+    the bad key came from."""
     paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
     data = base or {}
     for p in paths:
         data = merge(data, load_yaml(p))
     path = None if not paths else ", ".join(map(str, paths))
-    data = apply_overrides(data, list(overrides))
+    data = rename_keys(apply_overrides(data, list(overrides)), renamed or {})
     try:
         return from_dict(cls, data)
     except ConfigError as e:

@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 import flow_pipelines  # noqa: E402
 
 from fdistill.core.diffusion import one_step, seeded_noise  # noqa: E402
-from fdistill.data.conditions import TextConfig  # noqa: E402
 from fdistill.teachers import flow_matching as fm  # noqa: E402
+from fdistill.teachers.open import open_teacher  # noqa: E402
 
 MSL = 8  # T5 tokens in the tests
 PROMPT = "a photo of a cat on a bike"
@@ -56,7 +56,7 @@ def _student(teacher):
 def test_exported_pipelines_one_step_is_the_students_sample(folders, family, sigma_gen, tmp_path):
     from diffusers import DiffusionPipeline
 
-    teacher = fm.FlowMatchingTeacher.open(folders[family], 16, max_sequence_length=MSL)
+    teacher = open_teacher(folders[family], 16, {"max_sequence_length": MSL})
     student = _student(teacher)
     line = teacher.export(student, tmp_path / "exported", sigma_gen=sigma_gen)
     sigma = 999.0 if sigma_gen is None else sigma_gen
@@ -82,8 +82,8 @@ def test_exported_pipelines_one_step_is_the_students_sample(folders, family, sig
 
 
 @pytest.mark.parametrize("family, options", [("sd3", ["text.lora_rank=2"]),
-                                             ("flux", ["guidance=1.0", "text.flux_guidance=5.0",
-                                                       f"text.max_sequence_length={MSL}"])])
+                                             ("flux", ["guidance=1.0", "teacher_options.guidance=5.0",
+                                                       f"teacher_options.max_sequence_length={MSL}"])])
 def test_distill_sample_export_round_trip_through_the_cli(folders, captioned, family, options, tmp_path,
                                                           capsys):
     from diffusers import DiffusionPipeline
@@ -131,7 +131,7 @@ def test_one_step_scheduler_takes_one_step_from_t_gen_whatever_the_shift():
 
 
 def test_export_refuses_a_full_folder_and_a_bad_sigma(folders, tmp_path):
-    teacher = fm.FlowMatchingTeacher.open(folders["sd3"], 16, max_sequence_length=MSL)
+    teacher = open_teacher(folders["sd3"], 16, {"max_sequence_length": MSL})
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ValueError, match="is not empty"):
@@ -159,7 +159,7 @@ def test_sd3_prepare_latents_encode_with_its_own_vae_and_text_encoders_then_trai
     assert len(shards) == 5
     assert shards.tensors["latents"][0] == (4, 8, 8)
     assert shards.tensors["embeds"][0] == (77 + 256, 48) and shards.tensors["pooled"][0] == (32,)
-    teacher = fm.FlowMatchingTeacher.open(folders["sd3"], 16)
+    teacher = open_teacher(folders["sd3"], 16)
     latents, cond, caption = shards[0]
     torch.testing.assert_close(cond["embeds"], teacher.text([caption]).embeds[0])
     torch.testing.assert_close(cond["pooled"], teacher.text([caption]).pooled[0])
@@ -182,15 +182,15 @@ def test_shards_of_another_t5_length_are_refused_and_the_text_settings_reach_the
     from fdistill.data.latent_shards import LatentShards
     from fdistill.training.loop import training_loop
 
-    text = TextConfig(max_sequence_length=MSL, tap_block=0)
+    options = {"max_sequence_length": MSL, "tap_block": 0}
     out = t2i.prepare_latents(folders["sd3"], captioned, tmp_path / "latents", batch_size=4, progress=False,
-                              text=text)
+                              options=options)
     assert LatentShards(out).tensors["embeds"][0] == (77 + MSL, 48)
     cfg = images.load_config("digits", [f"data={out}", *RUN, "distill.iterations=2"])
     with pytest.raises(ValueError, match=f"hold {77 + MSL}-token text embeddings, but this sd3 teacher's are 333"):
         distill.make_distiller(cfg, folders["sd3"])
     cfg = images.load_config("digits", [f"data={out}", *RUN, "distill.iterations=2",
-                                        f"text.max_sequence_length={MSL}", "text.tap_block=0"])
+                                        f"teacher_options.max_sequence_length={MSL}", "teacher_options.tap_block=0"])
     d = distill.make_distiller(cfg, folders["sd3"])
     assert d.info["network"]["max_sequence_length"] == MSL and d.info["network"]["tap_block"] == 0
     training_loop(d, run_dir=tmp_path / "run", progress=False)
@@ -210,29 +210,34 @@ def test_prepare_latents_refuses_an_image_denoiser(tmp_path, monkeypatch):
 
 
 # -- 3. the text settings of flow teachers ---------------------------------------------------------------------------
-def test_text_config_checks_the_flow_settings():
-    assert TextConfig().max_sequence_length is None and TextConfig().flux_guidance == 3.5
-    assert TextConfig().tap_block is None
-    for bad, match in [({"max_sequence_length": 0}, "text.max_sequence_length must be null or an integer"),
-                       ({"max_sequence_length": 513}, "text.max_sequence_length"),
-                       ({"max_sequence_length": True}, "text.max_sequence_length"),
-                       ({"flux_guidance": 0.0}, "text.flux_guidance must be a positive number"),
-                       ({"flux_guidance": float("nan")}, "text.flux_guidance"),
-                       ({"flux_guidance": "3.5"}, "text.flux_guidance"),
-                       ({"tap_block": -1}, "text.tap_block must be null"),
-                       ({"tap_block": 1.5}, "text.tap_block")]:
+def test_flow_options_are_checked_and_old_text_keys_are_read_with_a_notice():
+    from fdistill.apps import images
+    from fdistill.teachers.flow_matching import FlowOptions
+
+    assert FlowOptions() == FlowOptions(None, None, None)
+    for bad, match in [({"max_sequence_length": 0}, "teacher_options.max_sequence_length must be null or an integer"),
+                       ({"max_sequence_length": True}, "teacher_options.max_sequence_length"),
+                       ({"guidance": 0.0}, "teacher_options.guidance must be null or a positive number"),
+                       ({"guidance": float("nan")}, "teacher_options.guidance"),
+                       ({"guidance": "3.5"}, "teacher_options.guidance"),
+                       ({"tap_block": -1}, "teacher_options.tap_block must be null"),
+                       ({"tap_block": 1.5}, "teacher_options.tap_block")]:
         with pytest.raises(ValueError, match=match) as e:
-            TextConfig(**bad)
+            FlowOptions(**bad)
         assert "\n" not in str(e.value)
+    with pytest.warns(FutureWarning, match="text.flux_guidance is deprecated: read as teacher_options.guidance=5.0"):
+        cfg = images.load_config("digits", ["text.flux_guidance=5.0", f"text.max_sequence_length={MSL}"])
+    assert cfg.teacher_options == {"guidance": 5.0, "max_sequence_length": MSL}
+    assert images.load_config("digits", ["text.flux_guidance=3.5"]).teacher_options == {}  # the old default
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "schnell"])
-def test_open_teacher_takes_the_text_settings_and_the_record_rebuilds_them(folders, family):
+def test_open_teacher_takes_the_options_and_the_record_rebuilds_them(folders, family):
     from fdistill.teachers.open import open_teacher, teacher_from_info
 
-    text = TextConfig(max_sequence_length=MSL, flux_guidance=5.0, tap_block=1)
-    teacher = open_teacher(folders[family], 16, text)
-    guidance = 5.0 if family == "flux" else None  # ignored without a guidance embedding
+    guidance = 5.0 if family == "flux" else None  # only FLUX.1-dev has a guidance embedding
+    options = {"max_sequence_length": MSL, "tap_block": 1, **({"guidance": guidance} if guidance else {})}
+    teacher = open_teacher(folders[family], 16, options)
     assert teacher.denoiser.guidance == guidance and teacher.denoiser.tap_block == 1
     assert teacher.text.max_sequence_length == MSL
     kw = teacher.info["network"]
@@ -240,27 +245,35 @@ def test_open_teacher_takes_the_text_settings_and_the_record_rebuilds_them(folde
     again = teacher_from_info(json.loads(json.dumps(teacher.info)))
     assert again.denoiser.guidance == guidance and again.denoiser.tap_block == 1
     assert again.text.max_sequence_length == MSL and again.denoiser._taps == teacher.denoiser._taps
-    default = open_teacher(folders[family], 16, TextConfig())
+    default = open_teacher(folders[family], 16)
     assert default.text.max_sequence_length == (256 if family == "sd3" else 512)
     assert default.denoiser.guidance == (3.5 if family == "flux" else None)
-    assert default.denoiser.tap_block == len(default.denoiser.blocks) // 2
+    assert default.denoiser.tap_block == len(default.denoiser.block_names) // 2
     with pytest.raises(ValueError, match=r"tap_block must be a block index in \[0, "):
-        open_teacher(folders[family], 16, TextConfig(tap_block=99))
+        open_teacher(folders[family], 16, {"tap_block": 99})
+    if family != "flux":
+        with pytest.raises(ValueError, match="guidance=3.5") as e:
+            open_teacher(folders[family], 16, {"guidance": 3.5})
+        assert "\n" not in str(e.value)
+    kind = "flux" if family == "schnell" else family
+    with pytest.raises(ValueError, match=f"teacher_options.shift is not an option of a {kind} teacher"):
+        open_teacher(folders[family], 16, {"shift": 3.0})
 
 
-def test_stable_diffusion_teachers_ignore_the_flow_settings(captioned, tmp_path):
+def test_stable_diffusion_teachers_refuse_the_flow_options(captioned, tmp_path):
     import t2i_pipelines
 
     from fdistill.apps import t2i
     from fdistill.data.latent_shards import LatentShards
+    from fdistill.teachers.families.stable_diffusion import SD15Teacher
     from fdistill.teachers.open import open_teacher
-    from fdistill.teachers.stable_diffusion import StableDiffusionTeacher
 
     folder = t2i_pipelines.sd15(tmp_path / "sd15")
-    teacher = open_teacher(folder, 16, TextConfig(max_sequence_length=8, flux_guidance=5.0, tap_block=3))
-    assert type(teacher) is StableDiffusionTeacher
-    assert teacher.info == open_teacher(folder, 16).info
-    out = t2i.prepare_latents(folder, captioned, tmp_path / "latents", 16, progress=False)  # still SD's own encoders
+    with pytest.raises(ValueError, match=r"teacher_options \['max_sequence_length'\] given, but a sd15 teacher takes"):
+        open_teacher(folder, 16, {"max_sequence_length": 8})
+    teacher = open_teacher(folder, 16)
+    assert type(teacher) is SD15Teacher and teacher.info["family"] == "sd15"
+    out = t2i.prepare_latents(folder, captioned, tmp_path / "latents", 16, progress=False)  # SD's own encoders
     shards = LatentShards(out)
     latents, cond, caption = shards[0]
     assert latents.shape == teacher.sample_shape and set(shards.cond_names) == {"embeds"}
@@ -273,7 +286,7 @@ def test_fsdp_shards_a_flow_transformer_by_its_blocks(folders, family):
     from fdistill.teachers.guidance import GuidedDenoiser
     from fdistill.training.distributed import _blocks
 
-    net = fm.FlowMatchingTeacher.open(folders[family], 16, max_sequence_length=MSL).denoiser
+    net = open_teacher(folders[family], 16, {"max_sequence_length": MSL}).denoiser
     t = net.transformer
     want = [*t.transformer_blocks, *(t.single_transformer_blocks if family == "flux" else [])]
     assert len(want) == (2 if family == "sd3" else 4)

@@ -18,9 +18,9 @@ import flow_pipelines  # noqa: E402
 from fdistill.core.diffusion import SigmaSampler, flow_sigmas  # noqa: E402
 from fdistill.data.conditions import TextCondition  # noqa: E402
 from fdistill.teachers import flow_matching as fm  # noqa: E402
+from fdistill.teachers.families.flux import image_ids  # noqa: E402
 from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
-from fdistill.teachers.loading import is_flow_pipeline_folder, is_pipeline_folder  # noqa: E402
-from fdistill.teachers.open import open_teacher  # noqa: E402
+from fdistill.teachers.open import family_of, open_teacher  # noqa: E402
 
 PROMPTS = ["a handwritten seven", "a photo of a cat on a bike"]
 MSL = 8  # T5 tokens in the tests (the pipelines' 256 / 512 work too, slower)
@@ -49,10 +49,10 @@ FAMILIES = pytest.mark.parametrize("family", ["sd3", "flux"])
 
 @FAMILIES
 def test_folders_load_offline_with_the_pipelines_prompt_encoding(folders, loaded, pipes, family):
-    assert is_pipeline_folder(folders[family]) and is_flow_pipeline_folder(folders[family])
+    assert family_of(folders[family]).kind == family
     teacher = open_teacher(folders[family], 16)
-    assert isinstance(teacher, fm.FlowMatchingTeacher) and teacher.kind == "flow_matching"
-    assert teacher.sample_shape == (4, 8, 8) and teacher.info["precond"] == "flow_matching"
+    assert isinstance(teacher, fm.FlowMatchingTeacher) and teacher.kind == family
+    assert teacher.sample_shape == (4, 8, 8) and teacher.info["family"] == family
     assert teacher.sigma_range == pytest.approx((0.001 / 0.999, 999.0))
     json.dumps(teacher.info)
     sd, pipe = loaded[family], pipes[family]
@@ -147,7 +147,7 @@ def test_flux_packing_round_trips_as_the_pipeline_packs(pipes):
     assert torch.equal(packed, pipe._pack_latents(x, 2, 4, 8, 6))
     assert torch.equal(fm.unpack_latents(packed, 8, 6), x)
     assert torch.equal(fm.unpack_latents(packed, 8, 6), pipe._unpack_latents(packed, 16, 12, 2))
-    assert torch.equal(fm.image_ids(8, 6), pipe._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32))
+    assert torch.equal(image_ids(8, 6), pipe._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32))
 
 
 @FAMILIES
@@ -156,7 +156,7 @@ def test_hooked_features_equal_the_full_forwards_and_features_stop_at_the_tap(lo
     net = sd.denoiser
     blocks = ["transformer_blocks.0", "transformer_blocks.1"] + (
         ["single_transformer_blocks.0", "single_transformer_blocks.1"] if family == "flux" else [])
-    assert net.blocks == blocks and net._taps == {4: blocks[len(blocks) // 2]}  # the middle block
+    assert net.block_names == blocks and net._taps == {4: blocks[len(blocks) // 2]}  # the middle block
     assert net.feature_channels() == {4: 32} and net.encoder_resolutions == [4]
     cond, x, s = sd.text(PROMPTS), torch.randn(2, *sd.latent_shape), torch.tensor([1.0, 2.0])
     seen = {}
@@ -252,7 +252,7 @@ def _cfg(*overrides):
 
 
 def test_students_are_checked_against_the_familys_guidance_and_schedule(folders):
-    flux, sd3 = fm.FlowMatchingTeacher.open(folders["flux"], 16), fm.FlowMatchingTeacher.open(folders["sd3"], 16)
+    flux, sd3 = open_teacher(folders["flux"], 16), open_teacher(folders["sd3"], 16)
     with pytest.raises(ValueError, match="guidance=2.0: FLUX.1 teachers are guidance-distilled"):
         flux.prepare_students([], _cfg("guidance=2.0"))
     flux.prepare_students([], _cfg("guidance=1.0"))
@@ -265,7 +265,7 @@ def test_lora_students_train_only_adapters_and_reload_fused(folders, family):
     import copy
 
     pytest.importorskip("peft")
-    teacher = fm.FlowMatchingTeacher.open(folders[family], 16, max_sequence_length=MSL)
+    teacher = open_teacher(folders[family], 16, {"max_sequence_length": MSL})
     student = copy.deepcopy(teacher.denoiser)
     teacher.prepare_students([student], _cfg("text.lora_rank=2", "text.gradient_checkpointing=true"))
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]

@@ -264,7 +264,7 @@ def sd15_folder(tmp_path_factory):
 def test_export_leaves_out_symlinks_naming_each(sd15_folder, tmp_path, monkeypatch):
     import shutil
 
-    from fdistill.teachers.stable_diffusion import export_pipeline, load_stable_diffusion
+    from fdistill.teachers.families.stable_diffusion import export_pipeline, load_stable_diffusion
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     outside = tmp_path / "outside"
@@ -293,7 +293,7 @@ def test_export_leaves_out_symlinks_naming_each(sd15_folder, tmp_path, monkeypat
 def test_export_from_a_hugging_face_snapshot_copies_its_blobs(sd15_folder, tmp_path, monkeypatch):
     """huggingface_hub stores every file of a snapshot as a link into the repository's blobs/: those are part
     of the model and are copied as files; a link elsewhere is still left out."""
-    from fdistill.teachers.stable_diffusion import export_pipeline, load_stable_diffusion
+    from fdistill.teachers.families.stable_diffusion import export_pipeline, load_stable_diffusion
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo = tmp_path / "models--tiny--sd15"

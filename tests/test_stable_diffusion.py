@@ -14,9 +14,9 @@ import t2i_pipelines  # noqa: E402
 
 from fdistill.core.diffusion import vp_sigmas  # noqa: E402
 from fdistill.data.conditions import TextCondition  # noqa: E402
+from fdistill.teachers.families.stable_diffusion import load_stable_diffusion  # noqa: E402
 from fdistill.teachers.guidance import GuidedDenoiser  # noqa: E402
-from fdistill.teachers.loading import is_pipeline_folder  # noqa: E402
-from fdistill.teachers.stable_diffusion import load_stable_diffusion  # noqa: E402
+from fdistill.teachers.open import family_of  # noqa: E402
 
 PROMPTS = ["a handwritten seven", "a photo of a cat on a bike"]
 
@@ -37,7 +37,7 @@ def folder(request, sd15_folder, sdxl_folder):
 
 
 def test_folders_load_offline_with_each_familys_conditioning(folder):
-    assert is_pipeline_folder(folder)
+    assert family_of(folder).kind in ("sd15", "sdxl")
     sd = load_stable_diffusion(folder)
     cond = sd.text(PROMPTS)
     if sd.denoiser.family == "sd15":

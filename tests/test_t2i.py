@@ -92,7 +92,7 @@ def test_reverse_kl_student_step_is_the_dmd2_update(pipes, captioned):
 def test_each_step_updates_only_its_networks(pipes, captioned):
     d = distiller(pipes["sdxl"], captioned, "distill.divergence=forward_kl")
     nets = {"generator": d.generator, "fake_score": d.fake_score, "discriminator": d.discriminator,
-            "teacher": d.teacher, "text": d.real_data.sd.text, "vae": d.real_data.sd.codec}
+            "teacher": d.teacher, "text": d.real_data.pipe.text, "vae": d.real_data.pipe.codec}
     before = {k: [p.detach().clone() for p in m.parameters()] for k, m in nets.items()}
 
     def changed():

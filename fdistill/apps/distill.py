@@ -49,7 +49,7 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
 
 def make_distiller(cfg, teacher_path: str | Path, dataset=None, device: str | torch.device = "cpu") -> Distiller:
     """``build_distiller`` for the teacher at ``teacher_path`` (a file, run folder, .pkl or diffusers folder)."""
-    return build_distiller(cfg, open_teacher(teacher_path, cfg.text.resolution, cfg.text), dataset, device)
+    return build_distiller(cfg, open_teacher(teacher_path, cfg.text.resolution, cfg.teacher_options), dataset, device)
 
 
 def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True
@@ -58,7 +58,7 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: boo
     eval mode, sigma_gen, the teacher it was distilled from: its sample shape, classes, text encoder, codec)."""
     meta = checkpoint.read_meta(run)
     info = meta["info"]
-    if "precond" not in info:
+    if "family" not in info and "precond" not in info:
         raise ValueError(f"checkpoint {run} holds no one-step generator (its meta.info names no network): "
                          "is it a train-teacher run's? Give a distill run folder or one of its checkpoints")
     try:

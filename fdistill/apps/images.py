@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from fdistill.data.sampler import ImageSampler
 from fdistill.data.writers import save_image_grid
 from fdistill.io import atomic_path
 from fdistill.teachers.base import Teacher, one_hot
-from fdistill.teachers.image_teacher import check_batch
+from fdistill.teachers.families.image import check_batch
 from fdistill.teachers.loading import TEACHER_FILE, build_network, save_network
 from fdistill.training.distiller import DistillConfig
 from fdistill.training.loop import training_loop
@@ -39,7 +40,8 @@ class ImageConfig:
     disc_head: str = "fdistill"  # or "fastgen": NVlabs/FastGen's head, the feature width kept (networks.heads)
     guidance: float = 1.0  # CFG scale of the distilled teacher (Table 5)
     sampler_steps: int = 18  # EDM Heun: 18 steps = 35 network evaluations
-    text: TextConfig = field(default_factory=TextConfig)  # text-to-image (a Stable Diffusion teacher)
+    text: TextConfig = field(default_factory=TextConfig)  # text-to-image (a pipeline teacher)
+    teacher_options: dict[str, Any] = field(default_factory=dict)  # the teacher family's own (its Options)
     student_dropout: float | None = 0.0  # dropout of generator and fake score; None keeps the teacher's (FastGen: 0)
 
     def __post_init__(self) -> None:
@@ -54,9 +56,15 @@ class ImageConfig:
             raise config.ConfigError(key, str(e)) from None
 
 
+# keys moved since they were written: old key -> (new key, its old default)
+RENAMED = {"text.max_sequence_length": ("teacher_options.max_sequence_length", None),
+           "text.flux_guidance": ("teacher_options.guidance", 3.5),
+           "text.tap_block": ("teacher_options.tap_block", None)}
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> ImageConfig:
     """The image pipeline's config: a preset name, a YAML file or a run folder, then ``key=value`` overrides."""
-    return config.load(ImageConfig, path, overrides)
+    return config.load(ImageConfig, path, overrides, renamed=RENAMED)
 
 
 # -- teacher training ---------------------------------------------------------------------------

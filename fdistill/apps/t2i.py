@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from fdistill.apps.distill import load_generator, sample_maker
 from fdistill.data.captions import open_captions
-from fdistill.data.conditions import TextConfig
 from fdistill.data.datasets import to_float, to_uint8
 from fdistill.data.latent_shards import LatentShardWriter
 from fdistill.data.writers import encode_png
@@ -64,13 +63,13 @@ def write_pngs(images: Tensor, prompts: list[str], out: str | Path, seed: int) -
 
 def prepare_latents(teacher_folder: str | Path, source: str | Path, out: str | Path, resolution: int | None = None,
                     batch_size: int = 16, shard_size: int = 1024, device: str | torch.device = "cpu",
-                    on_error: str = "skip", progress: bool = True, text: TextConfig | None = None) -> Path:
+                    on_error: str = "skip", progress: bool = True, options: dict | None = None) -> Path:
     """Encode a captioned dataset once into latent shards (VAE latents and text embeddings), resumable: samples
     already in ``out``'s index are skipped. Training reads the folder as its data (SDXL recipes do). Any
-    text-to-image teacher folder (SD1.5, SDXL, SD3, FLUX.1) encodes with its own VAE and text encoders; ``text``
-    (a run's ``TextConfig``) sets a flow teacher's T5 length, which training must then use too."""
+    text-to-image teacher folder encodes with its own VAE and text encoders; ``options`` (a run's
+    ``teacher_options``) sets e.g. a flow teacher's text length, which training must then use too."""
     device = torch.device(device)
-    teacher = open_teacher(teacher_folder, resolution, text)
+    teacher = open_teacher(teacher_folder, resolution, options)
     if not teacher.text_to_image:
         raise ValueError(f"prepare-latents needs a text-to-image pipeline folder (Stable Diffusion v1.5 / XL, SD3, "
                          f"FLUX.1), but {teacher_folder} is an image denoiser")

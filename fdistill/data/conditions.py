@@ -5,7 +5,6 @@ class-conditional run reads them without importing the text-to-image code."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -52,7 +51,8 @@ class TextCondition:
 
 @dataclass
 class TextConfig:
-    """Text-to-image settings, used when the teacher is a Stable Diffusion (XL), SD3 or FLUX.1 folder."""
+    """Text-to-image settings, used when the teacher is a text-to-image pipeline folder (a family's own settings
+    are its ``teacher_options``)."""
 
     prompts: str | None = None  # a prompts file (one per line) for the generator; None: the data's captions
     resolution: int | None = None  # image size in pixels; None: the teacher's (512 for SD1.5, 1024 for SDXL)
@@ -63,22 +63,10 @@ class TextConfig:
     # with lora_rank: generator and fake score are two LoRA adapters on one frozen base that is also the teacher
     # (one copy of the weights instead of three; fdistill.networks.shared_base)
     shared_base: bool = False
-    # flow-matching teachers (SD3, FLUX.1) only:
-    max_sequence_length: int | None = None  # T5 tokens; None: the pipeline's (SD3 256, FLUX 512)
-    flux_guidance: float = 3.5  # FLUX.1-dev's embedded guidance of teacher, generator, fake score (not schnell)
-    tap_block: int | None = None  # the transformer block the discriminator reads; None: the middle one
 
     def __post_init__(self) -> None:
         if self.on_bad_data not in ("skip", "error"):
             raise ValueError(f"on_bad_data must be 'skip' or 'error', got {self.on_bad_data!r}")
-        msl = self.max_sequence_length
-        if msl is not None and not (isinstance(msl, int) and not isinstance(msl, bool) and 1 <= msl <= 512):
-            raise ValueError(f"text.max_sequence_length must be null or an integer in [1, 512] (T5 tokens), "
-                             f"got {msl!r:.40}")
-        g = self.flux_guidance
-        if not (isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g > 0):
-            raise ValueError(f"text.flux_guidance must be a positive number (FLUX.1-dev's embedded guidance, "
-                             f"3.5 by default), got {g!r:.40}")
         if not isinstance(self.shared_base, bool):
             raise ValueError(f"text.shared_base must be true or false, got {self.shared_base!r:.40}")
         if self.shared_base and not self.lora_rank:
@@ -87,6 +75,3 @@ class TextConfig:
         if self.shared_base and self.gradient_checkpointing:
             raise ValueError("text.shared_base cannot be combined with text.gradient_checkpointing: a pass recomputed "
                              "in backward would run with another role's adapter switched on")
-        tap = self.tap_block
-        if tap is not None and not (isinstance(tap, int) and not isinstance(tap, bool) and tap >= 0):
-            raise ValueError(f"text.tap_block must be null (the middle block) or a block index >= 0, got {tap!r:.40}")

@@ -550,6 +550,10 @@ class _Precond(DenoiserDefaults, nn.Module):
     def coefficients(self, sigma: Tensor) -> tuple[Tensor | float, Tensor | float, Tensor | float, Tensor]:
         raise NotImplementedError
 
+    def blocks(self) -> list[nn.Module]:
+        """The UNet's encoder and decoder blocks: the units FSDP shards."""
+        return [*self.model.enc.values(), *self.model.dec.values()]
+
     def forward(
         self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None, force_fp32: bool = False,
         return_features: bool | str = False, **model_kwargs,

@@ -1,11 +1,16 @@
 """Feature taps: the bookkeeping of which intermediate activations a denoiser hands the discriminator
-heads (App. B), shared by the EDM UNets and the diffusers adapters."""
+heads (App. B), shared by the EDM UNets and the diffusers adapters; and the one mechanism that reads them from a
+wrapped network's blocks (``HookedTaps``: forward hooks, an early stop, attention with a double backward for R1)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from fdistill.networks.attention import twice_differentiable
 
 
 class FeatureTaps(nn.Module):
@@ -48,6 +53,50 @@ class FeatureTaps(nn.Module):
 
     def _wanted_taps(self, return_features: bool) -> dict[str, int]:
         return {self._taps[r]: r for r in self._feature_resolutions} if return_features else {}
+
+
+class StopForward(Exception):
+    """Raised by a feature hook once every wanted feature is captured (``features()`` skips the rest)."""
+
+
+class HookedTaps(FeatureTaps):
+    """Taps on named blocks of a wrapped network (a diffusers UNet or transformer), captured by transient forward
+    hooks, so the module stays deep-copyable and new library versions keep working. A subclass says which block
+    each tap is (``_taps``: {key: block name}) and what a block's output hands the heads (``_tap_output``)."""
+
+    def _tap_output(self, name: str, module: nn.Module, output) -> Tensor:
+        """The feature of block ``name``: its output (the first element of a tuple)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def _run_tapped(self, root: nn.Module, call: Callable[[], Tensor], x: Tensor, return_features: bool | str
+                    ) -> tuple[Tensor | None, dict]:
+        """``(call(), features)`` with the wanted taps of ``root``'s blocks captured as float32; with
+        ``return_features="only"``: ``(None, features)``, the network stopped after its last wanted block. When
+        features are taken of an input that requires grad (R1), attention runs on PyTorch's math kernel, the one
+        with a double backward."""
+        features: dict = {}
+        wanted = self._wanted_taps(bool(return_features))
+        if return_features == "only" and not wanted:
+            return None, features
+
+        def tap(name: str):
+            def hook(module: nn.Module, args, output) -> None:
+                features[wanted[name]] = self._tap_output(name, module, output).to(torch.float32)
+                if return_features == "only" and len(features) == len(wanted):
+                    raise StopForward
+            return hook
+
+        twice = bool(wanted) and torch.is_grad_enabled() and x.requires_grad
+        handles = [root.get_submodule(name).register_forward_hook(tap(name)) for name in wanted]
+        try:
+            with twice_differentiable() if twice else contextlib.nullcontext():
+                out = call()
+        except StopForward:
+            out = None
+        finally:
+            for h in handles:
+                h.remove()
+        return (None if return_features == "only" else out), features
 
 
 TAP_ROLES = {"mid": "the lowest encoder resolution: the UNet's bottleneck (its mid block in diffusers' UNets)"}

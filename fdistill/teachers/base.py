@@ -1,21 +1,21 @@
 """One object per teacher, whatever its family: what ``teachers.open.open_teacher(path)`` returns and what
 everything downstream (the distiller, sampling, export, evaluation) dispatches on, once.
 
-A family is one adapter module holding a ``Teacher`` subclass: how to open its files (``open``), how a
-checkpoint's record rebuilds it (``from_info``), which real data it trains on (``open_data``), how its students
-are prepared (``prepare_students``), reloaded (``load_student``) and exported (``export``). The families:
-``teachers.image_teacher`` (EDM-style image networks: fdistill's own teachers, NVlabs/edm .pkl snapshots,
-diffusers pixel UNets), ``teachers.stable_diffusion`` (Stable Diffusion v1.5 / SDXL pipelines, latent and
-text-conditional UNets on the VP schedule) and ``teachers.flow_matching`` (SD3 / SD3.5 and FLUX.1 dev / schnell
-pipelines: rectified-flow transformers, D = x_t - t v). ``teachers.open`` picks the family.
+A family is one module in ``fdistill/teachers/families/`` holding a ``Teacher`` subclass decorated with
+``@register``: its name (``kind``, recorded as a checkpoint's ``info["family"]``), how it recognises a path
+(``recognises``), how to open it (``open``) and how a checkpoint's record rebuilds it (``from_info``), its options
+(``Options``: a dataclass, set by the config's ``teacher_options:``), which real data it trains on (``open_data``),
+how its students are prepared (``prepare_students``), reloaded (``load_student``) and exported (``export``).
+``teachers.open`` imports every module of that folder and asks the registered families in turn.
 """
 
 from __future__ import annotations
 
 import copy
 import numbers
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,40 @@ class Teacher:
     sigma_range: tuple[float, float] = (0.002, 80.0)  # EDM's sampler (Karras et al. 2022)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    kind = "teacher"  # the family's name (class attribute)
+    kind: ClassVar[str] = "teacher"  # the family's name: a checkpoint's info["family"]
+    Options: ClassVar[type | None] = None  # the family's options (a dataclass), from ``teacher_options:``
+    order: ClassVar[int] = 50  # families are asked in this order whether they recognise a path (catch-alls last)
+
+    @classmethod
+    def recognises(cls, path: str | Path) -> bool:
+        """Whether ``path`` holds a teacher of this family (read cheaply: a file name, a JSON field)."""
+        return False
+
+    @classmethod
+    def open(cls, path: str | Path, resolution: int | None = None, options: dict | None = None) -> Teacher:
+        """The teacher at ``path`` (at ``resolution`` pixels where the family can change it), with ``options``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_info(cls, info: dict, where: str = "the checkpoint") -> Teacher:
+        """The teacher a checkpoint's ``info`` records (``where`` names the checkpoint in errors)."""
+        raise NotImplementedError
+
+    @classmethod
+    def parse_options(cls, options: dict | None) -> Any:
+        """``options`` (the config's ``teacher_options:``, a mapping) as this family's ``Options``, checked in one
+        place; a key the family does not know is refused naming the ones it does."""
+        options = dict(options or {})
+        if cls.Options is None:
+            if options:
+                raise ValueError(f"teacher_options {sorted(options)} given, but a {cls.kind} teacher takes none")
+            return None
+        known = [f.name for f in fields(cls.Options)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"teacher_options.{unknown[0]} is not an option of a {cls.kind} teacher; expected one "
+                             f"of: {', '.join(known)}")
+        return cls.Options(**options)
 
     @property
     def text_to_image(self) -> bool:
@@ -85,13 +118,13 @@ class Teacher:
     def export(self, generator: nn.Module, out, sigma_gen: float | None = None) -> str:
         """Write the one-step ``generator`` (evaluated at ``sigma_gen``, default its sigma_max) as another
         library's model folder; returns the line to print."""
-        raise ValueError(f"{self.source} is not a text-to-image run: --diffusers exports Stable Diffusion, SD3 and "
-                         "FLUX.1 students")
+        raise ValueError(f"{self.source} is a {self.kind} teacher: --diffusers exports the students of text-to-image "
+                         "pipelines only")
 
     def shared_students(self, cfg) -> tuple[nn.Module, list[nn.Module]]:
         """``text.shared_base``: (the teacher's network, [generator, fake score]) sharing one copy of weights."""
-        raise ValueError(f"text.shared_base needs a Stable Diffusion, SD3 or FLUX.1 teacher (LoRA on its diffusers "
-                         f"network), not {self.source}")
+        raise ValueError(f"text.shared_base needs a text-to-image pipeline teacher (LoRA on its diffusers network), "
+                         f"not {self.source} (a {self.kind} teacher)")
 
     def student_info(self, cfg) -> dict:
         """What a checkpoint records about the students beyond ``info`` (e.g. their LoRA rank)."""
@@ -106,3 +139,15 @@ class Teacher:
         net = self.student_network()
         net.load_state_dict(weights)
         return net
+
+
+FAMILIES: dict[str, type[Teacher]] = {}  # kind -> family, filled by @register as teachers.open imports the modules
+
+
+def register(cls: type[Teacher]) -> type[Teacher]:
+    """Class decorator: make ``cls`` a teacher family (``teachers.open`` asks it about paths and records)."""
+    if cls.kind in FAMILIES and FAMILIES[cls.kind] is not cls:
+        raise ValueError(f"two teacher families are named {cls.kind!r}: {FAMILIES[cls.kind].__module__} and "
+                         f"{cls.__module__}")
+    FAMILIES[cls.kind] = cls
+    return cls

@@ -22,7 +22,6 @@ diffusers is an optional dependency: ``pip install 'fdistill[diffusers]'``.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -34,8 +33,7 @@ from torch import Tensor, nn
 
 from fdistill.core.protocols import DenoiserDefaults
 from fdistill.io import read_json_object
-from fdistill.networks.attention import twice_differentiable
-from fdistill.networks.taps import FeatureTaps
+from fdistill.networks.taps import HookedTaps
 
 INSTALL_HINT = "pip install 'fdistill[diffusers]'"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -143,11 +141,7 @@ def alphas_cumprod(scheduler_config: dict | None) -> Tensor:
     return sched.alphas_cumprod.to(torch.float64).clamp(min=MIN_ALPHA_CUMPROD)
 
 
-class _StopForward(Exception):
-    """Raised by a feature hook once every wanted feature is captured (``features()`` skips the rest)."""
-
-
-class VPUNetDenoiser(DenoiserDefaults, FeatureTaps):
+class VPUNetDenoiser(DenoiserDefaults, HookedTaps):
     """A diffusers UNet of a variance-preserving (DDPM) schedule behind fdistill's denoiser interface
     ``net(x, sigma, cond)``; subclasses say how the UNet is called (``_call``) and where its taps are.
 
@@ -165,10 +159,9 @@ class VPUNetDenoiser(DenoiserDefaults, FeatureTaps):
     (lambda ~ 1/sigma^2: DDPM's plain eps-MSE, the VP loss of Table 1, how the teacher was trained),
     1 for ``v_prediction`` (exact) and EDM's 0.5 for ``sample``. It is not the data's std here.
 
-    Discriminator features are captured by transient forward hooks on the UNet's blocks (so the module
-    stays deep-copyable and new diffusers versions keep working); ``features()`` stops the UNet after
-    the last wanted block. When features are requested for an input that requires grad (R1), attention
-    runs on PyTorch's math kernel, the one with a double backward.
+    Discriminator features are captured by hooks on the UNet's blocks (``networks.taps.HookedTaps``);
+    ``features()`` stops the UNet after the last wanted block. The units FSDP shards and checkpointing
+    recomputes (``blocks``) are the down, mid and up blocks.
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon",
@@ -219,6 +212,16 @@ class VPUNetDenoiser(DenoiserDefaults, FeatureTaps):
             return t.round().long()
         return t.to(torch.float32)
 
+    def blocks(self) -> list[nn.Module]:
+        """The UNet's down, mid and up blocks: the units FSDP shards."""
+        return [*self.unet.down_blocks, *([self.unet.mid_block] if self.unet.mid_block is not None else []),
+                *self.unet.up_blocks]
+
+    def default_sigmas(self) -> dict:
+        """The teacher's own noise levels for distillation (``core.diffusion.SigmaSampler``): its training
+        timesteps, index uniform in [1, T - 1] as FastGen and DMD2 draw them for Stable Diffusion."""
+        return {"schedule": "vp_teacher", "index_range": [1, len(self.log_sigmas) - 1]}
+
     # -- what a subclass says -------------------------------------------------------------------
     def _call(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """The UNet's raw output for input x_t at timestep t under ``cond``."""
@@ -230,7 +233,7 @@ class VPUNetDenoiser(DenoiserDefaults, FeatureTaps):
         downsampled map: take the last full-resolution one. Any other block's output is the feature."""
         if name.startswith("down_blocks."):
             return output[1][len(module.resnets) - 1]
-        return output[0] if isinstance(output, tuple) else output
+        return super()._tap_output(name, module, output)
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(
@@ -251,32 +254,8 @@ class VPUNetDenoiser(DenoiserDefaults, FeatureTaps):
         s = sigma_in.to(torch.float32).reshape(-1, 1, 1, 1)
         x_t = x / (1 + s**2).sqrt()
 
-        features: dict[int, Tensor] = {}
-        wanted = {self._taps[r]: r for r in self._feature_resolutions} if return_features else {}
-        if return_features == "only" and not wanted:
-            return None, features
-        handles = []
-
-        def tap(name: str):
-            def hook(module: nn.Module, args, output) -> None:
-                features[wanted[name]] = self._tap_output(name, module, output).to(torch.float32)
-                if return_features == "only" and len(features) == len(wanted):
-                    raise _StopForward
-            return hook
-
-        # Features with a gradient to the input (R1): use attention that can be differentiated twice.
-        twice = bool(wanted) and torch.is_grad_enabled() and x.requires_grad
-        try:
-            for name in wanted:
-                handles.append(self.unet.get_submodule(name).register_forward_hook(tap(name)))
-            with twice_differentiable() if twice else contextlib.nullcontext():
-                out = self._call(x_t, t, cond)
-        except _StopForward:
-            out = None
-        finally:
-            for h in handles:
-                h.remove()
-        if out is None or return_features == "only":
+        out, features = self._run_tapped(self.unet, lambda: self._call(x_t, t, cond), x, return_features)
+        if out is None:
             return None, features
         out = out.to(torch.float32)
         if self.learned_variance:

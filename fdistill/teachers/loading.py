@@ -47,32 +47,6 @@ def save_network(net: nn.Module, precond: str, kwargs: dict, path: str | Path) -
     return path
 
 
-FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # teachers.flow_matching's families
-
-
-def pipeline_class(path: str | Path) -> str:
-    """The ``_class_name`` that ``path``'s model_index.json names ("" when there is none or it is unreadable)."""
-    index = Path(path) / "model_index.json"
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, ValueError, AttributeError, RecursionError):  # unreadable: not a pipeline (its loader says why)
-        return ""
-    return name if isinstance(name, str) else ""
-
-
-def is_flow_pipeline_folder(path: str | Path) -> bool:
-    """Whether ``path`` is an SD3 / FLUX.1 pipeline folder: a flow-matching text-to-image teacher
-    (``flow_matching.load_flow_pipeline``)."""
-    return pipeline_class(path) in FLOW_PIPELINES
-
-
-def is_pipeline_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a text-to-image pipeline folder: its model_index.json names a StableDiffusion* class
-    (``stable_diffusion.load_stable_diffusion`` says which it supports) or a flow-matching pipeline (SD3, FLUX)."""
-    name = pipeline_class(path)
-    return name.startswith("StableDiffusion") or name in FLOW_PIPELINES
-
-
 def _what_is_there(path: Path) -> str:
     if not path.exists():
         return "nothing is there"

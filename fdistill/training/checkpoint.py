@@ -225,13 +225,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"{where}.{key} must be {'a mapping' if kind is dict else 'an integer'}, got "
                              f"{meta[key]!r:.80}")
     info = meta["info"]
-    if "precond" in info or "network" in info:
-        if not (isinstance(info.get("precond"), str) and isinstance(info.get("network"), dict)):
-            raise ValueError(f"{where}.info must hold 'precond' (a name) and 'network' (the generator's "
+    if "family" in info or "precond" in info or "network" in info:
+        name = info.get("family", info.get("precond"))
+        if not (isinstance(name, str) and isinstance(info.get("network"), dict)):
+            raise ValueError(f"{where}.info must hold 'family' (a name) and 'network' (the generator's "
                              "constructor kwargs)")
         from fdistill.networks.edm import PRECONDS
 
-        if info["precond"] in PRECONDS:
+        if info.get("precond") in PRECONDS:
             from fdistill.networks.edm_kwargs import check_network_kwargs
 
             try:

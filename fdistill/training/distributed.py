@@ -136,20 +136,12 @@ def same_on_all_ranks(module: nn.Module) -> bool:
 
 # -- sharded data parallel (FSDP2) -----------------------------------------------------------------------------
 def _blocks(module: nn.Module) -> list[nn.Module]:
-    """The units a network is sharded by: a diffusers UNet's down/mid/up blocks, a flow transformer's (SD3,
-    FLUX.1: ``teachers.flow_matching.FlowTransformerDenoiser``) transformer blocks then single blocks, an EDM
-    UNet's encoder and decoder blocks, else the network's direct children."""
+    """The units a network is sharded by: what its denoiser names (``blocks()``, the ``core.protocols.Denoiser``
+    contract: a diffusers UNet's down/mid/up blocks, a transformer's blocks, an EDM UNet's encoder and decoder
+    blocks), else its direct children."""
     inner = getattr(module, "net", module)  # a guided teacher
-    unet = getattr(inner, "unet", None)
-    if unet is not None:
-        return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    transformer = getattr(inner, "transformer", None)
-    if transformer is not None and hasattr(transformer, "transformer_blocks"):
-        return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
-    model = getattr(inner, "model", None)
-    if model is not None and hasattr(model, "enc"):
-        return [*model.enc.values(), *model.dec.values()]
-    return list(inner.children())
+    blocks = getattr(inner, "blocks", None)
+    return list(blocks()) if callable(blocks) else list(inner.children())
 
 
 def shard(module: nn.Module) -> nn.Module:

@@ -1,5 +1,6 @@
 """The image family: EDM-style pixel denoisers (fdistill's own teachers, NVlabs/edm ``.pkl`` snapshots,
-diffusers pixel UNets), class-conditional or not, trained against an image dataset (App. B)."""
+diffusers pixel UNets), class-conditional or not, trained against an image dataset (App. B). It is asked last
+about a path and takes any: ``teachers.loading.load_network`` says in one line why a path is not a teacher."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from fdistill.data.datasets import ImageDataset, load_dataset
 from fdistill.data.sampler import ImageSampler
-from fdistill.teachers.base import Teacher
+from fdistill.teachers.base import Teacher, register
 from fdistill.teachers.loading import build_network, load_network
 
 
@@ -46,14 +47,22 @@ def set_dropout(net: nn.Module, p: float) -> None:
             m.dropout = p
 
 
+@register
 class ImageTeacher(Teacher):
-    """A pixel-space denoiser; ``info`` = {"precond": EDM preconditioning class or "diffusers", "network": its
-    constructor kwargs} (``teachers.loading``)."""
+    """A pixel-space denoiser; ``info`` = {"family": "image", "precond": EDM preconditioning class or "diffusers",
+    "network": its constructor kwargs} (``teachers.loading``)."""
 
     kind = "image"
+    order = 100  # the catch-all
 
     @classmethod
-    def open(cls, path: str | Path) -> ImageTeacher:
+    def recognises(cls, path: str | Path) -> bool:
+        return True
+
+    @classmethod
+    def open(cls, path: str | Path, resolution: int | None = None, options: dict | None = None) -> ImageTeacher:
+        """The denoiser at ``path``; its resolution is the network's own (``resolution`` is not used)."""
+        cls.parse_options(options)
         net, precond, kwargs = load_network(path)
         return cls._make(net, precond, kwargs, str(path))
 
@@ -65,7 +74,7 @@ class ImageTeacher(Teacher):
     @classmethod
     def _make(cls, net: nn.Module, precond: str, kwargs: dict, source: str) -> ImageTeacher:
         r, c = kwargs["img_resolution"], kwargs["img_channels"]
-        return cls(net.eval(), (c, r, r), {"precond": precond, "network": kwargs}, source,
+        return cls(net.eval(), (c, r, r), {"family": cls.kind, "precond": precond, "network": kwargs}, source,
                    label_dim=kwargs.get("label_dim", 0))
 
     def open_data(self, cfg, device: torch.device, dataset: ImageDataset | None = None) -> ImageSampler:
