@@ -13,17 +13,20 @@ from torch import Tensor
 
 @dataclass
 class TextCondition:
-    """Text conditioning of a latent text-to-image UNet, batch first.
+    """Text conditioning of a latent text-to-image network, batch first; only ``embeds`` is always there.
 
-    ``embeds``: the text encoder's token embeddings (B, 77, D): CLIP-L's last hidden state for Stable
-    Diffusion v1.5 (D = 768); for SDXL the penultimate hidden states of both encoders concatenated
-    (D = 768 + 1280). SDXL also takes ``pooled``, the second encoder's projected embedding (B, 1280), and
-    ``time_ids`` (B, 6): original size, crop corner and target size.
+    ``embeds``: the text encoder's token embeddings (B, L, D): CLIP-L's last hidden state for Stable
+    Diffusion v1.5 (L = 77, D = 768); for SDXL the penultimate hidden states of both encoders concatenated
+    (D = 768 + 1280). ``pooled``: a vector per prompt (SDXL: the second encoder's projected embedding (B, 1280);
+    SD3 and FLUX.1 have one too). ``time_ids`` (B, 6): SDXL's original size, crop corner and target size.
+    ``mask`` (B, L): 1 at the prompt's tokens, 0 at padding, for encoders whose states are masked (Gemma-2 in
+    SANA, Qwen2.5-VL in Qwen-Image, umT5 in Wan); absent where the pipeline passes none.
     """
 
     embeds: Tensor
     pooled: Tensor | None = None
     time_ids: Tensor | None = None
+    mask: Tensor | None = None
 
     def _map(self, fn) -> TextCondition:
         return TextCondition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
@@ -36,7 +39,10 @@ class TextCondition:
         return len(self.embeds)
 
     def to(self, *args, **kwargs) -> TextCondition:
-        return self._map(lambda t: t.to(*args, **kwargs))
+        """Moved (and floating tensors cast) as ``Tensor.to``; the mask keeps its integer dtype."""
+        device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        return self._map(lambda t: t.to(*args, **kwargs) if t.is_floating_point() else
+                         t if device is None else t.to(device))
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensors by name (for latent shards and checkpoints)."""
