@@ -33,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    cfg = toy.load_config(overrides=[f"distill.iterations={args.iterations}", *args.overrides])
+    cfg = toy.load_toy_config(overrides=[f"distill.iterations={args.iterations}", *args.overrides])
     runs = args.runs.split(",")
     out = Path(args.out)
     mixture = toy.build_mixture(cfg)

@@ -9,7 +9,7 @@ from fdistill.apps import cli
 from fdistill.apps import lab2d as toy
 from fdistill.evaluation.metrics import mode_coverage, precision_recall
 
-CFG = toy.load_config()
+CFG = toy.load_toy_config()
 MIX = toy.build_mixture(CFG)
 
 
@@ -76,7 +76,7 @@ def test_demo_reads_a_users_mixture_over_the_preset(tmp_path, capsys):
     mine = {"mixture": {"means": [[0.0, 0.0, 0.0], [4.0, 0.0, 1.0], [0.0, 4.0, -1.0]], "stds": [0.5, 0.5, 0.5],
                         "weights": [0.5, 0.3, 0.2]}}
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
-    cfg = toy.load_config(tmp_path / "mine.yaml")
+    cfg = toy.load_toy_config(tmp_path / "mine.yaml")
     assert cfg.distill.iterations == CFG.distill.iterations and cfg.distill.gan_weight == CFG.distill.gan_weight
     code = cli.main(["demo", "--config", str(tmp_path / "mine.yaml"), "--out", str(tmp_path / "run"), "--no-progress",
                      "teacher.steps=40", "teacher.hidden=32", "distill.iterations=6", "distill.batch_size=64",
@@ -94,10 +94,10 @@ def test_demo_reads_a_users_mixture_over_the_preset(tmp_path, capsys):
 def test_fig3_map_shows_the_trainers_weights():
     """The Fig. 3 weight map is Alg. 1 lines 6-8 as the trainer computes them (the ratio clipped, divided
     by the trainer's stored bin mean, then h), divided by the mean of h over noisy generator samples."""
-    cfg = toy.load_config(overrides=["teacher.hidden=32", "teacher.steps=30", "distill.iterations=10",
+    cfg = toy.load_toy_config(overrides=["teacher.hidden=32", "teacher.steps=30", "distill.iterations=10",
                                      "distill.batch_size=128", "distill.divergence=forward_kl"])
     mixture = toy.build_mixture(cfg)
-    d = toy.make_distiller("forward_kl", mixture, toy.train_mlp_teacher(mixture, cfg.teacher, progress=False), cfg, 0)
+    d = toy.toy_distiller("forward_kl", mixture, toy.train_mlp_teacher(mixture, cfg.teacher, progress=False), cfg, 0)
     toy.training_loop(d, progress=False)
     sigma, before = 0.5, d.ratio_norm.bin_mean.clone()
     torch.manual_seed(0)

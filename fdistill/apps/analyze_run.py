@@ -37,7 +37,7 @@ def rebuild(run_dir: str | Path) -> Distiller:
         cfg = lab2d.config_from_record(record)
         mixture = lab2d.build_mixture(cfg)
         mlp = lab2d.cached_teacher(mixture, cfg, run_dir.parent, progress=False)
-        d = lab2d.make_distiller(record["run"]["name"], mixture, mlp, cfg, cfg.seed)
+        d = lab2d.toy_distiller(record["run"]["name"], mixture, mlp, cfg, cfg.seed)
     elif command == "distill":
         from fdistill.apps import distill, images
 

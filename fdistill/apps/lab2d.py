@@ -77,7 +77,7 @@ class ToyConfig:
     seed: int = 0
 
 
-def load_config(path: str | Path = PRESET, overrides: list[str] = ()) -> ToyConfig:
+def load_toy_config(path: str | Path = PRESET, overrides: list[str] = ()) -> ToyConfig:
     """The lab's config: ``path`` read over the ``toy2d`` preset (so a file may hold only a mixture),
     then the ``key=value`` overrides."""
     own = isinstance(path, (str, Path)) and Path(path) == PRESET
@@ -130,7 +130,7 @@ def cached_teacher(mixture: GaussianMixture, cfg: ToyConfig, cache_dir: Path, pr
 
 
 # -- distillation -------------------------------------------------------------------------------
-def make_distiller(run: str, mixture: GaussianMixture, mlp: MLPDenoiser, cfg: ToyConfig, seed: int) -> Distiller:
+def toy_distiller(run: str, mixture: GaussianMixture, mlp: MLPDenoiser, cfg: ToyConfig, seed: int) -> Distiller:
     """Generator and fake score start as copies of the trained MLP; the teacher is the MLP or the GMM."""
     dcfg = copy.deepcopy(cfg.distill)
     dcfg.seed = seed
@@ -161,7 +161,7 @@ def run_one(run: str, mixture, mlp, cfg: ToyConfig, seed: int, progress: bool = 
     """Distill one generator and evaluate its EMA samples. Returns (metrics, distiller, the samples scored).
     With ``run_dir``, the run is written there (config.yaml, log.jsonl, checkpoint) for ``analyze-run``."""
     t0 = time.perf_counter()
-    d = make_distiller(run, mixture, mlp, cfg, seed)
+    d = toy_distiller(run, mixture, mlp, cfg, seed)
     if run_dir is not None:
         run_folder.clear(run_dir)  # a demo always starts afresh
         run_folder.write(run_dir, "demo", cfg, name=run)

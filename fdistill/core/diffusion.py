@@ -96,7 +96,9 @@ class SigmaSampler:
     t is uniform over its timesteps as FastGen and DMD2 draw them for Stable Diffusion; ``flow`` is for
     rectified-flow teachers (SD3, FLUX.1): t uniform on a grid over [``t_min``, ``t_max``], sigma =
     ``shift`` t / (1 - t) (``flow_sigmas``), ascending like the DDPM grids (index_range [0, 999] of 1000 levels
-    is FastGen's t in [0.001, 0.999]).
+    is FastGen's t in [0.001, 0.999]). ``teacher`` (the default of a distillation config) is the teacher's own
+    schedule, ``Denoiser.default_sigmas()`` (``resolve``): Karras for EDM networks, a DDPM teacher's timesteps,
+    a flow teacher's t grid with its scheduler's shift; naming any other schedule overrides it.
     """
 
     sigma_min: float = 0.002
@@ -114,7 +116,9 @@ class SigmaSampler:
     def __post_init__(self) -> None:
         from fdistill import checks
 
-        checks.choice("schedule", self.schedule, ("karras", "scaled_linear", "linear", "flow"))
+        checks.choice("schedule", self.schedule, ("teacher", "karras", "scaled_linear", "linear", "flow"))
+        if self.schedule == "teacher":  # resolved against the teacher (``resolve``) before it is used
+            return
         checks.integer("num_levels", self.num_levels, 2, MAX_LEVELS)
         if self.schedule == "karras":
             checks.number("sigma_min", self.sigma_min, 0, low_open=True)
@@ -141,6 +145,22 @@ class SigmaSampler:
             self.grid = flow_sigmas(self.num_levels, self.t_min, self.t_max, self.shift).float()
         else:
             self.grid = vp_sigmas(self.num_levels, self.beta_start, self.beta_end, self.schedule).float()
+
+    def resolve(self, teacher_defaults: dict) -> SigmaSampler:
+        """This schedule, or for ``schedule: teacher`` the teacher's own (``teacher_defaults``: SigmaSampler fields,
+        its ``default_sigmas()``; empty for EDM's Karras levels)."""
+        return SigmaSampler(**teacher_defaults) if self.schedule == "teacher" else self
+
+    @property
+    def grid(self) -> Tensor:
+        if self.schedule == "teacher":
+            raise ValueError("distill.sigmas.schedule=teacher is resolved against a teacher (SigmaSampler.resolve) "
+                             "before its levels are read")
+        return self._grid
+
+    @grid.setter
+    def grid(self, value: Tensor) -> None:
+        self._grid = value
 
     @property
     def support(self) -> Tensor:

@@ -217,11 +217,6 @@ class VPUNetDenoiser(DenoiserDefaults, HookedTaps):
         return [*self.unet.down_blocks, *([self.unet.mid_block] if self.unet.mid_block is not None else []),
                 *self.unet.up_blocks]
 
-    def default_sigmas(self) -> dict:
-        """The teacher's own noise levels for distillation (``core.diffusion.SigmaSampler``): its training
-        timesteps, index uniform in [1, T - 1] as FastGen and DMD2 draw them for Stable Diffusion."""
-        return {"schedule": "vp_teacher", "index_range": [1, len(self.log_sigmas) - 1]}
-
     # -- what a subclass says -------------------------------------------------------------------
     def _call(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """The UNet's raw output for input x_t at timestep t under ``cond``."""

@@ -11,6 +11,7 @@ The discriminator D_lambda is a head on the frozen teacher's features (App. B).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,7 @@ class DistillConfig:
     ratio_binning: str = "equal_mass"  # or "linear" (FastGen)
     ratio_ema: float = 0.0
     fake_score_weighting: str = "edm"  # or "none" (FastGen's plain MSE)
-    sigmas: SigmaSampler = field(default_factory=SigmaSampler)
+    sigmas: SigmaSampler = field(default_factory=lambda: SigmaSampler(schedule="teacher"))  # the teacher's own
     generator_sigma: float | None = None  # sigma the generator is evaluated at; None = the schedule's largest
     ema_beta: float | None = 0.999  # EMA of the generator; None: no EMA (FastGen and DMD2 for text-to-image)
     # When the EMA moves: "iteration", after every iteration, critic iterations included (NVlabs/FastGen's
@@ -189,6 +190,8 @@ class Distiller:
         sample_cond: Callable[[int, slice], Tensor | None] = lambda n, part: None,
         device: str | torch.device = "cpu",
     ) -> None:
+        defaults = getattr(teacher, "default_sigmas", dict)()  # the teacher's own noise levels (Denoiser contract)
+        cfg = dataclasses.replace(cfg, sigmas=cfg.sigmas.resolve(defaults))
         self.cfg, self.device = cfg, torch.device(device)
         self.real_data, self.sample_cond, self.sample_shape = real_data, sample_cond, tuple(sample_shape)
         self.divergence = divergences.get(cfg.divergence)  # resolved once: a custom h builds its f here

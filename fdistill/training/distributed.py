@@ -141,7 +141,9 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
     blocks), else its direct children."""
     inner = getattr(module, "net", module)  # a guided teacher
     blocks = getattr(inner, "blocks", None)
-    return list(blocks()) if callable(blocks) else list(inner.children())
+    if callable(blocks) and not isinstance(blocks, nn.Module):
+        return list(blocks())
+    return list(inner.children())
 
 
 def shard(module: nn.Module) -> nn.Module:

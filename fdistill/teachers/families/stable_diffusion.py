@@ -41,10 +41,11 @@ class LatentUNetDenoiser(VPUNetDenoiser):
 
     family = "sd15"
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon",
-                 null_embeds: Tensor | None = None, sigma_data: float | None = None) -> None:
-        super().__init__(unet, alphas_cumprod, prediction_type, sigma_data)
-        self.label_dim = 0
+    def __init__(self, unet: nn.Module, scheduler_config: dict, null_embeds: Tensor | None = None,
+                 sigma_data: float | None = None) -> None:
+        super().__init__(unet, alphas_cumprod(scheduler_config), scheduler_config.get("prediction_type", "epsilon"),
+                         sigma_data)
+        self.label_dim, self.scheduler_config = 0, dict(scheduler_config)
         if null_embeds is not None:  # SD1.5's unconditional condition: the encoded empty prompt (1, 77, D)
             self.register_buffer("null_embeds", null_embeds.detach().float(), persistent=False)
         channels = list(unet.config["block_out_channels"])
@@ -54,6 +55,17 @@ class LatentUNetDenoiser(VPUNetDenoiser):
         self._taps[self.img_resolution >> (n - 1)] = "mid_block"
         self._tap_channels[self.img_resolution >> (n - 1)] = int(channels[-1])
         self._init_taps()
+
+    def default_sigmas(self) -> dict:
+        """The teacher's own noise levels: its training timesteps (a linear or scaled_linear DDPM schedule),
+        index uniform in [1, T - 1] as FastGen and DMD2 draw them for Stable Diffusion; another beta schedule:
+        EDM's Karras levels over its sigma range."""
+        c = self.scheduler_config
+        if c.get("beta_schedule", "linear") in ("linear", "scaled_linear") and c.get("trained_betas") is None:
+            steps = int(c.get("num_train_timesteps", 1000))
+            return {"schedule": c.get("beta_schedule", "linear"), "beta_start": c.get("beta_start", 0.0001),
+                    "beta_end": c.get("beta_end", 0.02), "num_levels": steps, "index_range": [1, steps - 1]}
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
     def prior_std(self, sigma: float) -> float:
         """The std of x = x0 + sigma eps at the top of the schedule, sqrt(1 + sigma^2) for unit-variance
@@ -169,8 +181,7 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         unet_config["sample_size"] = resolution // codec.downsample
         if unet_config["sample_size"] != unet.config["sample_size"]:
             unet.register_to_config(sample_size=unet_config["sample_size"])
-        denoiser = cls.denoiser_class(unet, alphas_cumprod(scheduler_config),
-                                      scheduler_config.get("prediction_type", "epsilon"), null)
+        denoiser = cls.denoiser_class(unet, scheduler_config, null)
         kwargs = {"folder": str(folder.resolve()), "family": cls.kind, "resolution": resolution,
                   "unet_config": unet_config, "scheduler_config": scheduler_config,
                   "img_resolution": denoiser.img_resolution, "img_channels": denoiser.img_channels, "label_dim": 0}
