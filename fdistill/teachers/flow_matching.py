@@ -200,6 +200,39 @@ class FlowTransformerDenoiser(DenoiserDefaults, HookedTaps):
         return self.forward(x, sigma, cond, return_features="only")[1]
 
 
+class FlowTextEncoder(nn.Module):
+    """The frozen text encoders of a flow family: prompts -> TextCondition (``forward``, the family's), their token
+    sequence ``max_sequence_length`` long (the family's default, or ``teacher_options.max_sequence_length``)."""
+
+    def __init__(self, tokenizers: list, encoders: list[nn.Module], max_sequence_length: int) -> None:
+        super().__init__()
+        self.tokenizers, self.max_sequence_length = tokenizers, int(max_sequence_length)
+        self.encoders = nn.ModuleList(encoders).eval().requires_grad_(False)
+
+    @property
+    def sequence_length(self) -> int:
+        """The length of the embeddings: what latent shards must hold."""
+        return self.max_sequence_length
+
+    @property
+    def length_setting(self) -> str:
+        return f"teacher_options.max_sequence_length={self.max_sequence_length}"
+
+
+def token_ids(tokenizer, prompts: list[str], length: int, device) -> Tensor:
+    """Token ids of ``prompts`` padded and truncated to ``length``, as the pipelines tokenize them."""
+    return tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def check_resolution(resolution, step: int, downsample: int) -> None:
+    """Refuse an image size the VAE and the transformer's patches cannot take (``step`` pixels a token)."""
+    if not (isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0
+            and resolution % step == 0):
+        raise ValueError(f"resolution must be a positive multiple of {step} pixels (VAE x {downsample}, "
+                         f"{step // downsample} x {step // downsample} patches), got {resolution!r:.40}")
+
+
 def scheduler_shift(config: dict, where: str) -> float:
     """The static shift of a FlowMatchEulerDiscreteScheduler config (1 when it shifts dynamically, by image size),
     checked: a finite positive number."""

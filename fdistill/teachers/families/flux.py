@@ -14,19 +14,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fdistill.data.conditions import TextCondition
 from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders as pf
 from fdistill.teachers.base import register
-from fdistill.teachers.families.sd3 import check_resolution, token_ids
 from fdistill.teachers.flow_matching import (
     FlowMatchingTeacher,
     FlowOptions,
+    FlowTextEncoder,
     FlowTransformerDenoiser,
+    check_resolution,
     pack_latents,
     scheduler_shift,
+    token_ids,
     unpack_latents,
 )
 from fdistill.teachers.latent_t2i import LatentCodec, LatentPipeline
@@ -79,22 +81,9 @@ class FluxDenoiser(FlowTransformerDenoiser):
         return unpack_latents(out, h, w)
 
 
-class FluxTextEncoder(nn.Module):
+class FluxTextEncoder(FlowTextEncoder):
     """FLUX's frozen text encoders, as its pipeline's encode_prompt (no attention mask): embeds = T5's last hidden
     state (max_sequence_length tokens), pooled = CLIP-L's pooler output."""
-
-    def __init__(self, tokenizers: list, encoders: list[nn.Module], max_sequence_length: int) -> None:
-        super().__init__()
-        self.tokenizers, self.max_sequence_length = tokenizers, int(max_sequence_length)
-        self.encoders = nn.ModuleList(encoders).eval().requires_grad_(False)
-
-    @property
-    def sequence_length(self) -> int:
-        return self.max_sequence_length
-
-    @property
-    def length_setting(self) -> str:
-        return f"teacher_options.max_sequence_length={self.max_sequence_length}"
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> TextCondition:

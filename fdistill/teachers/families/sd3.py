@@ -14,7 +14,15 @@ from fdistill.data.conditions import TextCondition
 from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders as pf
 from fdistill.teachers.base import register
-from fdistill.teachers.flow_matching import FlowMatchingTeacher, FlowOptions, FlowTransformerDenoiser, scheduler_shift
+from fdistill.teachers.flow_matching import (
+    FlowMatchingTeacher,
+    FlowOptions,
+    FlowTextEncoder,
+    FlowTransformerDenoiser,
+    check_resolution,
+    scheduler_shift,
+    token_ids,
+)
 from fdistill.teachers.latent_t2i import LatentCodec, LatentPipeline
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
@@ -37,28 +45,14 @@ class SD3Denoiser(FlowTransformerDenoiser):
                                 return_dict=False)[0]
 
 
-def token_ids(tokenizer, prompts: list[str], length: int, device) -> Tensor:
-    return tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
-
-
-class SD3TextEncoder(nn.Module):
+class SD3TextEncoder(FlowTextEncoder):
     """SD3's frozen text encoders, as its pipeline's encode_prompt (no attention masks): CLIP-L and CLIP-G
     penultimate hidden states concatenated along features, zero-padded to T5's width, then T5's last hidden state
     appended along the sequence (77 + max_sequence_length tokens); pooled = both projected embeddings concatenated."""
 
-    def __init__(self, tokenizers: list, encoders: list[nn.Module], max_sequence_length: int) -> None:
-        super().__init__()
-        self.tokenizers, self.max_sequence_length = tokenizers, int(max_sequence_length)
-        self.encoders = nn.ModuleList(encoders).eval().requires_grad_(False)
-
     @property
     def sequence_length(self) -> int:
         return int(self.tokenizers[0].model_max_length) + self.max_sequence_length
-
-    @property
-    def length_setting(self) -> str:
-        return f"teacher_options.max_sequence_length={self.max_sequence_length}"
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> TextCondition:
@@ -74,13 +68,6 @@ class SD3TextEncoder(nn.Module):
             raise ValueError(f"SD3's CLIP states are {clip.shape[-1]} wide, wider than its T5's {t5.shape[-1]}")
         clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return TextCondition(torch.cat([clip, t5], 1), torch.cat(pooled, -1))
-
-
-def check_resolution(resolution, step: int, downsample: int) -> None:
-    if not (isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0
-            and resolution % step == 0):
-        raise ValueError(f"resolution must be a positive multiple of {step} pixels (VAE x {downsample}, "
-                         f"{step // downsample} x {step // downsample} patches), got {resolution!r:.40}")
 
 
 @register
