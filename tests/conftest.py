@@ -34,3 +34,17 @@ def teacher_path(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     assert cli.main(["train-teacher", "--out", str(out), "--no-progress", "teacher.iterations=3", *TINY]) == 0
     return out / "teacher.safetensors"
+
+
+@pytest.fixture(scope="session")
+def captioned(tmp_path_factory):
+    """Five captioned random images (20 x 24 PNG + .txt): text-to-image data for the tiny pipelines."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("captioned")
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a red square", "a blue circle", "a green stripe", "a yellow dot", "a white cross"]):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder

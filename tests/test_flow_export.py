@@ -30,16 +30,6 @@ def folders(tmp_path_factory):
             "schnell": flow_pipelines.flux(root / "schnell", guidance_embeds=False)}
 
 
-@pytest.fixture(scope="module")
-def captioned(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("captioned")
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a red square", "a blue circle", "a green stripe", "a yellow dot", "a white cross"]):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(caption)
-    return folder
-
-
 def _student(teacher):
     """A copy of the teacher's denoiser with perturbed weights (so that the export must carry them)."""
     student = copy.deepcopy(teacher.denoiser)

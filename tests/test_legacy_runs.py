@@ -29,6 +29,15 @@ def test_every_family_has_a_fixture():
     assert set(NAMES) == {"image", "diffusers", "sd15", "sdxl", "sd3", "flux", "flux_lora", "sd3_shared_base"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread, as the fixtures were made: a reduction split over threads rounds differently (~1e-5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def rebuilt(request, tmp_path_factory):
     """(name, record, teacher path, data) with the fixture's teacher and data made again in a temporary folder."""

@@ -9,28 +9,20 @@ train-teacher and distill write) is accepted wherever a run is expected. Details
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from fdistill import __version__, require_torch
-from fdistill.io import write_text
 
 DIGITS_PRESET = "digits"  # the default preset of the image commands (fdistill/configs/digits.yaml)
-# What --resume may change: the fields marked resumable (fdistill.config.resumable) in the part of the config a
-# command runs; every other difference from the run's config.yaml is refused, by name.
-RESUMED_PART = {"distill": "distill", "train-teacher": "teacher"}
-UNUSED = {"distill": ("teacher.",), "train-teacher": ("distill.", "disc_", "guidance")}  # parts a command ignores
 
 
 def resumable(command: str) -> set[str]:
     """The dotted config keys (``distill.iterations``, ...) that ``command --resume`` may change."""
-    from fdistill.apps import images
-    from fdistill.config import resumable_keys
+    from fdistill.apps import runs
 
-    return resumable_keys(images.ImageConfig, RESUMED_PART[command])
+    return runs.resumable(command)
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -52,11 +44,39 @@ def _print_config(cfg) -> None:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
-# -- the 2-D lab and the divergence table ---------------------------------------------------------------
+def _image_config(args: argparse.Namespace):
+    """The image commands' config: the --config presets (default digits), then the overrides."""
+    from fdistill.apps import images
+
+    return images.load_config(args.config or DIGITS_PRESET, args.overrides)
+
+
+MAX_STEPS = 1000  # the most Heun steps --steps / --teacher-steps accept (EDM's samplers use 18 to 256)
+
+
+def _check_options(args: argparse.Namespace, ranges: dict[str, tuple[str, int, int | None]],
+                   finite: dict[str, str] | None = None) -> None:
+    """Refuse option values out of range, naming the option: ``ranges`` maps an option to (attribute, minimum,
+    maximum or None), ``finite`` an option to an attribute that must be a finite number >= 0 (unset: fine)."""
+    import math
+
+    for option, (name, lo, hi) in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not (lo <= value and (hi is None or value <= hi)):
+            want = {(1, None): "a positive integer", (0, None): "a non-negative integer"}.get(
+                (lo, hi), f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]")
+            raise ValueError(f"{option} must be {want}, got {value}")
+    for option, name in (finite or {}).items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{option} must be a finite number >= 0, got {value}")
+
+
+# -- the commands: each parses its options, calls its app function and prints the line it returns -------------
 def _demo(args: argparse.Namespace) -> None:
     from fdistill.apps import lab2d
 
-    cfg = lab2d.load_config(args.config or lab2d.PRESET, _seed_override(args, "seed"))
+    cfg = lab2d.load_toy_config(args.config or lab2d.PRESET, _seed_override(args, "seed"))
     if args.print_config:
         return _print_config(cfg)
     t0 = time.perf_counter()
@@ -84,214 +104,56 @@ def _presets(args: argparse.Namespace) -> None:
         print(f"{path.stem:12s} {first.lstrip('# ').strip()}")
 
 
-# -- run folders: train-teacher and distill ----------------------------------------------------------------
-def _open_run(args: argparse.Namespace, command: str, overrides: list[str]):
-    """The run's config and, when resuming, its record: a new run refuses a folder holding another run
-    (unless --overwrite); --resume reads <out>/config.yaml, applies the overrides and refuses changes that
-    define the run."""
-    from fdistill.apps import images
-    from fdistill.config import RUN_CONFIG, to_dict
-    from fdistill.training import run
-
-    out = Path(args.out)
-    if not args.resume:
-        cfg = images.load_config(args.config or DIGITS_PRESET, overrides)
-        if not args.print_config:
-            run.refuse_existing(out, args.overwrite)
-        return cfg, None
-    if args.overwrite or args.config:
-        raise ValueError(f"--resume continues the run in {out} with its own {RUN_CONFIG}; give changes as key=value "
-                         "overrides (not --config), and drop --overwrite")
-    record = run.read(out)
-    if record is None:
-        raise FileNotFoundError(f"nothing to resume in {out}: it has no {RUN_CONFIG} (start the run without --resume)")
-    if record["run"].get("command") != command:
-        raise ValueError(f"{out} holds a {record['run'].get('command')} run, not a {command} run")
-    cfg = images.load_config(out, overrides)
-    saved = to_dict(images.load_config(out))  # through the config classes: keys added since then take defaults
-    run.check_resume(out, saved, to_dict(cfg), resumable(command), UNUSED[command])
-    return cfg, record
-
-
-def _resume_point(out: Path):
-    from fdistill.training import checkpoint
-
-    ckpt = checkpoint.latest(out)
-    if ckpt is None:
-        print(f"{out} has no complete checkpoint: starting at iteration 0")
-    return ckpt
-
-
 def _train_teacher(args: argparse.Namespace) -> None:
-    from fdistill.apps import images
-    from fdistill.device import pick_device
-    from fdistill.training import run
+    from fdistill.apps import runs
 
-    cfg, record = _open_run(args, "train-teacher", _seed_override(args, "teacher.seed"))
+    cfg, record = runs.open_run(args.out, "train-teacher", args.config, _seed_override(args, "teacher.seed"),
+                                args.resume, args.overwrite, args.print_config)
     if args.print_config:
         return _print_config(cfg)
-    out, device = Path(args.out), pick_device(args.device)
-    resume = _resume_point(out) if record else None
-    if resume:
-        print(f"resuming {resume} (iteration {int(resume.name)})")
-    t0 = time.perf_counter()
-    with run.Start(out, resume=record is not None) as start:
-        def started(trainer) -> None:  # the data is open and the trainer built: config.yaml, old run aside
-            start.begin("train-teacher", cfg, data=cfg.data)
-            start.commit_after_first_step(trainer)
-
-        path = images.train_teacher(cfg, out, progress=not args.no_progress, device=device, resume=resume,
-                                    started=started)
-    print(f"wrote {path} ({cfg.teacher.iterations} iterations, {time.perf_counter() - t0:.0f} s this run); "
-          f"{out}/samples.png, log.jsonl, checkpoints/, config.yaml. Next: fdistill distill --teacher {out}")
+    print(runs.train_teacher(cfg, record, args.out, args.device, progress=not args.no_progress))
 
 
 def _distill(args: argparse.Namespace) -> None:
-    """Single process, or one process per GPU under torchrun (data parallel, see fdistill.training.distributed)."""
-    from fdistill.apps import distill
-    from fdistill.training import distributed, run
-    from fdistill.training.loop import training_loop
+    from fdistill.apps import runs
 
-    cfg, record = _open_run(args, "distill", _seed_override(args, "distill.seed"))
+    cfg, record = runs.open_run(args.out, "distill", args.config, _seed_override(args, "distill.seed"),
+                                args.resume, args.overwrite, args.print_config)
     if args.print_config:
         return _print_config(cfg)
-    teacher = args.teacher or (record["run"].get("teacher") if record else None)
-    if teacher is None:
-        raise ValueError("distill needs --teacher (a teacher file or folder); see `fdistill distill --help`")
-    if record and args.teacher and Path(args.teacher).resolve() != Path(record["run"]["teacher"]).resolve():
-        raise ValueError(f"cannot resume {args.out} with another teacher: it was distilled from "
-                         f"{record['run']['teacher']}")
-    out = Path(args.out)
-    with distributed.process_group(args.device) as device:
-        main = distributed.rank() == 0
-        d = distill.make_distiller(cfg, teacher, device=device)
-        resume = _resume_point(out) if record else None
-        if args.init_from and not resume:
-            d.init_from(args.init_from)
-            if main:
-                print(f"initialized generator, fake score and discriminator from {args.init_from}")
-        if resume:
-            d.load(resume)
-        if args.tensorboard and main:
-            tensorboard_writer(None)  # installed? (checked before the start)
-        # config, teacher, data and warm start are open: config.yaml now, the replaced run deleted after step one
-        with run.Start(out, resume=record is not None, main=main) as start:
-            start.begin("distill", cfg, teacher=str(Path(teacher).resolve()), data=cfg.data)
-            distributed.barrier()
-            if main:
-                div = d.divergence
-                print(f"distill {out}: divergence {div.name} ({div.description}), teacher {teacher}, data {cfg.data}; "
-                      f"{distributed.world_size()} process(es) on {device}, global batch {cfg.distill.batch_size} in "
-                      f"{len(d.passes)} pass(es) of {d.passes[0].stop} per process"
-                      + (f"; resuming at iteration {d.iteration}" if resume else ""))
-            t0 = time.perf_counter()
-            writer = tensorboard_writer(out / "tensorboard") if args.tensorboard and main else None
-
-            def log_fn(logs: dict) -> None:
-                for k, v in logs.items():
-                    if isinstance(v, float):
-                        writer.add_scalar(k, v, logs["iteration"])
-
-            start.commit_after_first_step(d)
-            training_loop(d, run_dir=out, progress=not args.no_progress, desc=d.divergence.name,
-                          log_fn=log_fn if writer else None)
-        if writer:
-            writer.close()
-        if main:
-            from fdistill.training import checkpoint
-
-            print(f"wrote {checkpoint.latest(out)} ({d.iteration} iterations, {time.perf_counter() - t0:.0f} s this "
-                  f"run), {out}/log.jsonl{', tensorboard/' if writer else ''}, config.yaml. "
-                  f"Next: fdistill sample --checkpoint {out}")
-
-
-def tensorboard_writer(log_dir: Path | None):
-    """A TensorBoard writer into ``log_dir`` (None: only check that tensorboard is installed)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install 'fdistill[tensorboard]'") from None
-    return SummaryWriter(str(log_dir)) if log_dir is not None else None
-
-
-# -- sampling and evaluation --------------------------------------------------------------------------------
-MAX_STEPS = 1000  # the most Heun steps --steps / --teacher-steps accept (EDM's samplers use 18 to 256)
-
-
-def _check_options(args: argparse.Namespace, ranges: dict[str, tuple[str, int, int | None]],
-                   finite: dict[str, str] | None = None) -> None:
-    """Refuse option values out of range, naming the option: ``ranges`` maps an option to (attribute, minimum,
-    maximum or None), ``finite`` an option to an attribute that must be a finite number >= 0 (unset: fine)."""
-    import math
-
-    for option, (name, lo, hi) in ranges.items():
-        value = getattr(args, name)
-        if value is not None and not (lo <= value and (hi is None or value <= hi)):
-            want = {(1, None): "a positive integer", (0, None): "a non-negative integer"}.get(
-                (lo, hi), f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]")
-            raise ValueError(f"{option} must be {want}, got {value}")
-    for option, name in (finite or {}).items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{option} must be a finite number >= 0, got {value}")
-
-
-def _prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        from fdistill.data.captions import open_captions
-
-        data = open_captions(args.prompts)
-        prompts += [data.caption(i) for i in range(len(data))]
-    return prompts
+    line = runs.distill(cfg, record, args.out, args.teacher, args.init_from, args.tensorboard, args.device,
+                        progress=not args.no_progress)
+    if line:
+        print(line)
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from fdistill.apps.sample import sample
-    from fdistill.training import distributed
+    from fdistill.apps.sample import read_prompts, sample
 
     _check_options(args, {"--num-samples": ("num", 1, None), "--batch": ("batch", 1, None),
                           "--shard": ("shard", 1, None), "--grid-size": ("grid_size", 0, None),
                           "--steps": ("steps", 2, MAX_STEPS)}, {"--guidance": "guidance"})
-    prompts = _prompts(args)
-    with distributed.process_group(args.device) as device:
-        line = sample(args.checkpoint, args.teacher, args.out, args.num, prompts, args.seed, args.shard, args.batch,
-                      args.steps, args.guidance, args.grid_size, device, progress=not args.no_progress)
-        if line:
-            print(line)
+    cfg = _image_config(args) if args.config or args.overrides or args.print_config else None
+    if args.print_config and args.checkpoint is None:
+        return _print_config(cfg)
+    line = sample(args.checkpoint, args.teacher, args.out, args.num, read_prompts(args.prompt, args.prompts),
+                  args.seed, args.shard, args.batch, args.steps, args.guidance, args.grid_size, args.device,
+                  not args.no_progress, cfg)
+    if line:
+        print(line)
 
 
 def _evaluate_t2i(args: argparse.Namespace) -> None:
-    from fdistill.apps import evaluate_t2i, t2i
-    from fdistill.data.captions import open_captions
-    from fdistill.training import checkpoint, distributed
+    from fdistill.apps import evaluate_t2i
 
     _check_options(args, {"--num-prompts": ("num", 0, None), "--group": ("group", 1, None),
                           "--shard": ("shard", 1, None), "--batch": ("batch", 1, None),
                           "--teacher-steps": ("teacher_steps", 2, MAX_STEPS)}, {"--guidance": "guidance"})
-    if (args.teacher_steps is None) != (args.guidance is None):
-        raise ValueError("--teacher-steps and --guidance go together: they select the teacher's comparison row")
-    with distributed.process_group(args.device) as device:
-        scorers = evaluate_t2i.load_scorers(args.ref, args.inception, args.clip, args.clip_model, args.dino,
-                                            args.hps, device)  # every missing weights file fails here, first
-        if args.dino and args.group < 2:
-            raise ValueError("in-batch similarity needs several images per prompt: --group 4, say")
-        data = open_captions(args.prompts)
-        prompts = [data.caption(i) for i in range(min(len(data), args.num or len(data)))]
-        make = t2i.image_maker(args.checkpoint, device, args.teacher_steps, args.guidance or 1.0)
-        name = f"teacher ({2 * args.teacher_steps - 1} NFE, CFG {args.guidance})" if args.teacher_steps else \
-            "one-step student"
-        out = Path(args.out) if args.out else Path(args.checkpoint) / ("eval-teacher" if args.teacher_steps else "eval")
-        model = {"checkpoint": str(checkpoint.resolve(args.checkpoint).resolve()),
-                 "teacher_steps": args.teacher_steps, "guidance": args.guidance}
-        result = evaluate_t2i.evaluate(make, prompts, out, scorers, args.ref, args.group, args.seed, args.shard,
-                                       args.batch, progress=not args.no_progress, model=model)
-        if result is not None:
-            result["model"] = name
-            print(evaluate_t2i.format_table(result, name))
-            print(f"wrote {out}/metrics.json and the images in {out}/images/")
-            if args.json:
-                write_text(args.json, json.dumps(result, indent=1))
+    for line in evaluate_t2i.evaluate_run(args.checkpoint, args.prompts, args.out, args.ref, args.num, args.group,
+                                          args.teacher_steps, args.guidance, args.inception, args.clip,
+                                          args.clip_model, args.dino, args.hps, args.seed, args.shard, args.batch,
+                                          args.json, args.device, progress=not args.no_progress):
+        print(line)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -303,24 +165,21 @@ def _export(args: argparse.Namespace) -> None:
 
 def _prepare_latents(args: argparse.Namespace) -> None:
     from fdistill.apps import t2i
-    from fdistill.device import pick_device
 
-    out = t2i.prepare_latents(args.teacher, args.data, args.out, args.resolution, args.batch, args.shard_size,
-                              pick_device(args.device), args.on_bad_data, progress=not args.no_progress)
-    print(f"wrote {out}; train from it with `fdistill distill --teacher {args.teacher} data={out} ...`")
+    cfg = _image_config(args)
+    if args.print_config:
+        return _print_config(cfg)
+    print(t2i.prepare_latents_as_configured(cfg, args.teacher, args.data, args.out, args.resolution, args.batch,
+                                            args.shard_size, args.device, args.on_bad_data, not args.no_progress))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from fdistill.evaluation import evaluate
 
     _check_options(args, {"--k": ("k", 1, None), "--batch": ("batch", 1, None)})
-    res = evaluate.evaluate_file(args.samples, args.data, k=args.k, inception=args.inception, ref=args.ref,
-                                 batch_size=args.batch, progress=not args.no_progress, device=args.device)
-    print(evaluate.format_report(res))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_text(args.json, json.dumps(res, indent=1))
-        print(f"wrote {args.json}")
+    for line in evaluate.report_file(args.samples, args.data, args.k, args.inception, args.ref, args.batch,
+                                     not args.no_progress, args.device, args.json):
+        print(line)
 
 
 # -- the parser ---------------------------------------------------------------------------------------------
@@ -345,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=func)
         return c
 
-    def configured(c: argparse.ArgumentParser, preset: str) -> None:
+    def configured(c: argparse.ArgumentParser, preset: str, example: str = "distill.iterations=500") -> None:
         c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="config overrides, anywhere on the line, e.g. distill.iterations=500")
+                       help=f"config overrides, anywhere on the line, e.g. {example}")
         c.add_argument("--config", action="append", help=f"YAML preset name (`fdistill presets`), file or run "
                        f"folder (default: {preset}); several are read in turn, each over the ones before "
                        "(e.g. --config cifar10 --config fastgen)")
@@ -424,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the latents (text-to-image: prompt i uses seed + i)")
     m.add_argument("--prompt", action="append", metavar="TEXT", help="text-to-image: a prompt; repeatable")
     m.add_argument("--prompts", metavar="FILE", help="text-to-image: a file of prompts, one per line")
+    configured(m, DIGITS_PRESET, "teacher_options.max_sequence_length=64 (--teacher only)")
     runtime(m, None)
 
     x = command("export", "write a text-to-image student as a diffusers pipeline folder (one-step sampling)",
@@ -463,11 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--data", required=True, help="WebDataset .tar shards (a folder, a file or shard-{000..009}.tar) "
                     "or a folder of images with same-named .txt captions")
     pl.add_argument("--out", required=True, help="the latent-shards folder; an interrupted run continues there")
-    pl.add_argument("--resolution", type=int, default=None, help="pixels (default: the teacher's)")
+    pl.add_argument("--resolution", type=int, default=None, help="pixels (default: text.resolution, else the "
+                    "teacher's)")
     pl.add_argument("--batch", type=int, default=16, help="images per encoder call")
     pl.add_argument("--shard-size", type=int, default=1024, help="samples per shard")
     pl.add_argument("--on-bad-data", choices=("skip", "error"), default="skip",
                     help="a corrupt image or a missing caption: skip it with a warning, or stop")
+    configured(pl, DIGITS_PRESET, "teacher_options.max_sequence_length=64 text.resolution=512")
     runtime(pl, None)
 
     e = command("evaluate", "FID / precision / recall (and class accuracy) of samples", _evaluate)

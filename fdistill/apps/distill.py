@@ -15,7 +15,6 @@ from fdistill.core.diffusion import edm_sampler, one_step, seeded_noise
 from fdistill.networks.heads import Discriminator
 from fdistill.networks.taps import resolve_taps
 from fdistill.teachers.base import Teacher
-from fdistill.teachers.guidance import GuidedDenoiser
 from fdistill.teachers.open import open_teacher, teacher_from_info
 from fdistill.training import checkpoint
 from fdistill.training.distiller import DistillConfig, Distiller
@@ -41,7 +40,7 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
         teacher.prepare_students(students, cfg)
         net.feature_resolutions = taps  # on the teacher only: the students' own taps are never read
     disc = Discriminator.conv(net.feature_channels(), cfg.disc_hidden, cfg.disc_head)
-    d = Distiller(cfg.distill, GuidedDenoiser(net, cfg.guidance), *students, disc, real_data=data,
+    d = Distiller(cfg.distill, teacher.guided(net, cfg.guidance), *students, disc, real_data=data,
                   sample_shape=teacher.sample_shape, sample_cond=data.sample_cond, device=device)
     d.info = {**teacher.info, "data": cfg.data, **teacher.student_info(cfg)}
     return d
@@ -83,7 +82,7 @@ def sample_maker(net: nn.Module, teacher: Teacher, sigma_gen: float | None = Non
     one-step generator G(z) = D(prior_std z; sigma_gen); without: EDM's Heun sampler over the teacher's noise
     range (2 steps - 1 evaluations, each guided at ``guidance``). Latents are decoded by the teacher's codec."""
     net = net.to(device)
-    guided = GuidedDenoiser(net, guidance)
+    guided = teacher.guided(net, guidance)
     sigma_min, sigma_max = teacher.sigma_range
 
     @torch.no_grad()

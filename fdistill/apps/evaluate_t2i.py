@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,3 +238,41 @@ def format_table(result: dict, name: str) -> str:
              f"| {name} | " + " | ".join(c[2].format(result[c[0]]) for c in shown) + f" | {result['num_images']} |"]
     lines += [f"{k}: {v}" for k, v in result["metrics"].items()]
     return "\n".join(lines)
+
+
+def evaluate_run(run: str | Path, prompts_file: str | Path, out: str | Path | None = None, ref: str | None = None,
+                 num: int = 0, group: int = 1, teacher_steps: int | None = None, guidance: float | None = None,
+                 inception: str | None = None, clip: str | None = None, clip_model: str = "ViT-g-14",
+                 dino: str | None = None, hps: str | None = None, seed: int = 0, shard: int = 1000,
+                 batch_size: int = 32, json_path: str | Path | None = None, device: str = "auto",
+                 progress: bool = True) -> Iterator[str]:
+    """``fdistill evaluate-t2i``: score the one-step student of ``run`` (a distill run folder or checkpoint), or
+    with ``teacher_steps`` and ``guidance`` its teacher, on the first ``num`` prompts of ``prompts_file`` (0: all),
+    ``group`` images each, in the processes of the torchrun job if any. Yields the lines to print as they are
+    ready (none on ranks other than 0): the table, then what was written (``<out>/metrics.json``, and after that
+    line ``json_path``)."""
+    from fdistill.apps import t2i
+    from fdistill.data.captions import open_captions
+    from fdistill.training import checkpoint
+
+    if (teacher_steps is None) != (guidance is None):
+        raise ValueError("--teacher-steps and --guidance go together: they select the teacher's comparison row")
+    with distributed.process_group(device) as device:
+        scorers = load_scorers(ref, inception, clip, clip_model, dino, hps, device)  # every missing file fails here
+        if dino and group < 2:
+            raise ValueError("in-batch similarity needs several images per prompt: --group 4, say")
+        data = open_captions(prompts_file)
+        prompts = [data.caption(i) for i in range(min(len(data), num or len(data)))]
+        make = t2i.image_maker(run, device, teacher_steps, guidance or 1.0)
+        name = f"teacher ({2 * teacher_steps - 1} NFE, CFG {guidance})" if teacher_steps else "one-step student"
+        out = Path(out) if out else Path(run) / ("eval-teacher" if teacher_steps else "eval")
+        model = {"checkpoint": str(checkpoint.resolve(run).resolve()), "teacher_steps": teacher_steps,
+                 "guidance": guidance}
+        result = evaluate(make, prompts, out, scorers, ref, group, seed, shard, batch_size, progress=progress,
+                          model=model)
+        if result is not None:
+            result["model"] = name
+            yield format_table(result, name)
+            yield f"wrote {out}/metrics.json and the images in {out}/images/"
+            if json_path:
+                write_text(json_path, json.dumps(result, indent=1))

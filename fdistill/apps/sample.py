@@ -11,6 +11,7 @@ import torch
 
 from fdistill.apps import images, png_shards
 from fdistill.apps.distill import load_generator, network_evaluations, sample_maker
+from fdistill.data.captions import open_captions
 from fdistill.data.datasets import to_float
 from fdistill.teachers.open import open_teacher
 from fdistill.training import checkpoint, distributed
@@ -22,55 +23,75 @@ def run_folder(given: str | Path) -> Path:
     return given if (given / "checkpoints").is_dir() else given.parent.parent
 
 
+def read_prompts(prompts: list[str] | None, file: str | Path | None) -> list[str]:
+    """The ``--prompt`` texts, then the captions of the ``--prompts`` file (or caption dataset)."""
+    prompts = list(prompts or [])
+    if file:
+        data = open_captions(file)
+        prompts += [data.caption(i) for i in range(len(data))]
+    return prompts
+
+
 def open_model(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, steps: int | None,
-               guidance: float | None, device: torch.device):
-    """(network, sigma_gen or None, its Teacher, steps, guidance, the record of what was sampled)."""
+               guidance: float | None, device: torch.device, teacher_config: images.ImageConfig | None = None):
+    """(network, sigma_gen or None, its Teacher, steps, guidance, the record of what was sampled).
+    ``teacher_config`` (what ``--config`` and the overrides resolve to; None: neither was given) opens the teacher
+    at its ``text.resolution`` with its ``teacher_options``; a checkpoint's teacher is the one it records."""
     if checkpoint_dir is not None:
+        if teacher_config is not None:
+            raise ValueError("--config, --print-config and key=value overrides set a --teacher's options "
+                             "(teacher_options.*, text.resolution); a --checkpoint's are those it was distilled with")
         if steps is not None or guidance is not None:
             given = " and ".join(n for n, v in (("--steps", steps), ("--guidance", guidance)) if v is not None)
             raise ValueError(f"{given} apply to --teacher sampling; a one-step generator (--checkpoint) samples in "
                              "one network call, unguided")
         net, sigma_gen, teacher = load_generator(checkpoint_dir, device)
         return net, sigma_gen, teacher, 1, 1.0, {"checkpoint": str(checkpoint.resolve(checkpoint_dir).resolve())}
-    teacher = open_teacher(teacher_path).to(device)
+    settings = {} if teacher_config is None else {"resolution": teacher_config.text.resolution,
+                                                  "teacher_options": teacher_config.teacher_options}
+    teacher = open_teacher(teacher_path, settings.get("resolution"), settings.get("teacher_options")).to(device)
     steps, guidance = 18 if steps is None else steps, 1.0 if guidance is None else guidance
     record = {"teacher": str(Path(teacher_path).resolve()), "steps": steps, "guidance": guidance}
+    record.update((k, v) for k, v in settings.items() if v)  # what the samples depend on: resumed only alike
     return teacher.denoiser, None, teacher, steps, guidance, record
 
 
 def sample(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, out: str | Path | None,
            num: int, prompts: list[str], seed: int = 0, shard: int = 1000, batch: int = 256,
            steps: int | None = None, guidance: float | None = None, grid_size: int = 100,
-           device: torch.device | str = "cpu", progress: bool = True) -> str | None:
-    """Sample and write the files; returns the line to print (None on ranks other than 0)."""
+           device: torch.device | str = "cpu", progress: bool = True,
+           teacher_config: images.ImageConfig | None = None) -> str | None:
+    """Sample and write the files, in this process or, under torchrun, each process of the job its share;
+    returns the line to print (None on ranks other than 0). ``teacher_config``: the teacher's settings
+    (``open_model``)."""
     if (checkpoint_dir is None) == (teacher_path is None):
         raise ValueError("give exactly one of --checkpoint (a one-step generator: a distill run folder or one of its "
                          "checkpoints) or --teacher (multi-step sampling)")
     default = run_folder(checkpoint_dir) / "samples" if checkpoint_dir is not None else Path("runs/samples")
     out = Path(out) if out else default
-    device = torch.device(device)
-    t0 = time.perf_counter()
-    net, sigma_gen, teacher, steps, guidance, record = open_model(checkpoint_dir, teacher_path, steps, guidance,
-                                                                  device)
-    make = sample_maker(net, teacher, sigma_gen, steps, guidance, device)
-    nfe = network_evaluations(sigma_gen, steps)
-    if teacher.text_to_image:
-        return _prompted(make, teacher, prompts, out, seed, grid_size, progress, t0, nfe)
-    if prompts:
-        raise ValueError("--prompt/--prompts apply to text-to-image models (a Stable Diffusion teacher or its run)")
-    classes = images.sample_classes(num, teacher.label_dim)
-    rank = distributed.rank()
-    folder = png_shards.claim(out / "images", {**record, "seed": seed, "shard": shard}, classes)
-    png_shards.generate_shards(make, classes, folder, shard, seed, rank, distributed.world_size(), batch,
-                               progress=progress and rank == 0)
-    distributed.barrier()
-    if rank != 0:
-        return None
-    x = to_float(torch.from_numpy(png_shards.read_all(folder)))
-    npz, grid = images.write_samples(out, x, teacher.condition(classes), grid_size)
-    seconds = time.perf_counter() - t0
-    return (f"wrote {npz}, {grid} and {folder}/shard-*/: {num} samples, {nfe} NFE each, {seconds:.1f} s "
-            f"({1000 * seconds / num:.1f} s per 1000). Next: fdistill evaluate {out}")
+    with distributed.process_group(str(device)) as device:  # under torchrun: one process of the job
+        t0 = time.perf_counter()
+        net, sigma_gen, teacher, steps, guidance, record = open_model(checkpoint_dir, teacher_path, steps, guidance,
+                                                                      device, teacher_config)
+        make = sample_maker(net, teacher, sigma_gen, steps, guidance, device)
+        nfe = network_evaluations(sigma_gen, steps)
+        if teacher.text_to_image:
+            return _prompted(make, teacher, prompts, out, seed, grid_size, progress, t0, nfe)
+        if prompts:
+            raise ValueError("--prompt/--prompts apply to text-to-image models (a Stable Diffusion teacher or its run)")
+        classes = images.sample_classes(num, teacher.label_dim)
+        rank = distributed.rank()
+        folder = png_shards.claim(out / "images", {**record, "seed": seed, "shard": shard}, classes)
+        png_shards.generate_shards(make, classes, folder, shard, seed, rank, distributed.world_size(), batch,
+                                   progress=progress and rank == 0)
+        distributed.barrier()
+        if rank != 0:
+            return None
+        x = to_float(torch.from_numpy(png_shards.read_all(folder)))
+        npz, grid = images.write_samples(out, x, teacher.condition(classes), grid_size)
+        seconds = time.perf_counter() - t0
+        return (f"wrote {npz}, {grid} and {folder}/shard-*/: {num} samples, {nfe} NFE each, {seconds:.1f} s "
+                f"({1000 * seconds / num:.1f} s per 1000). Next: fdistill evaluate {out}")
 
 
 def _prompted(make, teacher, prompts: list[str], out: Path, seed: int, grid_size: int, progress: bool, t0: float,

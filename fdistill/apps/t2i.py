@@ -6,6 +6,7 @@ the Stable Diffusion family's Teacher (``teachers.stable_diffusion``): the teach
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,22 @@ def write_pngs(images: Tensor, prompts: list[str], out: str | Path, seed: int) -
         write_bytes(paths[-1], encode_png(img))  # fdistill.io: a link planted at the name is replaced
     write_text(out / "prompts.txt", "".join(f"{i:06d}\t{seed + i}\t{p}\n" for i, p in enumerate(prompts)))
     return paths
+
+
+def prepare_latents_as_configured(cfg, teacher_folder: str | Path, source: str | Path, out: str | Path,
+                                 resolution: int | None = None, batch_size: int = 16, shard_size: int = 1024,
+                                 device: str = "auto", on_error: str = "skip", progress: bool = True) -> str:
+    """``fdistill prepare-latents``: ``prepare_latents`` with the teacher settings of ``cfg`` (an ImageConfig: its
+    ``teacher_options``, and its ``text.resolution`` unless ``resolution`` is given); returns the line saying
+    what was written and how to train from it (with the same teacher options)."""
+    from fdistill.device import pick_device
+
+    resolution = cfg.text.resolution if resolution is None else resolution
+    out = prepare_latents(teacher_folder, source, out, resolution, batch_size, shard_size, pick_device(device),
+                          on_error, progress=progress, options=cfg.teacher_options)
+    same = "".join(f" teacher_options.{k}={v if isinstance(v, str) else json.dumps(v)}"
+                   for k, v in cfg.teacher_options.items())
+    return f"wrote {out}; train from it with `fdistill distill --teacher {teacher_folder} data={out}{same} ...`"
 
 
 def prepare_latents(teacher_folder: str | Path, source: str | Path, out: str | Path, resolution: int | None = None,

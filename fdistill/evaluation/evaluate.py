@@ -17,6 +17,7 @@ import json
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from fdistill.evaluation.metrics import (
     frechet_distance,
     precision_recall,
 )
-from fdistill.io import atomic_path
+from fdistill.io import atomic_path, write_text
 
 STATS_VERSION = 1  # bump when the cached reference features change meaning
 SMALL_FID = 10_000  # below this many samples, FID carries a noticeable bias
@@ -321,3 +322,17 @@ REPORT_KEYS = ("feature_space", "extractor", "reference", "fid", "precision", "r
 def format_report(res: dict) -> str:
     keys = [k for k in REPORT_KEYS if k in res]
     return "\n".join(f"{k:15s} {res[k]:.4g}" if isinstance(res[k], float) else f"{k:15s} {res[k]}" for k in keys)
+
+
+def report_file(path: str | Path, data: str | None = None, k: int = 3, inception: str | Path | None = None,
+                ref: str | Path | None = None, batch_size: int = 64, progress: bool = True, device: str = "auto",
+                json_path: str | Path | None = None) -> Iterator[str]:
+    """``fdistill evaluate``: ``evaluate_file``'s metrics. Yields the lines to print as they are ready: the report,
+    then, once the metrics are also written as JSON to ``json_path`` (if given), that they were."""
+    res = evaluate_file(path, data, k=k, inception=inception, ref=ref, batch_size=batch_size, progress=progress,
+                        device=device)
+    yield format_report(res)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_text(json_path, json.dumps(res, indent=1))
+        yield f"wrote {json_path}"

@@ -258,17 +258,18 @@ def one_step_scheduler_config(teacher_config: dict, t_gen: float) -> dict:
 
 
 def export_flow_pipeline(generator: FlowTransformerDenoiser, teacher_folder: str | Path, out: str | Path,
-                         sigma_gen: float | None = None) -> Path:
+                         sigma_gen: float | None = None, scheduler_config: dict | None = None) -> Path:
     """Write the one-step generator as a diffusers pipeline folder: the teacher's folder with the generator's
     transformer and a FlowMatchEulerDiscreteScheduler that takes one step from t_gen = sigma_gen / (1 + sigma_gen)
     (``one_step_scheduler_config``; sigma_gen defaults to the generator's sigma_max, t_gen 0.999). fdistill's
     generator input (1 + sigma_gen) z is x_t = z at t_gen, the pipeline's own noise latents, so the pipeline's
-    one-step call (CFG off) returns fdistill's one-step sample for the same latent noise."""
+    one-step call (CFG off) returns fdistill's one-step sample for the same latent noise. ``scheduler_config``:
+    the FlowMatchEulerDiscreteScheduler config to start from (default: the teacher folder's)."""
     diffusers, _ = pf.libraries()
     sigma = float(generator.sigma_max if sigma_gen is None else sigma_gen)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma_gen must be a positive finite noise level, got {sigma_gen!r:.40}")
-    sched = read_json_object(Path(teacher_folder) / "scheduler" / "scheduler_config.json")
+    sched = scheduler_config or read_json_object(Path(teacher_folder) / "scheduler" / "scheduler_config.json")
     with pf.quiet():  # diffusers' "sigma_max is not expected and will be ignored": it is read (see above)
         one_step = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
             one_step_scheduler_config(sched, t_of_sigma(sigma)))
@@ -309,8 +310,12 @@ class FlowMatchingTeacher(LatentTextToImageTeacher):
         r = self.info["network"]["resolution"]
         return [f"height={r}", f"width={r}", f"max_sequence_length={self.info['network']['max_sequence_length']}"]
 
+    def export_scheduler(self, teacher_folder: Path) -> dict:
+        """The FlowMatchEulerDiscreteScheduler config the one-step export starts from: the teacher's own."""
+        return read_json_object(teacher_folder / "scheduler" / "scheduler_config.json")
+
     def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, sigma: float) -> Path:
-        return export_flow_pipeline(generator, teacher_folder, out, sigma)
+        return export_flow_pipeline(generator, teacher_folder, out, sigma, self.export_scheduler(teacher_folder))
 
     def pipeline_call(self, folder: Path, sigma: float) -> str:
         args = ", ".join(["prompt", "num_inference_steps=1", *self.call_arguments()])

@@ -24,7 +24,8 @@ class LatentCodec(nn.Module):
     z / scaling_factor + shift_factor, as the pipelines do (SD1.5 0.18215, SDXL 0.13025, no shift; SD3.5
     1.5305 / 0.0609, FLUX.1 0.3611 / 0.1159); with per-channel ``latents_mean`` / ``latents_std`` (Qwen-Image,
     Wan) the shift is the mean and the scale 1 / std. ``default_scaling``: when the VAE's config names none.
-    Encoding samples the posterior as FastGen does; the VAE always runs in fp32 (SDXL's needs it)."""
+    Encoding samples the posterior as FastGen does (a DC-AE's, SANA's, is deterministic); the VAE always runs in
+    fp32 (SDXL's needs it)."""
 
     def __init__(self, vae: nn.Module, default_scaling: float = 0.18215, where: str = "the VAE config") -> None:
         super().__init__()
@@ -46,16 +47,25 @@ class LatentCodec(nn.Module):
                 raise ValueError(f"{where}: latents_mean and latents_std must be finite and std positive")
             self.register_buffer("latents_mean", mean, persistent=False)
             self.register_buffer("latents_std", std, persistent=False)
-        blocks = config.get("block_out_channels")
-        self.downsample = int(config.get("spatial_compression_ratio") or 2 ** (len(blocks) - 1))
+        ratio = config.get("spatial_compression_ratio") or getattr(vae, "spatial_compression_ratio", None)
+        blocks = config.get("block_out_channels") or config.get("encoder_block_out_channels")  # AutoencoderDC's
+        self.downsample = int(ratio or 2 ** (len(blocks) - 1))
         self.channels = int(config.get("latent_channels") or config.get("z_dim"))
+
+    @classmethod
+    def load(cls, vae_class, folder: Path, default_scaling: float = 1.0) -> LatentCodec:
+        """The codec of pipeline folder ``folder``'s ``vae/`` (a diffusers ``vae_class``), read and checked by
+        ``pipeline_folders.load_network``."""
+        return cls(pipeline_folders.load_network(vae_class, folder / "vae"), default_scaling,
+                   str(folder / "vae" / "config.json"))
 
     def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
         shape = (1, -1) + (1,) * (z.dim() - 2)
         return self.latents_mean.to(z.device).view(shape), self.latents_std.to(z.device).view(shape)
 
     def _encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
-        return self.vae.encode(images).latent_dist.sample(generator)
+        out = self.vae.encode(images)
+        return out.latent if hasattr(out, "latent") else out.latent_dist.sample(generator)  # DC-AE: deterministic
 
     def _decode(self, z: Tensor) -> Tensor:
         return self.vae.decode(z).sample

@@ -11,6 +11,7 @@ Everything is read with ``HF_HUB_OFFLINE=1``: a stray hub call fails fast instea
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,18 +133,47 @@ def available_bytes() -> int:
         return 1 << 62
 
 
-def check_size(build: Callable[[], nn.Module], where: str, dtype: torch.dtype = torch.float32) -> None:
-    """Refuse before allocating anything a network whose config implies more parameters than fit in memory: it is
-    built on the meta device (no memory) and its parameters counted. ``FDISTILL_MAX_TEACHER_GB`` overrides the
-    limit (e.g. for a machine whose swap or offloading you trust)."""
+LAYER_KEYS = ("num_layers", "num_single_layers", "num_hidden_layers", "num_blocks")  # repeated-block counts
+
+
+def _parameters(build: Callable[[Any], nn.Module], config, where: str) -> int:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net = build()
+            return sum(p.numel() for p in build(config).parameters())
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError, ZeroDivisionError) as e:
-        raise ValueError(f"{where} does not describe a network diffusers can build: {' '.join(str(e).split())[:240]}"
-                         ) from None
-    count = sum(p.numel() for p in net.parameters())
+        raise ValueError(f"{where} does not describe a network that can be built: "
+                         f"{' '.join(str(e).split())[:240]}") from None
+
+
+def parameter_count(build: Callable[[Any], nn.Module], config, where: str) -> int:
+    """The parameters the network ``build(config)`` would have, counted on the meta device (nothing allocated).
+    Its repeated blocks (``LAYER_KEYS``) are built once and twice and the count extrapolated, so an absurd layer
+    count costs no more than a small one. ``config``: a mapping, or a transformers config object."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+
+    def with_counts(counts: dict):
+        if isinstance(config, dict):
+            return {**config, **counts}
+        other = copy.deepcopy(config)
+        for k, v in counts.items():
+            setattr(other, k, v)
+        return other
+
+    layers = {k: get(k) for k in LAYER_KEYS if isinstance(get(k), int) and not isinstance(get(k), bool)}
+    base = _parameters(build, with_counts(dict.fromkeys(layers, 1)), where)
+    total = base
+    for k, n in layers.items():
+        if n > 1:
+            total += (n - 1) * (_parameters(build, with_counts({**dict.fromkeys(layers, 1), k: 2}), where) - base)
+    return total
+
+
+def check_size(build: Callable[[Any], nn.Module], config, where: str, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse before allocating anything a network whose config implies more parameters than fit in memory
+    (``parameter_count``). ``FDISTILL_MAX_TEACHER_GB`` overrides the limit (e.g. for a machine whose swap or
+    offloading you trust)."""
+    count = parameter_count(build, config, where)
     need = count * torch.finfo(dtype).bits // 8
     have = available_bytes()
     if need > have:
@@ -165,9 +196,8 @@ def load_component(load: Callable[[], nn.Module], d: Path, what: str) -> nn.Modu
 def load_network(cls, d: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A diffusers network (``cls``: a ModelMixin class) from component folder ``d``: config checked for size on the
     meta device, weights for format, then loaded with no network access."""
-    config = read_json_object(d / "config.json")
-    check_size(lambda: cls.from_config({k: v for k, v in config.items() if not k.startswith("_")}),
-               str(d / "config.json"), dtype)
+    config = {k: v for k, v in read_json_object(d / "config.json").items() if not k.startswith("_")}
+    check_size(cls.from_config, config, str(d / "config.json"), dtype)
     low_mem = importlib.util.find_spec("accelerate") is not None
     return load_component(lambda: cls.from_pretrained(d, torch_dtype=dtype, local_files_only=True,
                                                       low_cpu_mem_usage=low_mem), d, cls.__name__)
@@ -175,9 +205,13 @@ def load_network(cls, d: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 def load_text_model(cls, d: Path) -> nn.Module:
     """A transformers text encoder (``cls``) from component folder ``d``, checked as ``load_network`` checks."""
-    config = cls.config_class.from_pretrained(d, local_files_only=True) if (d / "config.json").is_file() else None
-    if config is not None:
-        check_size(lambda: cls(config), str(d / "config.json"))
+    if (d / "config.json").is_file():
+        try:
+            config = cls.config_class.from_pretrained(d, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{d / 'config.json'} is not a {cls.config_class.__name__}: "
+                             f"{' '.join(str(e).split())[:240]}") from None
+        check_size(cls, config, str(d / "config.json"))
     return load_component(lambda: cls.from_pretrained(d, local_files_only=True), d, cls.__name__)
 
 

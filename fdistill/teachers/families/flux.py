@@ -109,7 +109,7 @@ class FluxTeacher(FlowMatchingTeacher):
         shift = scheduler_shift(read_json_object(folder / "scheduler" / "scheduler_config.json"),
                                 str(folder / "scheduler" / "scheduler_config.json"))
         transformer = pf.load_network(diffusers.FluxTransformer2DModel, folder / "transformer", dtype)
-        codec = LatentCodec(pf.load_network(diffusers.AutoencoderKL, folder / "vae"), 1.0, str(folder / "vae"))
+        codec = LatentCodec.load(diffusers.AutoencoderKL, folder)
         tokenizers = [pf.load_tokenizer(transformers.CLIPTokenizer, folder / "tokenizer"),
                       pf.load_tokenizer(transformers.T5Tokenizer, folder / "tokenizer_2")]
         encoders = [pf.load_text_model(transformers.CLIPTextModel, folder / "text_encoder"),

@@ -89,7 +89,7 @@ class SD3Teacher(FlowMatchingTeacher):
         shift = scheduler_shift(read_json_object(folder / "scheduler" / "scheduler_config.json"),
                                 str(folder / "scheduler" / "scheduler_config.json"))
         transformer = pf.load_network(diffusers.SD3Transformer2DModel, folder / "transformer", dtype)
-        codec = LatentCodec(pf.load_network(diffusers.AutoencoderKL, folder / "vae"), 1.0, str(folder / "vae"))
+        codec = LatentCodec.load(diffusers.AutoencoderKL, folder)
         tokenizers = [pf.load_tokenizer(transformers.CLIPTokenizer, folder / "tokenizer"),
                       pf.load_tokenizer(transformers.CLIPTokenizer, folder / "tokenizer_2"),
                       pf.load_tokenizer(transformers.T5Tokenizer, folder / "tokenizer_3")]

@@ -173,7 +173,7 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         scheduler_config = read_json_object(folder / "scheduler" / "scheduler_config.json")
         check_scheduler_config(scheduler_config, str(folder / "scheduler" / "scheduler_config.json"))
         unet = pf.load_network(diffusers.UNet2DConditionModel, folder / "unet", dtype)
-        codec = LatentCodec(pf.load_network(diffusers.AutoencoderKL, folder / "vae"), where=str(folder / "vae"))
+        codec = LatentCodec.load(diffusers.AutoencoderKL, folder, default_scaling=0.18215)
         resolution = resolution or int(unet.config["sample_size"]) * codec.downsample
         text = cls.text_class(*cls.text_encoders(folder), resolution)
         null = text([""]).embeds if cls.kind == "sd15" else None
