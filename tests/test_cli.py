@@ -22,7 +22,8 @@ def test_version_presets_and_help_show_defaults(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fdistill {__version__}"
     assert cli.main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    presets = ["cifar10", "digits", "fastgen", "imagenet64", "sd15", "sdxl", "toy2d"]
+    presets = ["cifar10", "digits", "fastgen", "flux", "imagenet64", "qwen_image", "sana", "sd15", "sd35", "sdxl",
+               "toy2d"]
     assert [line.split()[0] for line in lines] == presets
     assert all(len(line.split()) > 3 for line in lines)  # one line of description each
     with pytest.raises(SystemExit):

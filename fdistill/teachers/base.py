@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.core.protocols import Denoiser, RealData
+from fdistill.teachers.guidance import GuidedDenoiser
 
 
 def one_hot(classes: list[int], label_dim: int, device: str | torch.device = "cpu") -> Tensor | None:
@@ -96,6 +97,11 @@ class Teacher:
         if self.text is not None:
             return self.text(list(items))
         return one_hot(list(items), self.label_dim, device)
+
+    def guided(self, net: nn.Module, scale: float) -> nn.Module:
+        """``net`` (this teacher's denoiser) guided at ``scale``: classifier-free guidance in x0 space (App. D.5),
+        what the distiller and the multi-step sampler call."""
+        return GuidedDenoiser(net, scale)
 
     def decode(self, x: Tensor) -> Tensor:
         """Samples as images in [-1, 1]: the codec's decoding for a latent teacher, else x itself."""
