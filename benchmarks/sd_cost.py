@@ -1,9 +1,9 @@
 """Cost of Algorithm 1 with Stable Diffusion v1.5 and SDXL UNets as teacher, fake score and generator (random
 weights built from the architectures' configs, nothing downloaded); per-GPU weights and states for the
-flow-matching transformers SD3.5-Large, SD3.5-Medium and FLUX.1-dev (--memory --flow).
+flow-matching transformers SD3.5-Large, SD3.5-Medium, FLUX.1-dev, SANA-1600M and Qwen-Image (--memory --flow).
 
     python benchmarks/sd_cost.py --memory                  # per-GPU memory model, meta device, no network run
-    python benchmarks/sd_cost.py --memory --flow           # SD3.5 / FLUX weights + states, full FT vs shared-base LoRA
+    python benchmarks/sd_cost.py --memory --flow           # SD3.5 / FLUX / SANA / Qwen-Image weights + states
     python benchmarks/sd_cost.py --memory --flow --lora-rank 128 --precomputed-embeddings
     python benchmarks/sd_cost.py --model sd15              # time every pass on this machine (CPU, fp32)
     python benchmarks/sd_cost.py --model sdxl --batch 1 --steps 2 --warmup 1
@@ -50,7 +50,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torch.utils.checkpoint  # noqa: E402
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
@@ -567,10 +573,23 @@ SD35_MEDIUM_DIT = dict(
 FLUX_DEV_DIT = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+# SANA 1600M 1024 px: Efficient-Large-Model/Sana_1600M_1024px_diffusers (linear-attention DiT, patch 1 on the
+# DC-AE's 32-channel latents, Gemma-2 captions), 1,604,462,752. Qwen-Image: Qwen/Qwen-Image (60 double-stream
+# blocks on 2x2-packed 16-channel latents, Qwen2.5-VL captions), 20,430,401,088.
+SANA_1600M_DIT = dict(
+    in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+    num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+    mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1, interpolation_scale=None)
+QWEN_IMAGE_DIT = dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
 
 # Frozen text encoders' parameter counts (the hub checkpoints' encoders): T5-XXL encoder (google/t5-v1_1-xxl,
 # encoder only), CLIP ViT-L/14 text model, OpenCLIP ViT-bigG/14 text model (with its text projection).
-TEXT_ENCODERS = {"T5-XXL": 4_762_310_656, "CLIP-L": 123_650_304, "CLIP-bigG": 694_659_840}
+# Gemma-2-2B (SANA's, the decoder without its LM head) and Qwen2.5-VL-7B (Qwen-Image's, loaded whole: language
+# model 7,070,619,136, vision tower 676,550,144, LM head), counted here on the meta device from their hub configs.
+TEXT_ENCODERS = {"T5-XXL": 4_762_310_656, "CLIP-L": 123_650_304, "CLIP-bigG": 694_659_840,
+                 "Gemma-2-2B": 2_614_341_888, "Qwen2.5-VL-7B": 8_292_166_656}
 
 # LoRA targets: the joint-attention projections of every block (image stream, context stream, SD3.5-Medium's
 # second attention); FLUX's single-stream blocks have to_q / to_k / to_v only (their output is proj_out).
@@ -598,6 +617,9 @@ FLOW_SPECS = {
     "sd35m": FlowSpec("SD3.5-Medium", SD3Transformer2DModel, SD35_MEDIUM_DIT, ("CLIP-L", "CLIP-bigG", "T5-XXL"),
                       2_243_171_520),
     "flux": FlowSpec("FLUX.1-dev", FluxTransformer2DModel, FLUX_DEV_DIT, ("CLIP-L", "T5-XXL"), 11_901_408_320),
+    "sana": FlowSpec("SANA-1600M", SanaTransformer2DModel, SANA_1600M_DIT, ("Gemma-2-2B",), 1_604_462_752),
+    "qwen_image": FlowSpec("Qwen-Image", QwenImageTransformer2DModel, QWEN_IMAGE_DIT, ("Qwen2.5-VL-7B",),
+                           20_430_401_088),
 }
 
 
@@ -636,13 +658,14 @@ def flow_memory_report(rank: int, precomputed: bool) -> None:
     for spec in FLOW_SPECS.values():
         model = spec.build("meta")
         n = sum(p.numel() for p in model.parameters())
+        width = model.config.num_attention_heads * model.config.attention_head_dim
         with torch.device("meta"):
-            h = sum(p.numel() for p in dit_head(model.inner_dim).parameters())
+            h = sum(p.numel() for p in dit_head(width).parameters())
         lora, layers = lora_params(model, rank)
         text = 0 if precomputed else sum(TEXT_ENCODERS[e] for e in spec.text_encoders)
         check = "matches" if n == spec.expected_params else f"DOES NOT MATCH {spec.expected_params:,}"
         enc = "precomputed: 0" if precomputed else f"{' + '.join(spec.text_encoders)} = {text:,}"
-        print(f"| {spec.name} | {n:,} | {check} | {h:,} (C = {model.inner_dim}) | {lora:,} ({layers}) | {enc} |")
+        print(f"| {spec.name} | {n:,} | {check} | {h:,} (C = {width}) | {lora:,} ({layers}) | {enc} |")
         # bytes: FSDP FULL_SHARD divides `sharded` by the GPU count; the frozen text encoders are replicated
         full = 2 * n + 2 * (4 + 4 + 8) * n + 16 * h  # teacher bf16; gen + fake: fp32 master, fp32 grad, AdamW
         shared = 2 * n + 2 * 16 * lora + 16 * h  # one frozen bf16 base; two adapters and the head: 16 B / param
@@ -675,8 +698,9 @@ FLOW_ASSUMPTIONS = f"""Assumptions (flow-matching transformers):
   to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out of every block (as present);
   2 x P + 32 x L + 16 x H, sharded like (a).
 - Text encoders (frozen, bf16, 2 B / param, replicated on every GPU, not sharded): T5-XXL encoder 4,762,310,656,
-  CLIP-L text 123,650,304, CLIP-bigG text 694,659,840 (SD3.5: all three; FLUX.1: CLIP-L + T5-XXL); 0 with
-  --precomputed-embeddings. The VAE (latents precomputed or decoded elsewhere) is not counted."""
+  CLIP-L text 123,650,304, CLIP-bigG text 694,659,840 (SD3.5: all three; FLUX.1: CLIP-L + T5-XXL); SANA:
+  Gemma-2-2B 2,614,341,888; Qwen-Image: Qwen2.5-VL-7B 8,292,166,656; 0 with --precomputed-embeddings. The VAE
+  (latents precomputed or decoded elsewhere) is not counted."""
 
 
 def main() -> None:
@@ -690,7 +714,7 @@ def main() -> None:
     p.add_argument("--checkpointing-variants", choices=["both", "off", "on"], default="both",
                    help="gradient checkpointing for the passes with grad: both (default), off or on")
     p.add_argument("--flow", action="store_true",
-                   help="with --memory: SD3.5-Large / -Medium and FLUX.1-dev weights + states instead of the UNets")
+                   help="with --memory: the flow transformers' weights + states instead of the UNets")
     p.add_argument("--lora-rank", type=int, default=64, help="with --memory --flow: LoRA rank (default 64)")
     p.add_argument("--precomputed-embeddings", action="store_true",
                    help="with --memory --flow: text embeddings precomputed (text encoders not counted)")
