@@ -171,6 +171,7 @@ def merge(base: dict, update: dict) -> dict:
 
 
 PRESETS = Path(__file__).parent / "configs"  # the YAML presets shipped with fdistill
+DIGITS_PRESET = "digits"  # the default preset of the image commands (fdistill/configs/digits.yaml)
 
 
 def cache_dir() -> Path:

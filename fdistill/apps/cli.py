@@ -14,8 +14,7 @@ import time
 import warnings
 
 from fdistill import __version__, require_torch
-
-DIGITS_PRESET = "digits"  # the default preset of the image commands (fdistill/configs/digits.yaml)
+from fdistill.config import DIGITS_PRESET
 
 
 def resumable(command: str) -> set[str]:

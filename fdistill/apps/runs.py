@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fdistill.apps import distill as distillation
 from fdistill.apps import images
-from fdistill.config import RUN_CONFIG, resumable_keys, to_dict
+from fdistill.config import DIGITS_PRESET, RUN_CONFIG, resumable_keys, to_dict
 from fdistill.device import pick_device
 from fdistill.training import checkpoint, distributed, run
 from fdistill.training.loop import training_loop
@@ -32,8 +32,6 @@ def open_run(out: str | Path, command: str, config: list[str] | None, overrides:
     (unless ``overwrite``; not checked when only printing the config); ``resume`` reads <out>/config.yaml,
     applies the overrides and refuses changes that define the run. ``config``: the --config presets, files or
     run folders (None: the digits preset)."""
-    from fdistill.apps.cli import DIGITS_PRESET  # the image commands' default preset, named where the CLI is
-
     out = Path(out)
     if not resume:
         cfg = images.load_config(config or DIGITS_PRESET, overrides)

@@ -1,6 +1,6 @@
 """Text-to-image results and data: images for prompts (a one-step student or its guided teacher), their PNG
 files, and latent shards encoded once (``fdistill prepare-latents``). Distillation is ``apps.distill``'s, with
-the Stable Diffusion family's Teacher (``teachers.stable_diffusion``): the teacher guided at a fixed scale
+the Stable Diffusion family's Teacher (``teachers.families.stable_diffusion``): the teacher guided at a fixed scale
 (Table 5: SD1.5 1.75 or 5, SDXL 8), the students unguided, heads on the mid block (App. B).
 """
 

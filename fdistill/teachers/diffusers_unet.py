@@ -1,6 +1,6 @@
 """Diffusers UNets of DDPM (variance-preserving) schedules as EDM denoisers, so that they can be distilled
 like any other teacher: the conversion and feature taps shared by pixel and latent UNets, and the
-pixel-space ``UNet2DModel`` (Stable Diffusion's latent UNet is in ``teachers.stable_diffusion``).
+pixel-space ``UNet2DModel`` (Stable Diffusion's latent UNet is in ``teachers.families.stable_diffusion``).
 
 A DDPM (Ho et al. 2020) noises data as x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. Dividing by
 sqrt(abar_t) gives EDM's variance-exploding form x = x0 + sigma eps with
