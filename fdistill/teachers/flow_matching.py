@@ -282,12 +282,29 @@ class FlowMatchingTeacher(LatentTextToImageTeacher):
     the arguments of its pipeline's one-step call (``call_arguments``)."""
 
     Options = FlowOptions
+    title: ClassVar[str] = "this transformer"  # the family's name in messages
+    guidance_input: ClassVar[bool] = False  # whether the transformer can take an embedded guidance value
     backbone = "transformer"
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
     @classmethod
     def options_of(cls, record: dict) -> FlowOptions:
         return FlowOptions(record["max_sequence_length"], record["tap_block"], record.get("guidance"))
+
+    @classmethod
+    def checked(cls, options: FlowOptions | None) -> FlowOptions:
+        """``options`` (None: the defaults), ``guidance`` refused for a transformer without a guidance input."""
+        options = options or cls.Options()
+        if options.guidance is not None and not cls.guidance_input:
+            raise ValueError(f"teacher_options.guidance={options.guidance}: {cls.title} has no guidance embedding (its "
+                             "guidance is classifier-free guidance: the config's guidance)")
+        return options
+
+    @staticmethod
+    def scheduler_config(folder: Path) -> tuple[dict, str]:
+        """The folder's scheduler config and its path (for messages)."""
+        path = folder / "scheduler" / "scheduler_config.json"
+        return read_json_object(path), str(path)
 
     @staticmethod
     def record(folder: Path, family: str, resolution: int, msl: int, denoiser: FlowTransformerDenoiser,

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from fdistill.data.conditions import TextCondition
-from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders as pf
 from fdistill.teachers.base import register
 from fdistill.teachers.flow_matching import (
@@ -96,18 +95,18 @@ class FluxTextEncoder(FlowTextEncoder):
 
 @register
 class FluxTeacher(FlowMatchingTeacher):
-    kind = "flux"
+    kind, title = "flux", "FLUX.1"
     pipeline_classes = ("FluxPipeline",)
+    guidance_input = True  # FLUX.1-dev's (schnell's transformer has none: refused in ``load``)
 
     @classmethod
     def load(cls, folder: str | Path, resolution: int | None = None, options: FlowOptions | None = None,
              dtype: torch.dtype = torch.float32) -> LatentPipeline:
         """A local FLUX.1 folder; ``resolution`` defaults to 1024 (128 times the VAE's downsampling)."""
-        options = options or FlowOptions()
+        options = cls.checked(options)
         diffusers, transformers = pf.libraries()
         folder = pf.open_folder(folder, cls.pipeline_classes, COMPONENTS, LAYOUT)
-        shift = scheduler_shift(read_json_object(folder / "scheduler" / "scheduler_config.json"),
-                                str(folder / "scheduler" / "scheduler_config.json"))
+        shift = scheduler_shift(*cls.scheduler_config(folder))
         transformer = pf.load_network(diffusers.FluxTransformer2DModel, folder / "transformer", dtype)
         codec = LatentCodec.load(diffusers.AutoencoderKL, folder)
         tokenizers = [pf.load_tokenizer(transformers.CLIPTokenizer, folder / "tokenizer"),

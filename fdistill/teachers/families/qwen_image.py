@@ -230,7 +230,7 @@ def _check_prefix(tokenizer, where: Path) -> None:
 
 @register
 class QwenImageTeacher(FlowMatchingTeacher):
-    kind = "qwen_image"
+    kind, title = "qwen_image", "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
     Options = QwenOptions
 
@@ -244,22 +244,18 @@ class QwenImageTeacher(FlowMatchingTeacher):
         """A local Qwen-Image folder; ``resolution`` defaults to the pipeline's 1024 (128 latents x the VAE's 8).
         The cheap parts (scheduler, VAE, tokenizer, the transformer's size) are checked before the two large
         networks load."""
-        options = options or QwenOptions()
-        if options.guidance is not None:
-            raise ValueError(f"teacher_options.guidance={options.guidance}: Qwen-Image has no guidance embedding "
-                             "(its guidance is true classifier-free guidance: the config's guidance)")
+        options = cls.checked(options)
         msl = options.max_sequence_length or MAX_SEQUENCE_LENGTH
         if msl > TOKENIZER_MAX_LENGTH:
             raise ValueError(f"teacher_options.max_sequence_length={msl}: QwenImagePipeline takes at most "
                              f"{TOKENIZER_MAX_LENGTH} text tokens")
         diffusers, transformers = pf.libraries()
         folder = pf.open_folder(folder, cls.pipeline_classes, COMPONENTS, LAYOUT)
-        sched_file = folder / "scheduler" / "scheduler_config.json"
-        sched = read_json_object(sched_file)
+        sched, sched_file = cls.scheduler_config(folder)
         codec = QwenLatentCodec.load(diffusers.AutoencoderKLQwenImage, folder)
         resolution = DEFAULT_SAMPLE_SIZE * codec.downsample if resolution is None else resolution
         check_resolution(resolution, codec.downsample * 2, codec.downsample)
-        shift = equivalent_shift(sched, (resolution // (codec.downsample * 2)) ** 2, str(sched_file))
+        shift = equivalent_shift(sched, (resolution // (codec.downsample * 2)) ** 2, sched_file)
         tokenizer = pf.load_tokenizer(transformers.Qwen2Tokenizer, folder / "tokenizer")
         _check_prefix(tokenizer, folder / "tokenizer")
         config_file = folder / "transformer" / "config.json"

@@ -51,7 +51,6 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.data.conditions import TextCondition
-from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders as pf
 from fdistill.teachers.base import register
 from fdistill.teachers.flow_matching import (
@@ -156,7 +155,7 @@ def flow_shift(config: dict, where: str) -> float:
 
 @register
 class SanaTeacher(FlowMatchingTeacher):
-    kind = "sana"
+    kind, title = "sana", "SANA"
     pipeline_classes = ("SanaPipeline",)
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]  # self- (linear) and cross-attention projections
 
@@ -165,14 +164,10 @@ class SanaTeacher(FlowMatchingTeacher):
              dtype: torch.dtype = torch.float32) -> LatentPipeline:
         """A local SANA folder; ``resolution`` defaults to the transformer's sample_size times the DC-AE's
         downsampling (1024 for the 1024 px models)."""
-        options = options or FlowOptions()
-        if options.guidance is not None:
-            raise ValueError(f"teacher_options.guidance={options.guidance}: SANA has no guidance embedding (use "
-                             "classifier-free guidance, the config's guidance)")
+        options = cls.checked(options)
         diffusers, transformers = pf.libraries()
         folder = pf.open_folder(folder, cls.pipeline_classes, COMPONENTS, LAYOUT)
-        where = str(folder / "scheduler" / "scheduler_config.json")
-        shift = flow_shift(read_json_object(folder / "scheduler" / "scheduler_config.json"), where)
+        shift = flow_shift(*cls.scheduler_config(folder))
         config_file = folder / "transformer" / "config.json"
         transformer = pf.load_network(diffusers.SanaTransformer2DModel, folder / "transformer", dtype)
         config = transformer.config

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.data.conditions import TextCondition
-from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders as pf
 from fdistill.teachers.base import register
 from fdistill.teachers.flow_matching import (
@@ -72,7 +71,7 @@ class SD3TextEncoder(FlowTextEncoder):
 
 @register
 class SD3Teacher(FlowMatchingTeacher):
-    kind = "sd3"
+    kind, title = "sd3", "SD3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
 
     @classmethod
@@ -80,14 +79,10 @@ class SD3Teacher(FlowMatchingTeacher):
              dtype: torch.dtype = torch.float32) -> LatentPipeline:
         """A local SD3 / SD3.5 folder; ``resolution`` defaults to the transformer's sample_size times the VAE's
         downsampling."""
-        options = options or FlowOptions()
-        if options.guidance is not None:
-            raise ValueError(f"teacher_options.guidance={options.guidance}: SD3 has no guidance embedding (use "
-                             "classifier-free guidance, the config's guidance)")
+        options = cls.checked(options)
         diffusers, transformers = pf.libraries()
         folder = pf.open_folder(folder, cls.pipeline_classes, COMPONENTS, LAYOUT)
-        shift = scheduler_shift(read_json_object(folder / "scheduler" / "scheduler_config.json"),
-                                str(folder / "scheduler" / "scheduler_config.json"))
+        shift = scheduler_shift(*cls.scheduler_config(folder))
         transformer = pf.load_network(diffusers.SD3Transformer2DModel, folder / "transformer", dtype)
         codec = LatentCodec.load(diffusers.AutoencoderKL, folder)
         tokenizers = [pf.load_tokenizer(transformers.CLIPTokenizer, folder / "tokenizer"),
