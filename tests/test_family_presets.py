@@ -66,3 +66,12 @@ def test_a_family_runs_from_its_preset_with_only_data_resolution_batch_and_itera
     theirs = (theirs * 255).round().astype(np.uint8)
     assert ours.shape == theirs.shape == (r, r, 3)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
+def test_without_a_preset_the_tap_error_names_the_familys_preset(captioned, tmp_path, capsys):
+    folder = flow_pipelines.sd3(tmp_path / "sd3")
+    capsys.readouterr()
+    assert cli.main(["distill", "--teacher", str(folder), "--out", str(tmp_path / "run"), "--no-progress",
+                     f"data={captioned}", "text.resolution=16"]) == 2  # the digits preset's taps [8, 4]
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("this sd3 teacher's preset sets them: --config sd35")

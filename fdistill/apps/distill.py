@@ -29,7 +29,12 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
     device = torch.device(device)
     teacher.to(device)
     net = teacher.denoiser
-    taps = resolve_taps(cfg.disc_resolutions, net.encoder_resolutions, f"teacher {teacher.source}")
+    try:
+        taps = resolve_taps(cfg.disc_resolutions, net.encoder_resolutions, f"teacher {teacher.source}")
+    except ValueError as e:
+        if teacher.preset is None:
+            raise
+        raise ValueError(f"{e}; this {teacher.kind} teacher's preset sets them: --config {teacher.preset}") from None
     data = teacher.open_data(cfg, device, dataset)
     torch.manual_seed(cfg.distill.seed)
     if cfg.text.shared_base:  # generator and fake score: adapters on the teacher's own weights

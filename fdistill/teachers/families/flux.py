@@ -96,6 +96,7 @@ class FluxTextEncoder(FlowTextEncoder):
 @register
 class FluxTeacher(FlowMatchingTeacher):
     kind, title = "flux", "FLUX.1"
+    preset = "flux"
     pipeline_classes = ("FluxPipeline",)
     guidance_input = True  # FLUX.1-dev's (schnell's transformer has none: refused in ``load``)
 

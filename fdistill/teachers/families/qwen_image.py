@@ -231,6 +231,7 @@ def _check_prefix(tokenizer, where: Path) -> None:
 @register
 class QwenImageTeacher(FlowMatchingTeacher):
     kind, title = "qwen_image", "Qwen-Image"
+    preset = "qwen_image"
     pipeline_classes = ("QwenImagePipeline",)
     Options = QwenOptions
 

@@ -156,6 +156,7 @@ def flow_shift(config: dict, where: str) -> float:
 @register
 class SanaTeacher(FlowMatchingTeacher):
     kind, title = "sana", "SANA"
+    preset = "sana"
     pipeline_classes = ("SanaPipeline",)
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]  # self- (linear) and cross-attention projections
 

@@ -72,6 +72,7 @@ class SD3TextEncoder(FlowTextEncoder):
 @register
 class SD3Teacher(FlowMatchingTeacher):
     kind, title = "sd3", "SD3"
+    preset = "sd35"
     pipeline_classes = ("StableDiffusion3Pipeline",)
 
     @classmethod

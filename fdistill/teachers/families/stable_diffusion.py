@@ -204,12 +204,14 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
 @register
 class SD15Teacher(StableDiffusionTeacher):
     kind = "sd15"
+    preset = "sd15"
     pipeline_classes = ("StableDiffusionPipeline",)
 
 
 @register
 class SDXLTeacher(StableDiffusionTeacher):
     kind = "sdxl"
+    preset = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     denoiser_class = SDXLUNetDenoiser
