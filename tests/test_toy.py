@@ -115,3 +115,25 @@ def test_fig3_map_shows_the_trainers_weights():
         expected = h(toy._grid(mixture)[0]) / h(x_gen).mean()
     assert torch.allclose(h_map.flatten(), expected, rtol=1e-5)
     assert diff.shape == h_map.shape and float(h_map.std()) > 0
+
+
+def test_demo_without_gan_term_skips_the_adversarial_run_and_prints_each_row(tmp_path, capsys):
+    """distill.gan_weight=0: the adversarial-only run has no loss, so it is skipped in one printed line;
+    the other rows are printed as their runs finish (and in the final table)."""
+    code = cli.main(["demo", "--out", str(tmp_path), "--no-progress", "teacher.steps=30", "teacher.hidden=32",
+                     "distill.iterations=6", "distill.batch_size=32", "runs=[reverse_kl, adversarial, js]",
+                     "num_eval=200", "distill.gan_weight=0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "skipping the 'adversarial' run" in out and "gan_weight=0" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| reverse_kl |", "| js |"))]
+    assert len(rows) == 4  # each row once as its run finished, once in the final table
+    assert out.index("| reverse_kl |") < out.index("| js |")
+    assert set(json.loads((tmp_path / "results.json").read_text())["results"]) == {"reverse_kl", "js"}
+
+
+def test_toy_distiller_refuses_an_adversarial_run_without_gan_term():
+    cfg = toy.load_toy_config(overrides=["distill.gan_weight=0", "teacher.hidden=16", "teacher.depth=1"])
+    mlp = toy.MLPDenoiser(2, 16, 1, sigma_data=MIX.data_std())
+    with pytest.raises(ValueError, match="both 0"):
+        toy.toy_distiller(toy.ADVERSARIAL, MIX, mlp, cfg, seed=0)

@@ -8,6 +8,7 @@ longer multi-seed comparison. Everything here is small enough for a 2-core CPU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -132,12 +133,10 @@ def cached_teacher(mixture: GaussianMixture, cfg: ToyConfig, cache_dir: Path, pr
 # -- distillation -------------------------------------------------------------------------------
 def toy_distiller(run: str, mixture: GaussianMixture, mlp: MLPDenoiser, cfg: ToyConfig, seed: int) -> Distiller:
     """Generator and fake score start as copies of the trained MLP; the teacher is the MLP or the GMM."""
-    dcfg = copy.deepcopy(cfg.distill)
-    dcfg.seed = seed
-    if run == ADVERSARIAL:
-        dcfg.fdistill_weight = 0.0
-    else:
-        dcfg.divergence = run
+    # dataclasses.replace runs DistillConfig's validation again, so an adversarial run with no GAN term
+    # (fdistill_weight = gan_weight = 0) is refused here in one line rather than failing in backward.
+    changes = {"fdistill_weight": 0.0} if run == ADVERSARIAL else {"divergence": run}
+    dcfg = dataclasses.replace(copy.deepcopy(cfg.distill), seed=seed, **changes)
     torch.manual_seed(seed)
     teacher = mlp if cfg.teacher.kind == "mlp" else mixture
     generator = copy.deepcopy(mlp).requires_grad_(True).train()
@@ -311,7 +310,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
-    """Distill every run in cfg.runs and print the table. Writes to out_dir: demo.png, results.json,
+    """Distill every run in cfg.runs, printing each table row as its run finishes (the adversarial-only run
+    is skipped, in one printed line, when distill.gan_weight is 0: it would have no loss); returns the table.
+    Writes to out_dir: demo.png, results.json,
     mixture.yaml (the teacher's means, stds and weights) and samples_<run>.npy (the cfg.num_eval one-step
     samples each run was scored on), with reference.npy (as many samples of the mixture itself), and each
     run's folder <run>/ (config.yaml, log.jsonl, checkpoint: ``fdistill analyze-run out_dir/<run>``)."""
@@ -322,15 +323,25 @@ def run_demo(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> str:
     mlp = cached_teacher(mixture, cfg, out_dir, progress)
     teacher_seconds = time.perf_counter() - t0
     rows, samples, distillers = {}, {}, {}
-    for run in cfg.runs:
+    runs = list(cfg.runs)
+    if ADVERSARIAL in runs and cfg.distill.gan_weight == 0:
+        runs = [r for r in runs if r != ADVERSARIAL]
+        print(f"skipping the '{ADVERSARIAL}' run: with distill.gan_weight=0 the adversarial-only ablation "
+              "(fdistill_weight = 0) has no loss", flush=True)
+    if not runs:
+        raise ValueError(f"no run left to distill (runs: {cfg.runs}, distill.gan_weight=0)")
+    header = format_table({}, mixture.num_modes)
+    print(header, flush=True)  # each row as its run finishes: an interrupted demo keeps what it computed
+    for run in runs:
         rows[run], distillers[run], samples[run] = run_one(run, mixture, mlp, cfg, cfg.seed, progress,
                                                            out_dir / _filename(run))
         _save_npy(out_dir / f"samples_{_filename(run)}.npy", samples[run].numpy())
+        print(format_table({run: rows[run]}, mixture.num_modes).splitlines()[-1], flush=True)
     reference = mixture.sample(cfg.num_eval, generator=torch.Generator().manual_seed(cfg.seed))
     _save_npy(out_dir / "reference.npy", reference.numpy())
     params = {"means": mixture.means.tolist(), "stds": mixture.stds.tolist(), "weights": mixture.weights.tolist()}
     write_text(out_dir / "mixture.yaml", yaml.safe_dump(params, sort_keys=False))
-    fig3_run = next((r for r in ("forward_kl", "js") if r in distillers), cfg.runs[0])
+    fig3_run = next((r for r in ("forward_kl", "js") if r in distillers), runs[0])
     sigma = 0.5 * mixture.data_std()
     fig3 = score_and_weight_maps(distillers[fig3_run], mixture, sigma) if mixture.dim == 2 else None
     shares = {run: m["share"] for run, m in rows.items()}

@@ -43,9 +43,10 @@ DIGITS_CLASSES = 10  # the classes of the digits classifier (class accuracy)
 
 @torch.no_grad()
 def evaluate_samples(x: Tensor, labels: Tensor | None = None, data: str = "digits", k: int = 3,
-                     batch_size: int = 1024, where: str = "the samples") -> dict:
+                     batch_size: int = 1024, where: str = "the samples", real: Tensor | None = None) -> dict:
     """FID, precision, recall (k-NN) of samples x in [-1, 1] against ``data``; class accuracy when
-    integer ``labels`` (the classes the samples were generated for) are given (``where`` names them in errors)."""
+    integer ``labels`` (the classes the samples were generated for) are given (``where`` names them in errors).
+    ``real``: the reference images in [-1, 1] (e.g. a subset of the digits) instead of the whole ``data``."""
     _check_k_batch(k, batch_size)
     if data != "digits":
         raise ValueError(f"no feature extractor for {data!r} on this build: evaluation currently scores "
@@ -54,7 +55,7 @@ def evaluate_samples(x: Tensor, labels: Tensor | None = None, data: str = "digit
 
     _check_labels(labels, where)
     clf = load_digits_classifier(progress=False)
-    real = to_float(load_dataset(data).images)
+    real = to_float(load_dataset(data).images) if real is None else real
     if tuple(x.shape[1:]) != tuple(real.shape[1:]):
         raise ValueError(f"samples have shape {tuple(x.shape[1:])}, {data} images {tuple(real.shape[1:])}")
 
