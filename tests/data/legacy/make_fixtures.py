@@ -23,8 +23,9 @@ Each <name>/ holds
 Run it against any code version (the package is whatever `import fdistill` finds), from a folder that holds no
 `fdistill` package (a working directory on sys.path would shadow PYTHONPATH), e.g. the code of commit 1a665cb:
 
-    cd /tmp && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=/work/legacy \\
-        /work/main/.venv/bin/python /work/main/tests/data/legacy/make_fixtures.py [NAME ...] [--out DIR]
+    git worktree add ../fdistill-1a665cb 1a665cb
+    cd /tmp && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=<repo>/../fdistill-1a665cb \\
+        <repo>/.venv/bin/python <repo>/tests/data/legacy/make_fixtures.py [NAME ...] [--out DIR]
 
 It replaces the named fixtures (default: all); the runs are deterministic on the CPU (the same files, bit for bit,
 but for the temporary paths they record). tests/test_legacy_runs.py rebuilds each teacher and its data from the
