@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "torchrun --standalone --nproc_per_node=N -m fdistill distill ...")
     configured(s, DIGITS_PRESET)
     s.add_argument("--teacher", help="a train-teacher run folder or its teacher.safetensors, an NVlabs/edm .pkl "
-                   "snapshot, or a diffusers model folder (with --resume: the run's own teacher)")
+                   "snapshot, a diffusers pixel UNet folder, or a text-to-image pipeline folder (SD1.5 / SDXL, SD3, "
+                   "FLUX.1, SANA, Qwen-Image); with --resume: the run's own teacher")
     run_folder(s, "runs/distill")
     s.add_argument("--init-from", metavar="RUN", help="warm start: the generator, fake score and discriminator of "
                    "another run (e.g. a reverse-KL run before switching divergence); not with --resume")
@@ -317,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = command("prepare-latents", "encode captioned images once into latent shards (VAE latents, text "
                  "embeddings) for text-to-image training", _prepare_latents)
-    pl.add_argument("--teacher", required=True, help="the Stable Diffusion (XL) folder whose VAE and text encoders "
-                    "encode the data")
+    pl.add_argument("--teacher", required=True, help="the text-to-image pipeline folder (SD1.5 / SDXL, SD3, FLUX.1, "
+                    "SANA, Qwen-Image) whose VAE and text encoders encode the data")
     pl.add_argument("--data", required=True, help="WebDataset .tar shards (a folder, a file or shard-{000..009}.tar) "
                     "or a folder of images with same-named .txt captions")
     pl.add_argument("--out", required=True, help="the latent-shards folder; an interrupted run continues there")

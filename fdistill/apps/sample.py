@@ -47,12 +47,13 @@ def open_model(checkpoint_dir: str | Path | None, teacher_path: str | Path | Non
                              "one network call, unguided")
         net, sigma_gen, teacher = load_generator(checkpoint_dir, device)
         return net, sigma_gen, teacher, 1, 1.0, {"checkpoint": str(checkpoint.resolve(checkpoint_dir).resolve())}
-    settings = {} if teacher_config is None else {"resolution": teacher_config.text.resolution,
-                                                  "teacher_options": teacher_config.teacher_options}
-    teacher = open_teacher(teacher_path, settings.get("resolution"), settings.get("teacher_options")).to(device)
+    resolution, options = (None, None) if teacher_config is None else \
+        (teacher_config.text.resolution, teacher_config.teacher_options)
+    teacher = open_teacher(teacher_path, resolution, options).to(device)
     steps, guidance = 18 if steps is None else steps, 1.0 if guidance is None else guidance
     record = {"teacher": str(Path(teacher_path).resolve()), "steps": steps, "guidance": guidance}
-    record.update((k, v) for k, v in settings.items() if v)  # what the samples depend on: resumed only alike
+    # what the samples depend on, so that a stopped run is resumed only alike
+    record.update((k, v) for k, v in (("resolution", resolution), ("teacher_options", options)) if v)
     return teacher.denoiser, None, teacher, steps, guidance, record
 
 

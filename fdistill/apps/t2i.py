@@ -89,7 +89,7 @@ def prepare_latents(teacher_folder: str | Path, source: str | Path, out: str | P
     teacher = open_teacher(teacher_folder, resolution, options)
     if not teacher.text_to_image:
         raise ValueError(f"prepare-latents needs a text-to-image pipeline folder (Stable Diffusion v1.5 / XL, SD3, "
-                         f"FLUX.1), but {teacher_folder} is an image denoiser")
+                         f"FLUX.1, SANA, Qwen-Image), but {teacher_folder} is an image denoiser")
     codec, encoder = teacher.codec.to(device), teacher.text.to(device)  # the denoiser stays where it was loaded
     data = open_captions(source, resolution=teacher.info["network"]["resolution"],
                          on_error=on_error.replace("error", "raise"))

@@ -140,11 +140,11 @@ class SigmaSampler:
         if not 0 <= lo <= hi < self.num_levels:
             raise ValueError(f"index_range {self.index_range} must lie in [0, {self.num_levels - 1}]")
         if self.schedule == "karras":
-            self.grid = karras_sigmas(self.num_levels, self.sigma_min, self.sigma_max, self.rho).float()
+            self._grid = karras_sigmas(self.num_levels, self.sigma_min, self.sigma_max, self.rho).float()
         elif self.schedule == "flow":
-            self.grid = flow_sigmas(self.num_levels, self.t_min, self.t_max, self.shift).float()
+            self._grid = flow_sigmas(self.num_levels, self.t_min, self.t_max, self.shift).float()
         else:
-            self.grid = vp_sigmas(self.num_levels, self.beta_start, self.beta_end, self.schedule).float()
+            self._grid = vp_sigmas(self.num_levels, self.beta_start, self.beta_end, self.schedule).float()
 
     def resolve(self, teacher_defaults: dict) -> SigmaSampler:
         """This schedule, or for ``schedule: teacher`` the teacher's own (``teacher_defaults``: SigmaSampler fields,
@@ -157,10 +157,6 @@ class SigmaSampler:
             raise ValueError("distill.sigmas.schedule=teacher is resolved against a teacher (SigmaSampler.resolve) "
                              "before its levels are read")
         return self._grid
-
-    @grid.setter
-    def grid(self, value: Tensor) -> None:
-        self._grid = value
 
     @property
     def support(self) -> Tensor:

@@ -56,7 +56,7 @@ class Teacher:
     kind: ClassVar[str] = "teacher"  # the family's name: a checkpoint's info["family"]
     Options: ClassVar[type | None] = None  # the family's options (a dataclass), from ``teacher_options:``
     order: ClassVar[int] = 50  # families are asked in this order whether they recognise a path (catch-alls last)
-    preset: ClassVar[str | None] = None  # the config preset used when none is given (fdistill/configs/<preset>.yaml)
+    preset: ClassVar[str | None] = None  # the family's config preset (fdistill/configs/<preset>.yaml), named in errors
 
     @classmethod
     def recognises(cls, path: str | Path) -> bool:

@@ -16,7 +16,7 @@ D (``teachers.guidance.GuidedDenoiser``) is guidance of v. The range is t in [0.
 Noise levels: the teacher's own schedule (``default_sigmas``) is t uniform on 1000 levels in [t_min, t_max] with
 sigma = shift t / (1 - t), the shift of the folder's scheduler (``distill.sigmas.schedule: flow``).
 
-Export (``export_flow_pipeline``): the teacher's folder with the student's transformer and a one-step
+Export (``FlowMatchingTeacher.export_pipeline``): the teacher's folder with the student's transformer and a one-step
 FlowMatchEulerDiscreteScheduler (Karras sigmas with sigma_max = t_gen, so one step runs from t_gen to 0); the
 pipeline's call with one step and CFG off then returns the student's sample for the same latent noise.
 """
@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from fdistill.core.protocols import DenoiserDefaults
 from fdistill.data.conditions import TextCondition
-from fdistill.io import read_json_object
 from fdistill.networks.taps import HookedTaps
 from fdistill.teachers import pipeline_folders as pf
 from fdistill.teachers.latent_t2i import LatentPipeline, LatentTextToImageTeacher
@@ -257,25 +256,6 @@ def one_step_scheduler_config(teacher_config: dict, t_gen: float) -> dict:
             "sigma_max": float(t_gen), "shift_terminal": None, "invert_sigmas": False, "stochastic_sampling": False}
 
 
-def export_flow_pipeline(generator: FlowTransformerDenoiser, teacher_folder: str | Path, out: str | Path,
-                         sigma_gen: float | None = None, scheduler_config: dict | None = None) -> Path:
-    """Write the one-step generator as a diffusers pipeline folder: the teacher's folder with the generator's
-    transformer and a FlowMatchEulerDiscreteScheduler that takes one step from t_gen = sigma_gen / (1 + sigma_gen)
-    (``one_step_scheduler_config``; sigma_gen defaults to the generator's sigma_max, t_gen 0.999). fdistill's
-    generator input (1 + sigma_gen) z is x_t = z at t_gen, the pipeline's own noise latents, so the pipeline's
-    one-step call (CFG off) returns fdistill's one-step sample for the same latent noise. ``scheduler_config``:
-    the FlowMatchEulerDiscreteScheduler config to start from (default: the teacher folder's)."""
-    diffusers, _ = pf.libraries()
-    sigma = float(generator.sigma_max if sigma_gen is None else sigma_gen)
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma_gen must be a positive finite noise level, got {sigma_gen!r:.40}")
-    sched = scheduler_config or read_json_object(Path(teacher_folder) / "scheduler" / "scheduler_config.json")
-    with pf.quiet():  # diffusers' "sigma_max is not expected and will be ignored": it is read (see above)
-        one_step = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
-            one_step_scheduler_config(sched, t_of_sigma(sigma)))
-    return pf.write_pipeline(teacher_folder, out, {"transformer": generator.transformer}, one_step)
-
-
 class FlowMatchingTeacher(LatentTextToImageTeacher):
     """A flow-transformer pipeline folder as a teacher; ``info["network"]``: its folder, variant, resolution,
     text length, guidance, tap and transformer config. A family subclass loads its folder (``load``) and names
@@ -301,12 +281,6 @@ class FlowMatchingTeacher(LatentTextToImageTeacher):
         return options
 
     @staticmethod
-    def scheduler_config(folder: Path) -> tuple[dict, str]:
-        """The folder's scheduler config and its path (for messages)."""
-        path = folder / "scheduler" / "scheduler_config.json"
-        return read_json_object(path), str(path)
-
-    @staticmethod
     def record(folder: Path, family: str, resolution: int, msl: int, denoiser: FlowTransformerDenoiser,
                transformer: nn.Module, guidance: float | None = None) -> dict:
         """The JSON record that rebuilds a loaded flow pipeline (the checkpoint's ``info["network"]``)."""
@@ -329,10 +303,18 @@ class FlowMatchingTeacher(LatentTextToImageTeacher):
 
     def export_scheduler(self, teacher_folder: Path) -> dict:
         """The FlowMatchEulerDiscreteScheduler config the one-step export starts from: the teacher's own."""
-        return read_json_object(teacher_folder / "scheduler" / "scheduler_config.json")
+        return self.scheduler_config(teacher_folder)[0]
 
     def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, sigma: float) -> Path:
-        return export_flow_pipeline(generator, teacher_folder, out, sigma, self.export_scheduler(teacher_folder))
+        """The teacher's folder with the generator's transformer and a FlowMatchEulerDiscreteScheduler that takes one
+        step from t_gen = sigma / (1 + sigma) (``one_step_scheduler_config``). fdistill's generator input
+        (1 + sigma) z is x_t = z at t_gen, the pipeline's own noise latents, so the pipeline's one-step call (CFG
+        off) returns fdistill's one-step sample for the same latent noise."""
+        diffusers, _ = pf.libraries()
+        config = one_step_scheduler_config(self.export_scheduler(teacher_folder), t_of_sigma(sigma))
+        with pf.quiet():  # diffusers' "sigma_max is not expected and will be ignored": it is read (see above)
+            one_step = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        return pf.write_pipeline(teacher_folder, out, {"transformer": generator.transformer}, one_step)
 
     def pipeline_call(self, folder: Path, sigma: float) -> str:
         args = ", ".join(["prompt", "num_inference_steps=1", *self.call_arguments()])

@@ -35,8 +35,6 @@ class GuidedDenoiser(nn.Module):
     def default_sigmas(self) -> dict:
         return self.net.default_sigmas()
 
-    def blocks(self) -> list[nn.Module]:
-        return self.net.blocks()
 
     def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> dict[int, Tensor]:
         return self.net.features(x, sigma, cond)  # the conditional pass, as in forward

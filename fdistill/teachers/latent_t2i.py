@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.data.conditions import TextCondition
+from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders
 from fdistill.teachers.base import Teacher
 
@@ -153,6 +154,12 @@ class LatentTextToImageTeacher(Teacher):
         """The pipeline at ``folder`` at ``resolution`` pixels (None: the pipeline's), with ``options`` (the
         family's ``Options``, or None for its defaults)."""
         raise NotImplementedError
+
+    @staticmethod
+    def scheduler_config(folder: Path) -> tuple[dict, str]:
+        """The folder's scheduler config and its path (for messages)."""
+        path = folder / "scheduler" / "scheduler_config.json"
+        return read_json_object(path), str(path)
 
     @classmethod
     def options_of(cls, record: dict) -> Any:

@@ -161,11 +161,12 @@ def parameter_count(build: Callable[[Any], nn.Module], config, where: str) -> in
         return other
 
     layers = {k: get(k) for k in LAYER_KEYS if isinstance(get(k), int) and not isinstance(get(k), bool)}
-    base = _parameters(build, with_counts(dict.fromkeys(layers, 1)), where)
+    small = {k: min(n, 1) for k, n in layers.items()}  # one block of each list (none where the list is empty)
+    base = _parameters(build, with_counts(small), where)
     total = base
     for k, n in layers.items():
         if n > 1:
-            total += (n - 1) * (_parameters(build, with_counts({**dict.fromkeys(layers, 1), k: 2}), where) - base)
+            total += (n - 1) * (_parameters(build, with_counts({**small, k: 2}), where) - base)
     return total
 
 

@@ -40,6 +40,7 @@ class LatentUNetDenoiser(VPUNetDenoiser):
     """
 
     family = "sd15"
+    null_is_empty_prompt = True  # the unconditional condition is the encoded "" (its embeddings, loaded once)
 
     def __init__(self, unet: nn.Module, scheduler_config: dict, null_embeds: Tensor | None = None,
                  sigma_data: float | None = None) -> None:
@@ -95,6 +96,7 @@ class SDXLUNetDenoiser(LatentUNetDenoiser):
     is zeros (the pipeline's ``force_zeros_for_empty_prompt``), with the same time ids."""
 
     family = "sdxl"
+    null_is_empty_prompt = False
 
     def null_condition(self, cond: TextCondition) -> TextCondition:
         return TextCondition(torch.zeros_like(cond.embeds), torch.zeros_like(cond.pooled), cond.time_ids)
@@ -170,13 +172,13 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         diffusers, _ = pf.libraries()
         folder = pf.open_folder(folder, cls.pipeline_classes, cls.components, LAYOUT)
         check_unet_config(read_json_object(folder / "unet" / "config.json"), str(folder / "unet" / "config.json"))
-        scheduler_config = read_json_object(folder / "scheduler" / "scheduler_config.json")
-        check_scheduler_config(scheduler_config, str(folder / "scheduler" / "scheduler_config.json"))
+        scheduler_config, where = cls.scheduler_config(folder)
+        check_scheduler_config(scheduler_config, where)
         unet = pf.load_network(diffusers.UNet2DConditionModel, folder / "unet", dtype)
         codec = LatentCodec.load(diffusers.AutoencoderKL, folder, default_scaling=0.18215)
         resolution = resolution or int(unet.config["sample_size"]) * codec.downsample
         text = cls.text_class(*cls.text_encoders(folder), resolution)
-        null = text([""]).embeds if cls.kind == "sd15" else None
+        null = text([""]).embeds if cls.denoiser_class.null_is_empty_prompt else None
         unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
         unet_config["sample_size"] = resolution // codec.downsample
         if unet_config["sample_size"] != unet.config["sample_size"]:
@@ -247,7 +249,7 @@ def export_pipeline(generator: LatentUNetDenoiser, teacher_folder: str | Path, o
     ``num_inference_steps=1, guidance_scale=0`` (the student is unguided): the image ``fdistill sample``
     gives for the same seed."""
     diffusers, _ = pf.libraries()
-    sched = read_json_object(Path(teacher_folder) / "scheduler" / "scheduler_config.json")
+    sched, _ = StableDiffusionTeacher.scheduler_config(Path(teacher_folder))
     # steps_offset does nothing with trailing spacing; 1, as SD's own configs (the pipeline warns at any other)
     one_step = diffusers.DDIMScheduler.from_config({k: v for k, v in sched.items() if not k.startswith("_")},
                                                    timestep_spacing="trailing", set_alpha_to_one=True,
