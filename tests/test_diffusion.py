@@ -114,3 +114,25 @@ def test_denoising_loss_weightings():
     with pytest.raises(ValueError, match="weighting"):
         denoising_loss(zero, x0, sigma, None, 0.5, "bogus")
     assert math.isfinite(float(edm))
+
+
+def test_the_teachers_own_schedule_is_resolved_and_refuses_fields_it_would_ignore():
+    from fdistill.apps import images
+
+    own = SigmaSampler(schedule="teacher")
+    assert own.resolve({}) == SigmaSampler()  # EDM's Karras levels
+    flow = own.resolve({"schedule": "flow", "shift": 3.0, "index_range": [0, 999]})
+    assert flow.schedule == "flow" and flow.largest == pytest.approx(3 * 999.0)
+    assert SigmaSampler(schedule="karras", sigma_max=20.0).resolve({"schedule": "flow"}).sigma_max == 20.0
+    with pytest.raises(ValueError, match="sigma_max=40.0 is given, but schedule is 'teacher'") as e:
+        SigmaSampler(schedule="teacher", sigma_max=40.0)
+    assert "\n" not in str(e.value)
+    assert images.load_config("digits").distill.sigmas.schedule == "teacher"  # the default
+    given = images.load_config("digits", ["distill.sigmas.index_range=[2, 900]"]).distill.sigmas
+    assert (given.schedule, given.index_range) == ("karras", (2, 900))  # a sigmas key: SigmaSampler's own defaults
+    with pytest.raises(ValueError, match="index_range"):
+        images.load_config("digits", ["distill.sigmas.schedule=teacher", "distill.sigmas.index_range=[2, 900]"])
+    assert images.load_config("digits", ["distill.sigmas.schedule=teacher",
+                                         "distill.sigmas.index_range=[1, 997]"]).distill.sigmas.schedule == "teacher"
+    with pytest.raises(ValueError, match="before its levels are read"):
+        own.grid

@@ -7,7 +7,7 @@ Every network in fdistill is a *denoiser* ``D(x, sigma, cond) -> x0_hat`` in EDM
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -98,7 +98,8 @@ class SigmaSampler:
     ``shift`` t / (1 - t) (``flow_sigmas``), ascending like the DDPM grids (index_range [0, 999] of 1000 levels
     is FastGen's t in [0.001, 0.999]). ``teacher`` (the default of a distillation config) is the teacher's own
     schedule, ``Denoiser.default_sigmas()`` (``resolve``): Karras for EDM networks, a DDPM teacher's timesteps,
-    a flow teacher's t grid with its scheduler's shift; naming any other schedule overrides it.
+    a flow teacher's t grid with its scheduler's shift; naming any other schedule overrides it (with
+    ``teacher`` the other fields are the teacher's, and one given is refused rather than ignored).
     """
 
     sigma_min: float = 0.002
@@ -118,6 +119,12 @@ class SigmaSampler:
 
         checks.choice("schedule", self.schedule, ("teacher", "karras", "scaled_linear", "linear", "flow"))
         if self.schedule == "teacher":  # resolved against the teacher (``resolve``) before it is used
+            for f in fields(self):  # the teacher sets them all: a value given here would be silently ignored
+                value = getattr(self, f.name)
+                if f.name != "schedule" and (tuple(value) if isinstance(value, list) else value) != f.default:
+                    raise ValueError(f"{f.name}={getattr(self, f.name)!r:.40} is given, but schedule is 'teacher' (the "
+                                     "teacher's own levels, which set it); name the schedule (karras, scaled_linear, "
+                                     "linear or flow) to set its fields")
             return
         checks.integer("num_levels", self.num_levels, 2, MAX_LEVELS)
         if self.schedule == "karras":
