@@ -28,9 +28,9 @@ from fdistill.teachers.loading import load_network
 from fdistill.training.loop import training_loop
 
 
-def score(net, n, shape, label_dim, sigma_gen=None, steps=18):
+def score(net, n, shape, label_dim, student=None, steps=18):
     t0 = time.perf_counter()
-    x, labels = images.generate(net, n, shape, label_dim, sigma_gen, steps, seed=1)
+    x, labels = images.generate(net, n, shape, label_dim, student, steps, seed=1)
     seconds = time.perf_counter() - t0
     return x, {**evaluate_samples(x, labels.argmax(1)), "s_per_1000": 1000 * seconds / n}
 
@@ -73,8 +73,8 @@ def main() -> None:
             training_loop(distill.make_distiller(run_cfg, teacher_path, data), run_dir=out / run, progress=False)
             print(f"[{time.perf_counter() - t_start:5.0f} s] distilled {run} in {time.perf_counter() - t0:.0f} s",
                   flush=True)
-        gen, sigma_gen, _ = distill.load_generator(ckpt)
-        x, rows[run] = score(gen, args.num, shape, data.label_dim, sigma_gen)
+        gen, student, _ = distill.load_generator(ckpt)
+        x, rows[run] = score(gen, args.num, shape, data.label_dim, student)
         save_image_grid(x[:100], out / f"{run}.png", nrow=10, scale=4)
 
     print(f"\ndigits, {args.num} samples per model, {cfg.distill.iterations} distillation iterations "

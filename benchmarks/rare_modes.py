@@ -91,10 +91,10 @@ def parse_run(run: str) -> tuple[str, bool]:
     return divergence, gan
 
 
-def score(net, n: int, shape, sigma_gen, steps: int, real: torch.Tensor, clf) -> tuple[torch.Tensor, dict]:
-    """Samples of ``net`` (one-step with sigma_gen, else Heun) and their metrics (FID etc. and class histogram)."""
+def score(net, n: int, shape, student, steps: int, real: torch.Tensor, clf) -> tuple[torch.Tensor, dict]:
+    """Samples of ``net`` (its student steps; None: Heun's sampler) and their metrics (FID etc., class histogram)."""
     t0 = time.perf_counter()
-    x, _ = images.generate(net, n, shape, 0, sigma_gen, steps, seed=1)
+    x, _ = images.generate(net, n, shape, 0, student, steps, seed=1)
     seconds = time.perf_counter() - t0
     hist = class_histogram(predict_classes(x, clf), NUM_CLASSES)
     return x, {**evaluate_samples(x, real=real), "hist": hist.tolist(), "s_per_1000": 1000 * seconds / n}
@@ -235,8 +235,8 @@ def main() -> None:
             t0 = time.perf_counter()
             training_loop(distill.make_distiller(run_cfg, teacher_path, data), run_dir=run_dir, progress=False)
             train_s = time.perf_counter() - t0
-            gen, sigma_gen, _ = distill.load_generator(run_dir)
-            x, m = score(gen, args.num, shape, sigma_gen, cfg.sampler_steps, real, clf)
+            gen, student, _ = distill.load_generator(run_dir)
+            x, m = score(gen, args.num, shape, student, cfg.sampler_steps, real, clf)
             save_image_grid(x[:100], study / f"{run}-seed{seed}.png", nrow=10, scale=4)
             results[key] = {**m, **coverage_metrics(m["hist"], teacher_hist, data_hist, rare), "train_s": train_s,
                             "s_per_iteration": train_s / run_cfg.distill.iterations}

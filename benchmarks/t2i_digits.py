@@ -6,10 +6,14 @@ Stable Diffusion path by reverse-KL (DMD2), JS, forward-KL and adversarial-only.
     python benchmarks/t2i_digits.py                 # ~45 minutes on 2 cores; stages are cached in --out
     python benchmarks/t2i_digits.py --runs js --distill-iterations 500
 
-Prints, for the teacher (Heun, 18 steps = 35 evaluations, each guided: 70 UNet calls) and each one-step
-student: digits-FID and precision/recall (decoded 16x16 images averaged to 8x8 gray, scored in the digits
-classifier's feature space against the 1,797 real digits), prompt accuracy (the classifier agrees with the
-prompted digit) and seconds per 1000 samples (UNet calls and VAE decoding). Writes grids and results.json.
+    python benchmarks/t2i_digits.py --runs reverse_kl,js --student-steps 1,2,4 --student-input backward,forward
+
+Prints, for the teacher (Heun, 18 steps = 35 evaluations, each guided: 70 UNet calls) and each student (one step,
+or k steps from t = 500 down: timesteps 500/249 for k = 2, 500/375/249/124 for k = 4, ``few_step.default_levels``;
+with k > 1 also the teacher at 2 and 4 Euler steps and through its diffusers pipeline's DDIM at 2, 4 and 35 steps):
+digits-FID and precision/recall (decoded 16x16 images averaged to 8x8 gray, scored in the digits classifier's
+feature space against the 1,797 real digits), prompt accuracy (the classifier agrees with the prompted digit),
+seconds per 1000 samples (UNet calls and VAE decoding) and per training iteration. Writes grids and results.json.
 The text encoder is frozen at its random initialisation: it only has to tell ~50 distinct prompts apart.
 Then ``fdistill evaluate-t2i`` scores every model (teacher and students) on --evaluate-t2i prompts, 4 images
 each, with digits-FID and random stand-in CLIP/DINO networks (labelled as such in its tables), and
@@ -33,7 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fdistill.apps import distill, images, t2i  # noqa: E402
-from fdistill.core.diffusion import edm_sampler, one_step  # noqa: E402
+from fdistill.core import few_step  # noqa: E402
+from fdistill.core.diffusion import edm_sampler  # noqa: E402
 from fdistill.data.datasets import load_dataset, to_float  # noqa: E402
 from fdistill.data.latent_shards import LatentSampler  # noqa: E402
 from fdistill.data.writers import save_image_grid  # noqa: E402
@@ -169,8 +174,9 @@ def prompts_for(n: int, seed: int = 1) -> tuple[list[str], torch.Tensor]:
 
 @torch.no_grad()
 def sample_teacher(folder: Path, prompts: list[str], steps: int = 18, guidance: float = GUIDANCE,
-                   load=load_stable_diffusion) -> tuple[torch.Tensor, float]:
-    """EDM's Heun sampler on the guided denoiser of the pipeline ``load(folder)`` over its sigma range."""
+                   load=load_stable_diffusion, heun: bool = True) -> tuple[torch.Tensor, float]:
+    """EDM's Heun sampler (``heun=False``: its Euler steps) on the guided denoiser of the pipeline ``load(folder)``
+    over its sigma range."""
     sd = load(folder)
     net = GuidedDenoiser(sd.denoiser, guidance)
     t0, out = time.perf_counter(), []
@@ -178,26 +184,49 @@ def sample_teacher(folder: Path, prompts: list[str], steps: int = 18, guidance: 
         batch = prompts[i:i + 250]
         z = torch.randn(len(batch), *sd.latent_shape, generator=torch.Generator().manual_seed(i))
         lat = edm_sampler(net, z, sd.text(batch), num_steps=steps, sigma_min=sd.denoiser.sigma_min,
-                          sigma_max=sd.denoiser.sigma_max)
+                          sigma_max=sd.denoiser.sigma_max, heun=heun)
         out.append(sd.codec.decode(lat))
     return torch.cat(out), time.perf_counter() - t0
 
 
 @torch.no_grad()
-def sample_student(run: Path, prompts: list[str], ema: bool = True) -> tuple[torch.Tensor, float]:
-    generator, sigma_gen, teacher = distill.load_generator(run, ema=ema)
+def sample_pipeline(folder: Path, prompts: list[str], steps: int, guidance: float = GUIDANCE
+                    ) -> tuple[torch.Tensor, float]:
+    """The teacher as a user samples its folder: ``StableDiffusionPipeline`` with the folder's own scheduler (DDIM,
+    SD's settings), ``num_inference_steps=steps``, CFG ``guidance``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
     t0, out = time.perf_counter(), []
     for i in range(0, len(prompts), 250):
         batch = prompts[i:i + 250]
-        z = torch.randn(len(batch), *teacher.sample_shape, generator=torch.Generator().manual_seed(i))
-        out.append(teacher.decode(one_step(generator, z, sigma_gen, teacher.condition(batch))))
+        x = pipe(batch, height=16, width=16, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                 generator=torch.Generator().manual_seed(i)).images
+        out.append(x * 2 - 1)
+    return torch.cat(out), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def sample_student(run: Path, prompts: list[str], ema: bool = True) -> tuple[torch.Tensor, float]:
+    """The student's own steps (``few_step.run_steps``; one call for a one-step student), batch i's latents and sde
+    noise from one stream seeded i."""
+    generator, student, teacher = distill.load_generator(run, ema=ema)
+    t0, out = time.perf_counter(), []
+    for i in range(0, len(prompts), 250):
+        batch, stream = prompts[i:i + 250], torch.Generator().manual_seed(i)
+        shape = (len(batch), *teacher.sample_shape)
+        z = torch.randn(shape, generator=stream)
+        x = few_step.run_steps(generator, z, student, teacher.condition(batch),
+                               lambda shape=shape, stream=stream: torch.randn(shape, generator=stream))
+        out.append(teacher.decode(x))
     return torch.cat(out), time.perf_counter() - t0
 
 
 def table(rows: dict[str, dict]) -> str:
     """The benchmark's markdown table, a row per model."""
     lines = ["| model | digits-FID | precision | recall | class recall | prompt accuracy | in-batch similarity "
-             "| s / 1000 samples |", "|---|---|---|---|---|---|---|---|"]
+             "| s / 1000 samples | s / training iteration |", "|---|---|---|---|---|---|---|---|---|"]
     def cell(r: dict, key: str, digits: int = 3) -> str:
         v = r.get(key)
         if v is None:
@@ -207,7 +236,7 @@ def table(rows: dict[str, dict]) -> str:
     for name, r in rows.items():
         lines.append(f"| {name} | {cell(r, 'fid', 2)} | {cell(r, 'precision')} | {cell(r, 'recall')} "
                      f"| {cell(r, 'class_recall')} | {cell(r, 'prompt_accuracy')} | {cell(r, 'in_batch_similarity')} "
-                     f"| {cell(r, 's_per_1000', 2)} |")
+                     f"| {cell(r, 's_per_1000', 2)} | {cell(r, 's_per_iteration', 3)} |")
     return "\n".join(lines)
 
 
@@ -227,16 +256,30 @@ def student_overrides(latents: Path, run: str, iterations: int, extra: list[str]
     return overrides + list(extra)
 
 
-def distill_student(run_dir: Path, teacher: Path, overrides: list[str]) -> float:
-    """Train one student into ``run_dir`` (skipped when it holds checkpoints); its seconds of training."""
+def distill_student(run_dir: Path, teacher: Path, overrides: list[str]) -> tuple[float, float]:
+    """Train one student into ``run_dir`` (skipped when it holds checkpoints): (seconds of training in this call,
+    seconds per training iteration, kept in <run_dir>/train_seconds.json)."""
     cfg = images.load_config("digits", overrides)
     if not (run_dir / "config.yaml").is_file():  # a run folder as `fdistill distill` writes (analyze-run reads it)
         run_record.write(run_dir, "distill", cfg, teacher=str(teacher.resolve()), data=cfg.data)
+    timing = run_dir / "train_seconds.json"
     if (run_dir / "checkpoints").is_dir():
-        return 0.0
+        return 0.0, json.loads(timing.read_text())["per_iteration"] if timing.is_file() else float("nan")
     t0 = time.perf_counter()
     training_loop(distill.make_distiller(cfg, teacher), run_dir=run_dir, progress=False)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    per_iteration = seconds / cfg.distill.iterations
+    timing.write_text(json.dumps({"seconds": seconds, "per_iteration": per_iteration,
+                                  "threads": torch.get_num_threads()}))
+    return seconds, per_iteration
+
+
+def mean_std(seeds: list[dict]) -> dict:
+    """One row from several seeds' rows: (mean, sample std) of each number; a single seed's row as it is."""
+    if len(seeds) == 1:
+        return seeds[0]
+    return {k: (float(np.mean([r[k] for r in seeds])), float(np.std([r[k] for r in seeds], ddof=1)))
+            for k in seeds[0] if isinstance(seeds[0][k], float)}
 
 
 def main() -> None:
@@ -253,6 +296,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="students per divergence (distill.seed 0..N-1, the teacher shared); rows give mean ± std")
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="the teacher's CFG scale (sampled and distilled)")
+    p.add_argument("--student-steps", default="1", metavar="K,...",
+                   help="students of k steps for each k (k > 1: levels from t = 500 down, run folders "
+                        "<run>-k<k>-<input>); with k > 1 the teacher's few-step baselines are added")
+    p.add_argument("--student-input", default="backward", metavar="MODE,...",
+                   help="the k > 1 students' training input: backward, forward or both")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -285,30 +333,49 @@ def main() -> None:
     rows[teacher_row] = score(x, digits, seconds, prompts)
     save_image_grid(to_digits(x[:100]), out / f"teacher{cfg_tag}.png", nrow=10, scale=4,
                     column_labels=list("0123456789"))
+    strips = {"teacher, 35 NFE": x[:20]}  # the grid of teacher and students: same prompts, same seeds
     say(f"teacher: {rows[teacher_row]}")
-    for run in args.runs.split(","):
-        seeds = []
-        for seed in range(args.seeds):
-            run_dir = out / f"{run}{cfg_tag}{f'-seed{seed}' if seed else ''}"
-            seconds = distill_student(run_dir, teacher, student_overrides(
-                latents, run, args.distill_iterations, [*args.overrides, f"distill.seed={seed}"], args.guidance))
-            if seconds:
-                say(f"distilled {run_dir.name} in {seconds:.0f} s")
-            x, seconds = sample_student(run_dir, prompts)
-            seeds.append(score(x, digits, seconds, prompts))
-            if seed == 0:
-                save_image_grid(to_digits(x[:100]), out / f"{run}{cfg_tag}.png", nrow=10, scale=4,
-                                column_labels=list("0123456789"))
-            say(f"{run_dir.name}: {seeds[-1]}")
-        rows[f"{run} (1 NFE)"] = seeds[0] if len(seeds) == 1 else {
-            k: (float(np.mean([r[k] for r in seeds])), float(np.std([r[k] for r in seeds], ddof=1)))
-            for k in seeds[0] if isinstance(seeds[0][k], float)}
+    ks = [int(k) for k in args.student_steps.split(",")]
+    if max(ks) > 1:  # the teacher at few-step budgets: EDM's Euler steps (Heun needs an odd count) and the pipeline
+        for n in (2, 4):
+            x, seconds = sample_teacher(teacher, prompts, n, args.guidance, heun=False)
+            rows[f"teacher, {n} Euler steps ({n} NFE)"] = score(x, digits, seconds, prompts)
+        for n in (2, 4, 35):
+            x, seconds = sample_pipeline(teacher, prompts, n, args.guidance)
+            rows[f"teacher, diffusers pipeline, DDIM {n} steps ({n} NFE)"] = score(x, digits, seconds, prompts)
+        say("teacher baselines: " + "; ".join(f"{k}: FID {v['fid']:.2f}" for k, v in rows.items() if "teacher," in k))
+    students = [(k, None) for k in ks if k == 1] + [(k, mode) for k in ks if k > 1
+                                                     for mode in args.student_input.split(",")]
+    for k, mode in students:
+        for run in args.runs.split(","):
+            seeds, tag = [], f"{run}{cfg_tag}" + (f"-k{k}-{mode}" if k > 1 else "")
+            extra = [f"distill.student_steps={k}", f"distill.student_input={mode}"] if k > 1 else []
+            for seed in range(args.seeds):
+                run_dir = out / f"{tag}{f'-seed{seed}' if seed else ''}"
+                seconds, per_iteration = distill_student(run_dir, teacher, student_overrides(
+                    latents, run, args.distill_iterations, [*extra, *args.overrides, f"distill.seed={seed}"],
+                    args.guidance))
+                if seconds:
+                    say(f"distilled {run_dir.name} in {seconds:.0f} s")
+                x, seconds = sample_student(run_dir, prompts)
+                seeds.append({**score(x, digits, seconds, prompts), "s_per_iteration": per_iteration})
+                if seed == 0:
+                    save_image_grid(to_digits(x[:100]), out / f"{tag}.png", nrow=10, scale=4,
+                                    column_labels=list("0123456789"))
+                    strips[f"{run}, {k} NFE" + (f", {mode}" if mode else "")] = x[:20]
+                say(f"{run_dir.name}: {seeds[-1]}")
+            rows[f"{run} ({k} NFE{f', {mode} input' if mode else ''})"] = mean_std(seeds)
+    if len(strips) > 2:
+        save_image_grid(to_digits(torch.cat(list(strips.values()))), out / f"steps{cfg_tag}.png", nrow=10, scale=4,
+                        column_labels=list("0123456789"))
+        say(f"steps{cfg_tag}.png: two rows each of " + ", ".join(strips))
 
     print(f"\ntext-to-image digits, {args.num} prompted samples per model, {args.distill_iterations} distillation "
           f"iterations (batch 64), {args.seeds} seed(s) per student, {torch.get_num_threads()} CPU threads\n")
     print(table(rows))
     (out / f"results{cfg_tag}.json").write_text(json.dumps(rows, indent=1))
-    run_dirs = [f"{run}{cfg_tag}" for run in args.runs.split(",")]
+    run_dirs = [f"{run}{cfg_tag}" + (f"-k{k}-{mode}" if k > 1 else "") for k, mode in students
+                for run in args.runs.split(",")]
     if args.evaluate_t2i:
         evaluate_t2i_tables(out, run_dirs, args.evaluate_t2i, args.guidance)
     from fdistill.apps.analyze_run import analyze_run
@@ -340,7 +407,7 @@ def evaluate_t2i_tables(out: Path, runs: list[str], n_prompts: int, guidance: fl
               "--batch", "250", "--no-progress", "--device", "cpu"]
     jobs = [(f"teacher (35 NFE, CFG {guidance:g})", runs[0], f"teacher-cfg{guidance:g}",
              ["--teacher-steps", "18", "--guidance", f"{guidance}"])]
-    jobs += [(f"{run} (1 NFE)", run, run, []) for run in runs]
+    jobs += [(run, run, run, []) for run in runs]
     for name, run, folder, extra in jobs:
         folder = out / "evaluate-t2i" / folder
         print(f"\n## fdistill evaluate-t2i: {name}", flush=True)

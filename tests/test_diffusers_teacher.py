@@ -171,12 +171,12 @@ def test_distill_a_diffusers_teacher(pipeline_dir, tmp_path):
     losses = [v for e in log for k, v in e.items() if k.startswith("loss")]
     assert losses and all(math.isfinite(v) for v in losses)
 
-    net, sigma_gen, teacher = distill.load_generator(tmp_path)
+    net, student, teacher = distill.load_generator(tmp_path)
     info = teacher.info
     assert info["precond"] == "diffusers" and isinstance(net, DiffusersDenoiser)
     for k, v in d.generator_ema.state_dict().items():
         assert torch.equal(v, net.state_dict()[k]), k
-    x, labels = images.generate(net, 4, (1, 8, 8), info["network"]["label_dim"], sigma_gen)
+    x, labels = images.generate(net, 4, (1, 8, 8), info["network"]["label_dim"], student)
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and labels.shape == (4, 10)
 
 

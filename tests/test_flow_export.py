@@ -48,7 +48,7 @@ def test_exported_pipelines_one_step_is_the_students_sample(folders, family, sig
 
     teacher = open_teacher(folders[family], 16, {"max_sequence_length": MSL})
     student = _student(teacher)
-    line = teacher.export(student, tmp_path / "exported", sigma_gen=sigma_gen)
+    line = teacher.export(student, tmp_path / "exported", sigma_gen)
     sigma = 999.0 if sigma_gen is None else sigma_gen
     guidance = {"sd3": "guidance_scale=1, ", "flux": "guidance_scale=3.5, ", "schnell": ""}[family]
     assert f"num_inference_steps=1, {guidance}height=16, width=16, max_sequence_length={MSL})" in line
@@ -127,7 +127,7 @@ def test_export_refuses_a_full_folder_and_a_bad_sigma(folders, tmp_path):
     with pytest.raises(ValueError, match="is not empty"):
         teacher.export(teacher.denoiser, tmp_path / "full")
     with pytest.raises(ValueError, match="sigma_gen must be a positive finite"):
-        teacher.export(teacher.denoiser, tmp_path / "new", sigma_gen=float("inf"))
+        teacher.export(teacher.denoiser, tmp_path / "new", float("inf"))
     assert not (tmp_path / "new").exists()
 
 

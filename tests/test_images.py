@@ -32,10 +32,10 @@ def test_discriminator_averages_heads():
 
 def test_generate_draws_sample_i_from_seed_plus_i_whatever_the_batch(teacher_path):
     net, _, _ = load_network(teacher_path)
-    a, labels = images.generate(net, 5, (1, 8, 8), 10, sigma_gen=80.0, batch_size=2, seed=3)
-    b, _ = images.generate(net, 5, (1, 8, 8), 10, sigma_gen=80.0, batch_size=5, seed=3)
+    a, labels = images.generate(net, 5, (1, 8, 8), 10, student=80.0, batch_size=2, seed=3)
+    b, _ = images.generate(net, 5, (1, 8, 8), 10, student=80.0, batch_size=5, seed=3)
     assert torch.allclose(a, b, atol=1e-5) and labels.argmax(1).tolist() == [0, 1, 2, 3, 4]
-    make = distill.sample_maker(net, Teacher(net, (1, 8, 8), {}, "", label_dim=10), sigma_gen=80.0)
+    make = distill.sample_maker(net, Teacher(net, (1, 8, 8), {}, "", label_dim=10), student=80.0)
     assert torch.allclose(make([3], [6])[0], a[3], atol=1e-5)  # sample 3: class 3, seed 3 + 3
     assert not torch.allclose(make([3], [7])[0], a[3], atol=1e-3)
 

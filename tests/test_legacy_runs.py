@@ -105,8 +105,9 @@ def one_step_images(run: Path, items: list, seeds: list[int], ema: bool = True) 
     from fdistill.apps.distill import load_generator, sample_maker
     from fdistill.core.diffusion import one_step, seeded_noise
 
-    net, sigma_gen, teacher = load_generator(run, ema=ema)
-    images = sample_maker(net, teacher, sigma_gen)(items, seeds)
+    net, student, teacher = load_generator(run, ema=ema)  # a one-step student
+    sigma_gen = student.sigmas[0]
+    images = sample_maker(net, teacher, student)(items, seeds)
     with torch.no_grad():
         outputs = one_step(net, seeded_noise(teacher.sample_shape, seeds), sigma_gen, teacher.condition(items))
     return images, outputs
@@ -127,8 +128,8 @@ def test_the_stored_run_loads_and_samples_the_stored_images(rebuilt, run):
     name, record = rebuilt[:2]
     want = expected(name)
     assert checkpoint.read_meta(run)["iteration"] == record["iterations"]
-    _, sigma_gen, _ = load_generator(run)
-    assert sigma_gen == pytest.approx(float(want["sigma_gen"]), rel=1e-6)
+    _, student, _ = load_generator(run)
+    assert student.sigmas == pytest.approx((float(want["sigma_gen"]),), rel=1e-6)
     items, seeds = items_of(name), [int(s) for s in want["seeds"]]
     images, outputs = one_step_images(run, items, seeds)
     assert_close(images, want["images"], f"{name}: images")

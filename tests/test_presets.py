@@ -81,10 +81,10 @@ def test_preset_runs_with_a_tiny_teacher(tmp_path, persistence_module, name, dat
     assert d.sample_cond(3, slice(None)).shape == (3, TINY[name]["label_dim"])
     if name == "imagenet64":
         assert d.opt_g.param_groups[0]["lr"] == 5e-7
-    net, sigma, teacher = distill.load_generator(tmp_path / "run")
+    net, student, teacher = distill.load_generator(tmp_path / "run")
     info = teacher.info
     res = info["network"]["img_resolution"]
-    x, _ = images.generate(net, 2, (3, res, res), info["network"]["label_dim"], sigma)
+    x, _ = images.generate(net, 2, (3, res, res), info["network"]["label_dim"], student)
     assert res == TINY[name]["img_resolution"] and x.shape == (2, 3, res, res) and x.isfinite().all()
 
 

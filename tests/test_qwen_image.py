@@ -255,7 +255,8 @@ def test_distill_sample_export_through_the_cli_with_the_preset(folder, captioned
     with torch.no_grad():
         theirs = pipe(PROMPT, output_type="np", generator=torch.Generator().manual_seed(8), **call).images[0]
         latents = pipe(PROMPT, output_type="latent", generator=torch.Generator().manual_seed(8), **call).images
-        generator, sigma_gen, teacher = distill.load_generator(run)
+        generator, student, teacher = distill.load_generator(run)  # a one-step student: its one level
+        sigma_gen = student.sigmas[0]
         z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(8))  # fdistill's seeded_noise
         x = one_step(generator, z, sigma_gen, teacher.condition([PROMPT]))
     torch.testing.assert_close(fm.unpack_latents(latents, 4, 4), x, rtol=1e-4, atol=1e-4)
@@ -301,7 +302,7 @@ def test_exported_pipelines_one_step_is_the_students_sample(folder, teacher, tmp
     with torch.no_grad():
         for p in student.transformer.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    line = teacher.export(student.eval(), tmp_path / "exported", sigma_gen=sigma_gen)
+    line = teacher.export(student.eval(), tmp_path / "exported", sigma_gen)
     sigma = 999.0 if sigma_gen is None else sigma_gen
     assert f"at t = {sigma / (1 + sigma):.6g} and" in line
     pipe = QwenImagePipeline.from_pretrained(tmp_path / "exported", local_files_only=True)

@@ -216,7 +216,8 @@ def test_distill_sample_export_round_trip_through_the_cli(folder, captioned, tmp
     theirs = (theirs * 255).round().astype(np.uint8)
     assert ours.shape == theirs.shape == (R, R, 3)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
-    generator, sigma_gen, teacher = distill.load_generator(run)
+    generator, student, teacher = distill.load_generator(run)  # a one-step student: its one level
+    sigma_gen = student.sigmas[0]
     assert type(teacher) is sana.SanaTeacher and fm.t_of_sigma(sigma_gen) == pytest.approx(DPM_FIRST, rel=1e-6)
     with torch.no_grad():
         z = one_step(generator, seeded_noise(teacher.sample_shape, [8]), sigma_gen, teacher.condition([PROMPT]))
@@ -239,7 +240,7 @@ def test_exported_pipelines_one_step_is_a_perturbed_students_sample(teacher, sig
     with torch.no_grad():
         for p in student.transformer.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    line = teacher.export(student, tmp_path / "exported", sigma_gen=sigma_gen)
+    line = teacher.export(student, tmp_path / "exported", sigma_gen)
     sigma = student.sigma_max if sigma_gen is None else sigma_gen  # 999: t = 0.999
     assert f"t = {sigma / (1 + sigma):.6g}" in line
     out = SanaPipeline.from_pretrained(tmp_path / "exported", local_files_only=True)

@@ -115,7 +115,8 @@ def test_one_frozen_base_untouched_and_only_adapters_trained(setup, tmp_path):
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     assert all("lora" in k or k.split(".")[0] in ("discriminator", "ratio_norm")  # no base weights
                for k in load_file(ckpt / "model.safetensors"))
-    net, sigma_gen, teacher = distill.load_generator(tmp_path / "run")  # a plain network, adapters fused
+    net, student, teacher = distill.load_generator(tmp_path / "run")  # a plain network, adapters fused
+    sigma_gen = student.sigmas[0]
     assert not any("lora" in k for k in net.state_dict())
     x, s = torch.randn(2, *teacher.sample_shape), torch.full((2,), sigma_gen)
     cond = teacher.condition(["a red square", "a blue circle"])

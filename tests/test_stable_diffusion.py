@@ -136,12 +136,14 @@ def test_bad_folders_name_the_missing_file(sd15_folder, tmp_path):
         load_stable_diffusion(broken)
 
 
-def test_export_refuses_a_student_below_the_top_sigma(sd15_folder, tmp_path):
-    """The one-step DDIM export evaluates the top timestep: a student trained at another sigma is refused in one
-    line, not written as a pipeline that would sample it at the wrong noise level."""
+def test_export_refuses_a_student_level_off_the_timestep_grid(sd15_folder, tmp_path):
+    """A pipeline feeds its UNet integer timesteps: a student trained at a sigma between two of them is refused in one
+    line naming the nearest, not written as a pipeline that would sample it at another noise level (a level on the
+    grid below the top, t = 500 at 1.61828, exports: tests/test_few_step_export.py)."""
     from fdistill.teachers.open import open_teacher
 
     teacher = open_teacher(sd15_folder)
-    with pytest.raises(ValueError, match="generator_sigma"):
-        teacher.export(teacher.denoiser, tmp_path / "out", sigma_gen=1.61828)
+    with pytest.raises(ValueError, match=r"generator_sigma .* nearest is t = 491 ") as e:
+        teacher.export(teacher.denoiser, tmp_path / "out", 1.57)
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()

@@ -54,8 +54,8 @@ def test_distill_runs_and_the_generator_reloads(pipes, captioned, family, tmp_pa
     history = training_loop(d, run_dir=tmp_path, progress=False)
     assert [h["kind"] for h in history] == ["student", "critic"] * 2
     assert all(np.isfinite(v) for h in history for v in h.values() if isinstance(v, float))
-    generator, sigma_gen, sd = distill.load_generator(tmp_path)
-    x = t2i.generate_images(generator, sigma_gen, sd, ["a red square", "a blue circle"], seed=3)
+    generator, student, sd = distill.load_generator(tmp_path)
+    x = t2i.generate_images(generator, student, sd, ["a red square", "a blue circle"], seed=3)
     assert x.shape == (2, 3, 16, 16) and x.abs().max() <= 1
     torch.testing.assert_close(generator.unet.state_dict(), d.generator_ema.unet.state_dict())
 
@@ -220,8 +220,8 @@ def test_presets_carry_table5_and_run(pipes, captioned, family, tmp_path):
     history = training_loop(d, run_dir=tmp_path, progress=False)
     assert all(np.isfinite(v) for h in history for v in h.values() if isinstance(v, float))
     assert "generator_ema" not in checkpoint.read(tmp_path).weights
-    generator, sigma_gen, sd = distill.load_generator(tmp_path)  # falls back to the generator
-    assert t2i.generate_images(generator, sigma_gen, sd, ["a dog"]).shape == (1, 3, 16, 16)
+    generator, student, sd = distill.load_generator(tmp_path)  # falls back to the generator
+    assert t2i.generate_images(generator, student, sd, ["a dog"]).shape == (1, 3, 16, 16)
 
 
 def test_the_sdxl_preset_taps_the_mid_block_of_a_smaller_sdxl_layout(pipes, captioned):

@@ -168,3 +168,28 @@ def test_coco_style_reference_folder_is_cropped_resized_and_cached(t2i_run, tmp_
     assert np.isfinite(first)
     assert cli.main([*args, "--out", str(tmp_path / "b")]) == 0  # the reference from the cache this time
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["fid"] == pytest.approx(first)
+
+
+def test_a_few_step_student_is_distilled_sampled_evaluated_and_analyzed(t2i_run, tmp_path, capsys):
+    """A 4-step Stable Diffusion student (forward input: real latents noised to each level, with their captions)
+    through the CLI: sample in its 4 steps and in 2, evaluate-t2i names its NFE, analyze-run draws Fig. 6."""
+    root, clip, dino = t2i_run
+    run = tmp_path / "run"
+    assert cli.main(["distill", "--teacher", str(root / "sd15"), "--out", str(run), "--no-progress",
+                     f"data={root / 'data'}", *RUN, "distill.student_steps=4", "distill.student_input=forward",
+                     "distill.student_sampler=ode", "distill.divergence=js"]) == 0
+    assert cli.main(["sample", "--checkpoint", str(run), "--prompt", "a red thing", "--out", str(tmp_path / "s4")]) == 0
+    assert "4 network calls" in capsys.readouterr().out
+    assert cli.main(["sample", "--checkpoint", str(run), "--prompt", "a red thing", "--student-steps", "2",
+                     "--out", str(tmp_path / "s2")]) == 0
+    assert "2 network calls" in capsys.readouterr().out
+    four, two = (np.asarray(Image.open(tmp_path / s / "000000.png")) for s in ("s4", "s2"))
+    assert four.shape == two.shape and not np.array_equal(four, two)
+    assert cli.main(["sample", "--checkpoint", str(run), "--prompt", "x", "--student-steps", "3"]) == 2
+    assert "--student-steps 3: this student was trained at 4 noise levels" in capsys.readouterr().err
+    args = evaluate_args(root, clip, dino, tmp_path / "eval")
+    args[args.index("--checkpoint") + 1] = str(run)
+    assert cli.main(args) == 0
+    assert "student (4 NFE)" in capsys.readouterr().out
+    assert cli.main(["analyze-run", str(run), "--num-samples", "16", "--out", str(tmp_path / "fig6")]) == 0
+    assert (tmp_path / "fig6" / "fig6.png").is_file()

@@ -131,13 +131,14 @@ def _sample(args: argparse.Namespace) -> None:
 
     _check_options(args, {"--num-samples": ("num", 1, None), "--batch": ("batch", 1, None),
                           "--shard": ("shard", 1, None), "--grid-size": ("grid_size", 0, None),
-                          "--steps": ("steps", 2, MAX_STEPS)}, {"--guidance": "guidance"})
+                          "--steps": ("steps", 2, MAX_STEPS), "--student-steps": ("student_steps", 1, None)},
+                   {"--guidance": "guidance"})
     cfg = _image_config(args) if args.config or args.overrides or args.print_config else None
     if args.print_config and args.checkpoint is None:
         return _print_config(cfg)
     line = sample(args.checkpoint, args.teacher, args.out, args.num, read_prompts(args.prompt, args.prompts),
                   args.seed, args.shard, args.batch, args.steps, args.guidance, args.grid_size, args.device,
-                  not args.no_progress, cfg)
+                  not args.no_progress, cfg, args.student_steps)
     if line:
         print(line)
 
@@ -158,8 +159,8 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from fdistill.apps.distill import load_generator
 
-    generator, sigma_gen, teacher = load_generator(args.checkpoint)
-    print(teacher.export(generator, args.diffusers, sigma_gen))
+    generator, student, teacher = load_generator(args.checkpoint)
+    print(teacher.export(generator, args.diffusers, student))
 
 
 def _prepare_latents(args: argparse.Namespace) -> None:
@@ -265,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     runtime(s, "distill.seed")
 
-    m = command("sample", "sample a one-step generator or a teacher into <out>/samples.npz and <out>/grid.png "
+    m = command("sample", "sample a distilled student or a teacher into <out>/samples.npz and <out>/grid.png "
                 "(by PNG shards in <out>/images/, resumable; under torchrun each process makes its share)", _sample)
     m.add_argument("--checkpoint", help="a distill run folder (its newest checkpoint) or a checkpoint folder: "
-                   "one-step sampling")
+                   "the student's own steps (1 for a one-step generator)")
+    m.add_argument("--student-steps", type=int, default=None, metavar="J",
+                   help="run a k-step --checkpoint in J steps (J divides k: every k/J-th of its levels)")
     m.add_argument("--teacher", help="a teacher (as for distill): multi-step EDM Heun sampling")
     m.add_argument("--num-samples", dest="num", type=int, default=1000,
                    help="number of samples (not --num: torchrun's own options would take it)")
@@ -286,13 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     configured(m, DIGITS_PRESET, "teacher_options.max_sequence_length=64 (--teacher only)")
     runtime(m, None)
 
-    x = command("export", "write a text-to-image student as a diffusers pipeline folder (one-step sampling)",
+    x = command("export", "write a text-to-image student as a diffusers pipeline folder (its k-step sampling)",
                 _export)
     x.add_argument("--checkpoint", required=True, help="a text-to-image distill run folder or one of its checkpoints")
     x.add_argument("--diffusers", required=True, metavar="OUT", help="the new pipeline folder")
 
     ev = command("evaluate-t2i", "text-to-image metrics of a run: FID, CLIP score, in-batch similarity, HPSv2",
-                 _evaluate_t2i, "Text-to-image metrics (Table 4, App. D) of a run's one-step student, or of its "
+                 _evaluate_t2i, "Text-to-image metrics (Table 4, App. D) of a run's student, or of its "
                  "teacher with --teacher-steps/--guidance. Several GPUs: torchrun --nproc_per_node=N -m fdistill "
                  "evaluate-t2i ...")
     ev.add_argument("--checkpoint", required=True, help="a text-to-image distill run folder or one of its checkpoints")

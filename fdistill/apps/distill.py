@@ -1,23 +1,26 @@
 """Algorithm 1 for any teacher family, and its result: ``build_distiller`` (the Distiller for a config and a
-``Teacher``), ``load_generator`` (a run's one-step generator) and ``sample_maker`` (images from a generator or a
+``Teacher``), ``load_generator`` (a run's one- or few-step generator) and ``sample_maker`` (images from a generator or a
 multi-step teacher). Each family's particulars sit in its ``Teacher`` (``fdistill.teachers``)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from fdistill.config import from_dict
-from fdistill.core.diffusion import edm_sampler, one_step, seeded_noise
+from fdistill.core import few_step
+from fdistill.core.diffusion import edm_sampler
+from fdistill.core.few_step import StudentSteps
 from fdistill.networks.heads import Discriminator
 from fdistill.networks.taps import resolve_taps
 from fdistill.teachers.base import Teacher
 from fdistill.teachers.open import open_teacher, teacher_from_info
 from fdistill.training import checkpoint
-from fdistill.training.distiller import DistillConfig, Distiller
+from fdistill.training.distiller import DistillConfig, Distiller, student_steps
 
 
 def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.device = "cpu") -> Distiller:
@@ -57,9 +60,9 @@ def make_distiller(cfg, teacher_path: str | Path, dataset=None, device: str | to
 
 
 def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True
-                   ) -> tuple[nn.Module, float, Teacher]:
-    """A distillation run's one-step generator (from its newest checkpoint, or a checkpoint folder): (network in
-    eval mode, sigma_gen, the teacher it was distilled from: its sample shape, classes, text encoder, codec)."""
+                   ) -> tuple[nn.Module, StudentSteps, Teacher]:
+    """A distillation run's generator (from its newest checkpoint, or a checkpoint folder): (network in eval mode,
+    its levels and sampler, the teacher it was distilled from: its sample shape, classes, text encoder, codec)."""
     meta = checkpoint.read_meta(run)
     info = meta["info"]
     if "family" not in info and "precond" not in info:
@@ -76,30 +79,35 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: boo
     except RuntimeError as e:
         raise ValueError(f"checkpoint {run}: its generator weights do not fit the network its meta.info "
                          f"describes ({' '.join(str(e).split())[:300]})") from None
+    cfg = dataclasses.replace(cfg, sigmas=cfg.sigmas.resolve(teacher.denoiser.default_sigmas()))
     device = torch.device(device)
-    return net.eval().requires_grad_(False).to(device), cfg.generator_sigma or cfg.sigmas.largest, teacher.to(device)
+    return net.eval().requires_grad_(False).to(device), student_steps(cfg), teacher.to(device)
 
 
-def sample_maker(net: nn.Module, teacher: Teacher, sigma_gen: float | None = None, steps: int = 18,
+def sample_maker(net: nn.Module, teacher: Teacher, student: StudentSteps | float | None = None, steps: int = 18,
                  guidance: float = 1.0, device: str | torch.device = "cpu"):
     """``make(items, seeds) -> images in [-1, 1]`` (on the CPU): sample i from z = ``seeded_noise`` of seed i and
-    condition ``items[i]`` (a class, ignored by an unconditional net, or a prompt). With ``sigma_gen``: the
-    one-step generator G(z) = D(prior_std z; sigma_gen); without: EDM's Heun sampler over the teacher's noise
-    range (2 steps - 1 evaluations, each guided at ``guidance``). Latents are decoded by the teacher's codec."""
+    condition ``items[i]`` (a class, ignored by an unconditional net, or a prompt). With ``student`` (its levels,
+    or one sigma_gen): the student's steps (``few_step.run_steps``; one call G(z) = D(prior_std z; sigma_gen) for
+    k = 1), each sde step's noise drawn next from seed i's stream (as a diffusers pipeline's scheduler draws it
+    from ``generator``); without: EDM's Heun sampler over the teacher's noise range (2 steps - 1 evaluations,
+    each guided at ``guidance``). Latents are decoded by the teacher's codec."""
     net = net.to(device)
+    if isinstance(student, (int, float)):
+        student = StudentSteps((float(student),))
     guided = teacher.guided(net, guidance)
     sigma_min, sigma_max = teacher.sigma_range
 
     @torch.no_grad()
     def make(items: list, seeds: list[int]) -> Tensor:
-        z = seeded_noise(teacher.sample_shape, seeds, device)
-        cond = teacher.condition(items, device)
-        x = one_step(net, z, sigma_gen, cond) if sigma_gen is not None else \
+        streams = [torch.Generator().manual_seed(s) for s in seeds]
+
+        def noise() -> Tensor:  # the next N(0, I) of each sample's stream (seeded_noise's first draw: z)
+            return torch.stack([torch.randn(teacher.sample_shape, generator=g) for g in streams]).to(device)
+
+        z, cond = noise(), teacher.condition(items, device)
+        x = few_step.run_steps(net, z, student, cond, noise) if student is not None else \
             edm_sampler(guided, z, cond, num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max)
         return teacher.decode(x).cpu()
+    make.nfe = few_step.nfe(student, steps)  # network calls per sample
     return make
-
-
-def network_evaluations(sigma_gen: float | None, steps: int) -> int:
-    """Network calls per sample: 1 for a one-step generator, 2 steps - 1 for EDM's Heun sampler."""
-    return 1 if sigma_gen is not None else 2 * steps - 1

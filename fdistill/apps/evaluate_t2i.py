@@ -1,4 +1,4 @@
-"""``fdistill evaluate-t2i``: the text-to-image metrics of the paper (Table 4, App. D) for a run's one-step
+"""``fdistill evaluate-t2i``: the text-to-image metrics of the paper (Table 4, App. D) for a run's (one- or few-step)
 student, or its teacher with N steps and a guidance scale (the comparison row): zero-shot FID against a
 reference image folder (COCO-2014 val: center crop, LANCZOS resize to 256, Inception), CLIP score (open_clip
 ViT-g-14, "A photo depicts " + caption, raw cosine), in-batch similarity (DINO ViT-B/8, within each prompt's
@@ -246,7 +246,7 @@ def evaluate_run(run: str | Path, prompts_file: str | Path, out: str | Path | No
                  dino: str | None = None, hps: str | None = None, seed: int = 0, shard: int = 1000,
                  batch_size: int = 32, json_path: str | Path | None = None, device: str = "auto",
                  progress: bool = True) -> Iterator[str]:
-    """``fdistill evaluate-t2i``: score the one-step student of ``run`` (a distill run folder or checkpoint), or
+    """``fdistill evaluate-t2i``: score the student of ``run`` (a distill run folder or checkpoint), or
     with ``teacher_steps`` and ``guidance`` its teacher, on the first ``num`` prompts of ``prompts_file`` (0: all),
     ``group`` images each, in the processes of the torchrun job if any. Yields the lines to print as they are
     ready (none on ranks other than 0): the table, then what was written (``<out>/metrics.json``, and after that
@@ -264,7 +264,7 @@ def evaluate_run(run: str | Path, prompts_file: str | Path, out: str | Path | No
         data = open_captions(prompts_file)
         prompts = [data.caption(i) for i in range(min(len(data), num or len(data)))]
         make = t2i.image_maker(run, device, teacher_steps, guidance or 1.0)
-        name = f"teacher ({2 * teacher_steps - 1} NFE, CFG {guidance})" if teacher_steps else "one-step student"
+        name = f"teacher ({make.nfe} NFE, CFG {guidance})" if teacher_steps else f"student ({make.nfe} NFE)"
         out = Path(out) if out else Path(run) / ("eval-teacher" if teacher_steps else "eval")
         model = {"checkpoint": str(checkpoint.resolve(run).resolve()), "teacher_steps": teacher_steps,
                  "guidance": guidance}

@@ -108,14 +108,15 @@ def sample_classes(n: int, label_dim: int) -> list[int]:
 
 
 def generate(
-    net: nn.Module, n: int, shape: tuple[int, int, int], label_dim: int, sigma_gen: float | None = None,
+    net: nn.Module, n: int, shape: tuple[int, int, int], label_dim: int, student=None,
     steps: int = 18, guidance: float = 1.0, batch_size: int = 256, seed: int = 0,
     device: str | torch.device = "cpu", progress: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """n samples in [-1, 1] (on the CPU) of a class-conditional (or unconditional) pixel network, by
     ``apps.distill.sample_maker``: sample i from seed ``seed + i`` and class i mod label_dim, and their one-hot
-    labels. The same samples on any device and for any batch size."""
-    make = sample_maker(net, Teacher(net, shape, {}, "", label_dim=label_dim), sigma_gen, steps, guidance, device)
+    labels. ``student``: the net's StudentSteps (or one sigma_gen); None: the teacher's Heun sampler in ``steps``.
+    The same samples on any device and for any batch size."""
+    make = sample_maker(net, Teacher(net, shape, {}, "", label_dim=label_dim), student, steps, guidance, device)
     classes = sample_classes(n, label_dim)
     out = [make(classes[i:i + batch_size], list(range(seed + i, seed + min(i + batch_size, n))))
            for i in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False)]

@@ -1,4 +1,4 @@
-"""``fdistill sample``: images from a distillation run's one-step generator or from a teacher's multi-step
+"""``fdistill sample``: images from a distillation run's (one- or few-step) generator or from a teacher's multi-step
 sampler, for any teacher family. Class-conditional (and unconditional) models write resumable PNG shards, a
 ``samples.npz`` and a grid, on any number of processes; text-to-image models one PNG per prompt and a grid."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fdistill.apps import images, png_shards
-from fdistill.apps.distill import load_generator, network_evaluations, sample_maker
+from fdistill.apps.distill import load_generator, sample_maker
 from fdistill.data.captions import open_captions
 from fdistill.data.datasets import to_float
 from fdistill.teachers.open import open_teacher
@@ -33,20 +33,29 @@ def read_prompts(prompts: list[str] | None, file: str | Path | None) -> list[str
 
 
 def open_model(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, steps: int | None,
-               guidance: float | None, device: torch.device, teacher_config: images.ImageConfig | None = None):
-    """(network, sigma_gen or None, its Teacher, steps, guidance, the record of what was sampled).
+               guidance: float | None, device: torch.device, teacher_config: images.ImageConfig | None = None,
+               student_steps: int | None = None):
+    """(network, the student's StudentSteps or None, its Teacher, steps, guidance, the record of what was sampled).
     ``teacher_config`` (what ``--config`` and the overrides resolve to; None: neither was given) opens the teacher
-    at its ``text.resolution`` with its ``teacher_options``; a checkpoint's teacher is the one it records."""
+    at its ``text.resolution`` with its ``teacher_options``; a checkpoint's teacher is the one it records.
+    ``student_steps``: run a k-step student in fewer steps (``StudentSteps.fewer``)."""
     if checkpoint_dir is not None:
         if teacher_config is not None:
             raise ValueError("--config, --print-config and key=value overrides set a --teacher's options "
                              "(teacher_options.*, text.resolution); a --checkpoint's are those it was distilled with")
         if steps is not None or guidance is not None:
             given = " and ".join(n for n, v in (("--steps", steps), ("--guidance", guidance)) if v is not None)
-            raise ValueError(f"{given} apply to --teacher sampling; a one-step generator (--checkpoint) samples in "
-                             "one network call, unguided")
-        net, sigma_gen, teacher = load_generator(checkpoint_dir, device)
-        return net, sigma_gen, teacher, 1, 1.0, {"checkpoint": str(checkpoint.resolve(checkpoint_dir).resolve())}
+            raise ValueError(f"{given} apply to --teacher sampling; a distilled student (--checkpoint) samples in its "
+                             "own steps, unguided (--student-steps runs it in fewer)")
+        net, student, teacher = load_generator(checkpoint_dir, device)
+        record = {"checkpoint": str(checkpoint.resolve(checkpoint_dir).resolve())}
+        if student_steps is not None:
+            student = student.fewer(student_steps)
+            record["student_steps"] = student_steps
+        return net, student, teacher, 1, 1.0, record
+    if student_steps is not None:
+        raise ValueError("--student-steps applies to a distilled student (--checkpoint); a --teacher samples in "
+                         "--steps Heun steps")
     resolution, options = (None, None) if teacher_config is None else \
         (teacher_config.text.resolution, teacher_config.teacher_options)
     teacher = open_teacher(teacher_path, resolution, options).to(device)
@@ -61,21 +70,21 @@ def sample(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, o
            num: int, prompts: list[str], seed: int = 0, shard: int = 1000, batch: int = 256,
            steps: int | None = None, guidance: float | None = None, grid_size: int = 100,
            device: torch.device | str = "cpu", progress: bool = True,
-           teacher_config: images.ImageConfig | None = None) -> str | None:
+           teacher_config: images.ImageConfig | None = None, student_steps: int | None = None) -> str | None:
     """Sample and write the files, in this process or, under torchrun, each process of the job its share;
-    returns the line to print (None on ranks other than 0). ``teacher_config``: the teacher's settings
-    (``open_model``)."""
+    returns the line to print (None on ranks other than 0). ``teacher_config``, ``student_steps``: see
+    ``open_model``."""
     if (checkpoint_dir is None) == (teacher_path is None):
-        raise ValueError("give exactly one of --checkpoint (a one-step generator: a distill run folder or one of its "
+        raise ValueError("give exactly one of --checkpoint (a distilled student: a distill run folder or one of its "
                          "checkpoints) or --teacher (multi-step sampling)")
     default = run_folder(checkpoint_dir) / "samples" if checkpoint_dir is not None else Path("runs/samples")
     out = Path(out) if out else default
     with distributed.process_group(str(device)) as device:  # under torchrun: one process of the job
         t0 = time.perf_counter()
-        net, sigma_gen, teacher, steps, guidance, record = open_model(checkpoint_dir, teacher_path, steps, guidance,
-                                                                      device, teacher_config)
-        make = sample_maker(net, teacher, sigma_gen, steps, guidance, device)
-        nfe = network_evaluations(sigma_gen, steps)
+        net, student, teacher, steps, guidance, record = open_model(checkpoint_dir, teacher_path, steps, guidance,
+                                                                    device, teacher_config, student_steps)
+        make = sample_maker(net, teacher, student, steps, guidance, device)
+        nfe = make.nfe
         if teacher.text_to_image:
             return _prompted(make, teacher, prompts, out, seed, grid_size, progress, t0, nfe)
         if prompts:

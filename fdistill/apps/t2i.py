@@ -33,19 +33,20 @@ def generate(make, prompts: list[str], seed: int = 0, progress: bool = False, ba
                                     leave=False)])
 
 
-def generate_images(generator: nn.Module, sigma_gen: float, teacher: Teacher, prompts: list[str], seed: int = 0,
+def generate_images(generator: nn.Module, student, teacher: Teacher, prompts: list[str], seed: int = 0,
                     progress: bool = False, batch_size: int = 16) -> Tensor:
-    """``generate`` with the one-step ``generator``: one network call and one VAE decode per prompt."""
-    return generate(sample_maker(generator, teacher, sigma_gen, device=next(generator.parameters()).device), prompts,
+    """``generate`` with the ``generator`` run as ``student`` (its levels, or one sigma): k network calls and one
+    VAE decode per prompt."""
+    return generate(sample_maker(generator, teacher, student, device=next(generator.parameters()).device), prompts,
                     seed, progress, batch_size)
 
 
 def image_maker(run: str | Path, device, teacher_steps: int | None = None, guidance: float = 1.0):
-    """``make(prompts, seeds) -> images in [-1, 1]`` for a text-to-image run: its one-step student, or with
-    ``teacher_steps`` its teacher sampled by EDM's Heun sampler (2 steps - 1 evaluations, each guided)."""
+    """``make(prompts, seeds) -> images in [-1, 1]`` for a text-to-image run: its (one- or few-step) student, or
+    with ``teacher_steps`` its teacher sampled by EDM's Heun sampler (2 steps - 1 evaluations, each guided)."""
     if teacher_steps is None:
-        generator, sigma_gen, teacher = load_generator(run, device)
-        return sample_maker(generator, teacher, sigma_gen, device=device)
+        generator, student, teacher = load_generator(run, device)
+        return sample_maker(generator, teacher, student, device=device)
     teacher = teacher_from_info(checkpoint.read_meta(run)["info"], str(run)).to(device)
     return sample_maker(teacher.denoiser, teacher, None, teacher_steps, guidance, device)
 

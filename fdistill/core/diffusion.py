@@ -229,10 +229,12 @@ def edm_sampler(
     S_min: float = 0.0,
     S_max: float = float("inf"),
     S_noise: float = 1.0,
+    heun: bool = True,
 ) -> Tensor:
     """EDM Algorithm 2: Heun's 2nd-order sampler, deterministic when S_churn = 0.
 
-    ``latents`` ~ N(0, I); 18 steps cost 35 network evaluations (the last step is Euler).
+    ``latents`` ~ N(0, I); 18 steps cost 35 network evaluations (the last step is Euler); ``heun=False``: Euler
+    steps only (one evaluation per step: the budget of a few-step baseline).
     Runs the ODE in float64 as EDM does and returns float32 samples.
     """
     t_steps = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
@@ -250,7 +252,7 @@ def edm_sampler(
             x = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * torch.randn_like(x)
         dx = (x - d(x, t_hat)) / t_hat
         x_next = x + (t_next - t_hat) * dx
-        if i < num_steps - 1:
+        if heun and i < num_steps - 1:
             dx2 = (x_next - d(x_next, t_next)) / t_next
             x_next = x + (t_next - t_hat) * (0.5 * dx + 0.5 * dx2)
         x = x_next

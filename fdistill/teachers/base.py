@@ -122,9 +122,9 @@ class Teacher:
     def prepare_students(self, students: list[nn.Module], cfg) -> None:
         """Make the deep copies of the denoiser (generator, fake score) trainable as ``cfg`` says."""
 
-    def export(self, generator: nn.Module, out, sigma_gen: float | None = None) -> str:
-        """Write the one-step ``generator`` (evaluated at ``sigma_gen``, default its sigma_max) as another
-        library's model folder; returns the line to print."""
+    def export(self, generator: nn.Module, out, student=None) -> str:
+        """Write the ``generator`` run as ``student`` (``core.few_step.StudentSteps``, or one sigma_gen; default one
+        step at its sigma_max) as another library's model folder; returns the line to print."""
         raise ValueError(f"{self.source} is a {self.kind} teacher: --diffusers exports the students of text-to-image "
                          "pipelines only")
 

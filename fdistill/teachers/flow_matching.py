@@ -18,7 +18,9 @@ sigma = shift t / (1 - t), the shift of the folder's scheduler (``distill.sigmas
 
 Export (``FlowMatchingTeacher.export_pipeline``): the teacher's folder with the student's transformer and a one-step
 FlowMatchEulerDiscreteScheduler (Karras sigmas with sigma_max = t_gen, so one step runs from t_gen to 0); the
-pipeline's call with one step and CFG off then returns the student's sample for the same latent noise.
+pipeline's call with one step and CFG off then returns the student's sample for the same latent noise. A k-step
+student: an unshifted FlowMatchEulerDiscreteScheduler (``steps_scheduler_config``) called with ``sigmas=`` its
+flow times, stochastic for the sde sampler.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from fdistill.core.few_step import StudentSteps
 from fdistill.core.protocols import DenoiserDefaults
 from fdistill.data.conditions import TextCondition
 from fdistill.networks.taps import HookedTaps
@@ -264,6 +267,7 @@ class FlowMatchingTeacher(LatentTextToImageTeacher):
     Options = FlowOptions
     title: ClassVar[str] = "this transformer"  # the family's name in messages
     guidance_input: ClassVar[bool] = False  # whether the transformer can take an embedded guidance value
+    sde_noise_matches: ClassVar[bool] = False  # whether the pipeline's stochastic steps draw from its generator
     backbone = "transformer"
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -302,25 +306,70 @@ class FlowMatchingTeacher(LatentTextToImageTeacher):
         return [f"height={r}", f"width={r}", f"max_sequence_length={self.info['network']['max_sequence_length']}"]
 
     def export_scheduler(self, teacher_folder: Path) -> dict:
-        """The FlowMatchEulerDiscreteScheduler config the one-step export starts from: the teacher's own."""
+        """The FlowMatchEulerDiscreteScheduler config the export starts from: the teacher's own."""
         return self.scheduler_config(teacher_folder)[0]
 
-    def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, sigma: float) -> Path:
-        """The teacher's folder with the generator's transformer and a FlowMatchEulerDiscreteScheduler that takes one
-        step from t_gen = sigma / (1 + sigma) (``one_step_scheduler_config``). fdistill's generator input
-        (1 + sigma) z is x_t = z at t_gen, the pipeline's own noise latents, so the pipeline's one-step call (CFG
-        off) returns fdistill's one-step sample for the same latent noise."""
+    def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, student: StudentSteps) -> Path:
+        """The teacher's folder with the generator's transformer and a FlowMatchEulerDiscreteScheduler that runs
+        ``student``. One step (``one_step_scheduler_config``): one step from t_gen = sigma / (1 + sigma) to 0;
+        fdistill's generator input (1 + sigma) z is x_t = z at t_gen, the pipeline's own noise latents, so the
+        pipeline's one-step call (CFG off) returns fdistill's one-step sample for the same latent noise. k steps:
+        ``steps_scheduler_config``, run at the levels the call's ``sigmas=`` gives (``pipeline_call``)."""
         diffusers, _ = pf.libraries()
-        config = one_step_scheduler_config(self.export_scheduler(teacher_folder), t_of_sigma(sigma))
+        if student.steps == 1:
+            config = one_step_scheduler_config(self.export_scheduler(teacher_folder), t_of_sigma(student.sigmas[0]))
+        else:
+            config = steps_scheduler_config(self.export_scheduler(teacher_folder), student.sampler)
         with pf.quiet():  # diffusers' "sigma_max is not expected and will be ignored": it is read (see above)
-            one_step = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
-        return pf.write_pipeline(teacher_folder, out, {"transformer": generator.transformer}, one_step)
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        return pf.write_pipeline(teacher_folder, out, {"transformer": generator.transformer}, scheduler)
 
-    def pipeline_call(self, folder: Path, sigma: float) -> str:
-        args = ", ".join(["prompt", "num_inference_steps=1", *self.call_arguments()])
-        return (f"{self.pipeline_classes[0]}.from_pretrained('{folder}')({args}) evaluates the student once at "
-                f"t = {float(t_of_sigma(sigma)):.6g} and gives fdistill sample's image for the same seed (diffusers' "
-                "warning that the scheduler's sigma_max is ignored is wrong: its Karras conversion reads it)")
+    def pipeline_call(self, folder: Path, student: StudentSteps) -> str:
+        name = self.pipeline_classes[0]
+        if student.steps == 1:
+            args = ", ".join(["prompt", "num_inference_steps=1", *self.call_arguments()])
+            return (f"{name}.from_pretrained('{folder}')({args}) evaluates the student once at "
+                    f"t = {float(t_of_sigma(student.sigmas[0])):.6g} and gives fdistill sample's image for the same "
+                    "seed (diffusers' warning that the scheduler's sigma_max is ignored is wrong: its Karras "
+                    "conversion reads it)")
+        args = ", ".join(["prompt", f"sigmas={flow_times(student)}", *self.call_arguments()])
+        call = f"{name}.from_pretrained('{folder}')({args})"
+        times = f"the student's t_i = sigma_i / (1 + sigma_i), its {student.steps} {student.sampler} steps"
+        if student.sampler == "ode":
+            return f"{call} gives fdistill sample's image for the same seed ({times}: FlowMatchEuler's Euler steps)"
+        if self.sde_noise_matches:
+            return (f"{call} gives fdistill sample's image for the same seed ({times}: FlowMatchEuler's stochastic "
+                    "steps, their fresh noise drawn from generator as fdistill sample draws it for one prompt on the "
+                    "CPU)")
+        return (f"{call} runs {times} (FlowMatchEuler's stochastic steps), but {name} draws their noise from torch's "
+                "global RNG, not from generator: not fdistill sample's image (only its ode students' are)")
+
+
+def flow_times(student: StudentSteps) -> list[float]:
+    """The flow times t_i = sigma_i / (1 + sigma_i) of the student's levels, as the exported pipeline's ``sigmas=``
+    (to 9 significant digits, more than the scheduler's float32 keeps)."""
+    return [float(f"{t_of_sigma(s):.9g}") for s in student.sigmas]
+
+
+def steps_scheduler_config(teacher_config: dict, sampler: str) -> dict:
+    """The teacher's FlowMatchEulerDiscreteScheduler config made to run a k-step student at the times the call's
+    ``sigmas=`` gives (diffusers 0.42, ``FlowMatchEulerDiscreteScheduler.set_timesteps``): given ``sigmas``, it
+    shifts them (statically, or dynamically with the ``mu`` FLUX.1 and Qwen-Image pass), so ``shift`` 1 and no
+    dynamic shifting leave them as they are (``mu`` is then ignored); no Karras / exponential / beta conversion,
+    no terminal stretch, no inversion; the final sigma 0 is appended, and the transformer is fed 1000 t_i.
+
+    ``step``: ode, x_t + (t_{i+1} - t_i) v, which is x0 + sigma_{i+1} (x - x0) / sigma_i in EDM terms (with
+    x0 = x_t - t v and x = x_t / (1 - t)): the student's ode step exactly, the last one (to 0) returning x0.
+    sde (``stochastic_sampling``): (1 - t_{i+1}) x0 + t_{i+1} eps, i.e. x0 + sigma_{i+1} eps, the student's sde
+    step, with eps = randn_tensor(latents.shape, generator) drawn with the generator the pipeline passes to
+    ``step``. SanaPipeline passes its generator (``prepare_extra_step_kwargs``) and its latents are unpacked
+    [B, C, h, w], so for one prompt on the CPU the draws are ``sample_maker``'s stream. StableDiffusion3Pipeline,
+    FluxPipeline and QwenImagePipeline call ``scheduler.step`` without it, so eps comes from torch's global RNG
+    (FLUX and Qwen-Image would besides draw it in their packed [B, N, 4C] layout): same sampler, other noise."""
+    cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != "sigma_max"}
+    return {**cfg, "shift": 1.0, "use_dynamic_shifting": False, "use_karras_sigmas": False,
+            "use_exponential_sigmas": False, "use_beta_sigmas": False, "shift_terminal": None, "invert_sigmas": False,
+            "stochastic_sampling": sampler == "sde"}
 
 
 def load_flow_pipeline(folder: str | Path, resolution: int | None = None, max_sequence_length: int | None = None,

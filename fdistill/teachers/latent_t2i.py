@@ -3,7 +3,7 @@ frozen VAE as a codec, the real data in latent space, and ``LatentTextToImageTea
 ``Teacher`` classes: opening a pipeline folder and rebuilding it from a checkpoint's record, LoRA and gradient
 checkpointing of the students, the shared-base mode, reloading a student and exporting it as a pipeline folder.
 A family says how its folder loads (``load``), how its network is adapted (``lora_targets``, ``backbone``) and how
-its one-step export is written (``export_pipeline``, ``pipeline_call``)."""
+its export is written (``export_pipeline``, ``pipeline_call``: the student's k steps as the pipeline's scheduler)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from fdistill.core.few_step import StudentSteps
 from fdistill.data.conditions import TextCondition
 from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders
@@ -264,18 +265,29 @@ class LatentTextToImageTeacher(Teacher):
             getattr(net, self.backbone).unload_lora()
         return net
 
-    def export(self, generator: nn.Module, out, sigma_gen: float | None = None) -> str:
-        """The one-step ``generator`` (evaluated at ``sigma_gen``, default its sigma_max) as a pipeline folder of
-        this family (``export_pipeline``); the line names the call that reproduces ``fdistill sample``'s image."""
-        sigma = float(generator.sigma_max if sigma_gen is None else sigma_gen)
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma_gen must be a positive finite noise level, got {sigma_gen!r:.40}")
-        out = self.export_pipeline(generator, Path(self.info["network"]["folder"]), Path(out), sigma)
-        return f"wrote {out}: {self.pipeline_call(out, sigma)}"
+    def export(self, generator: nn.Module, out, student=None) -> str:
+        """The ``generator`` run as ``student`` (``core.few_step.StudentSteps``, or one sigma_gen; default one step
+        at its sigma_max) as a pipeline folder of this family (``export_pipeline``); the line names the call that
+        reproduces ``fdistill sample``'s image (``pipeline_call``)."""
+        student = self.export_steps(generator, student)
+        out = self.export_pipeline(generator, Path(self.info["network"]["folder"]), Path(out), student)
+        return f"wrote {out}: {self.pipeline_call(out, student)}"
 
-    def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, sigma: float) -> Path:
+    @staticmethod
+    def export_steps(generator: nn.Module, student=None) -> StudentSteps:
+        """``student`` as StudentSteps (a run's are checked by its DistillConfig): None is one step at the generator's
+        sigma_max, a number one step there."""
+        if isinstance(student, StudentSteps):
+            return student
+        sigma = float(generator.sigma_max if student is None else student)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma_gen must be a positive finite noise level, got {student!r:.40}")
+        return StudentSteps((sigma,))
+
+    def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, student: StudentSteps) -> Path:
+        """Write the teacher's folder with the ``generator``'s network and a scheduler that runs ``student``."""
         raise NotImplementedError
 
-    def pipeline_call(self, folder: Path, sigma: float) -> str:
+    def pipeline_call(self, folder: Path, student: StudentSteps) -> str:
         """The documented call of the exported pipeline that gives ``fdistill sample``'s image for the same seed."""
         raise NotImplementedError

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.config import from_dict, resumable, to_dict
-from fdistill.core import divergences
+from fdistill.core import divergences, few_step
 from fdistill.core.diffusion import SigmaSampler, append_dims, denoising_loss, one_step, score_from_denoiser
 from fdistill.core.objective import (
     RatioNormalizer,
@@ -70,7 +71,18 @@ class DistillConfig:
     ratio_ema: float = 0.0
     fake_score_weighting: str = "edm"  # or "none" (FastGen's plain MSE)
     sigmas: SigmaSampler = field(default_factory=lambda: SigmaSampler(schedule="teacher"))  # the teacher's own
-    generator_sigma: float | None = None  # sigma the generator is evaluated at; None = the schedule's largest
+    # The student (``core.few_step``): k = 1 is the paper's one-step generator G(z) = D(prior_std z; sigma_1).
+    generator_sigma: float | None = None  # sigma_1, its first level; None = the schedule's largest
+    student_steps: int | None = None  # k; None = len(student_sigmas), else 1
+    # sigma_1 > ... > sigma_k (EDM sigma); None = the schedule's default levels from generator_sigma down
+    # (few_step.default_levels: Stable Diffusion's timesteps 999/749/499/249 for k = 4, a flow teacher's
+    # linspace(t_max, 0, k + 1) through its shift, an EDM teacher's Karras levels)
+    student_sigmas: list[float] | None = None
+    student_sampler: str = "sde"  # between steps: "sde", fresh noise (DMD2, FastGen); "ode", the implied noise
+    # A k-step student's training input at step i > 1 (i uniform in 1..k; step 1 is pure noise): "backward", the
+    # current generator run without gradient from noise through steps 1..i-1 (DMD2), or "forward", real samples
+    # noised to sigma_i, with their conditions (FastGen's default; needs real data)
+    student_input: str = "backward"
     ema_beta: float | None = 0.999  # EMA of the generator; None: no EMA (FastGen and DMD2 for text-to-image)
     # When the EMA moves: "iteration", after every iteration, critic iterations included (NVlabs/FastGen's
     # EMACallback runs at the end of each), so its horizon is 1/(1 - ema_beta) iterations; "student": only
@@ -144,12 +156,32 @@ class DistillConfig:
         checks.number("ratio_ema", self.ratio_ema, 0, 1, high_open=True)
         checks.choice("fake_score_weighting", self.fake_score_weighting, ("edm", "none"))
         checks.number("generator_sigma", self.generator_sigma, 0, low_open=True, none=True)
+        self._check_student()
         checks.number("ema_beta", self.ema_beta, 0, 1, high_open=True, none=True)
         checks.choice("ema_cadence", self.ema_cadence, ("iteration", "student"))
         checks.choice("gan_loss_heads", self.gan_loss_heads, ("per_head", "mean_logit"))
         if self.fdistill_weight == 0 and self.gan_weight == 0:
             raise ValueError("fdistill_weight and gan_weight are both 0: the generator would get no gradient")
         divergences.check(self.divergence)  # fail early on an unknown divergence
+
+    def _check_student(self) -> None:
+        from fdistill import checks
+
+        checks.integer("student_steps", self.student_steps, 1, none=True)
+        checks.choice("student_sampler", self.student_sampler, few_step.SAMPLERS)
+        checks.choice("student_input", self.student_input, few_step.INPUTS)
+        levels = self.student_sigmas
+        if levels is None:
+            return
+        if not (isinstance(levels, (list, tuple)) and levels and few_step.finite_positive(list(levels))):
+            raise ValueError(f"student_sigmas must be a list of positive noise levels sigma_1 > ... > sigma_k, got "
+                             f"{levels!r:.80}")
+        few_step.check_levels(list(levels), 0, math.inf, "student_sigmas")
+        if self.student_steps is not None and self.student_steps != len(levels):
+            raise ValueError(f"student_steps={self.student_steps} but student_sigmas has {len(levels)} levels; "
+                             "give one of them (the levels set k)")
+        if self.generator_sigma is not None:
+            raise ValueError("generator_sigma and student_sigmas are both given; student_sigmas[0] is the first level")
 
     def lr_at(self, iteration: int) -> tuple[float, float]:
         """(generator lr, critic lr) at ``iteration``: piecewise constant by ``lr_stages`` (e.g. Table 5's
@@ -196,7 +228,8 @@ class Distiller:
         self.real_data, self.sample_cond, self.sample_shape = real_data, sample_cond, tuple(sample_shape)
         self.divergence = divergences.get(cfg.divergence)  # resolved once: a custom h builds its f here
         self.sigmas = cfg.sigmas
-        self.sigma_gen = cfg.generator_sigma or cfg.sigmas.largest
+        self.student = student_steps(cfg)
+        self.sigma_gen = self.student.sigmas[0]
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} ranks")
@@ -265,8 +298,12 @@ class Distiller:
 
     # -- sampling ------------------------------------------------------------------------------
     def generate(self, z: Tensor, cond: Tensor | None = None, ema: bool = False) -> Tensor:
-        """x = G_theta(z), one network call (``core.diffusion.one_step``)."""
-        return one_step(self.generator_ema if ema else self.generator, z, self.sigma_gen, cond)
+        """x = G_theta(z): one network call (``core.diffusion.one_step``), or the k-step student's sampler
+        (``core.few_step.run_steps``)."""
+        net = self.generator_ema if ema else self.generator
+        if self.student.steps == 1:
+            return one_step(net, z, self.sigma_gen, cond)
+        return few_step.run_steps(net, z, self.student, cond)
 
     @torch.no_grad()
     def sample(self, n: int, ema: bool = True, batch_size: int = 4096) -> Tensor:
@@ -290,6 +327,39 @@ class Distiller:
     def _mine(self, cond):
         return None if cond is None else cond.to(self.device)
 
+    def _student_draws(self) -> dict | None:
+        """A k-step student's random inputs of this iteration (None for k = 1, which draws nothing more): the
+        step i of each sample (uniform in 0..k-1), and the sde noise of the backward simulation, or the real
+        samples (with their conditions) and noise of the forward input."""
+        cfg, k = self.cfg, self.student.steps
+        if k == 1:
+            return None
+        step = torch.randint(0, k, (cfg.batch_size,), generator=self.rng, device=self.device)
+        draws = {"step": step[self.local], "until": int(step.max())}
+        if cfg.student_input == "forward":
+            x_real, cond_real = self.real_data(cfg.batch_size, self.local)
+            draws.update(x_real=x_real.to(self.device), cond=self._mine(cond_real), eps=self._randn())
+        elif self.student.sampler == "sde":
+            draws["noises"] = [self._randn() for _ in range(draws["until"])]
+        return draws
+
+    def _student_output(self, z: Tensor, cond, draws: dict | None, sl: slice) -> Tensor:
+        """x0_i = G_theta(x_i; sigma_i) at each sample's step i (Alg. 1 line 4 for a k-step student): x_1 is
+        pure noise, x_i for i > 1 the backward simulation or the forward-noised real sample (``few_step``)."""
+        if draws is None:
+            return self.generate(z, cond)
+        levels = torch.tensor(self.student.sigmas, device=self.device)
+        step = draws["step"][sl]
+        x = z * self.generator.prior_std(self.sigma_gen)
+        if "x_real" in draws:
+            noised = few_step.forward_noised(draws["x_real"][sl], levels[step], draws["eps"][sl])
+            x = torch.where(append_dims(step, x.ndim) == 0, x, noised)
+        else:
+            noises = [n[sl] for n in draws["noises"]] if "noises" in draws else None
+            x = few_step.simulate(self.generator, x, self.student, step, cond, noises, draws["until"],
+                                  whole_batch=self.sharded)
+        return self.generator(x, levels[step], cond)
+
     def _gan_logits(self, head_logits: Tensor) -> Tensor:
         """What the GAN losses average softplus over: each head's logit (``per_head``) or their mean."""
         return head_logits if self.cfg.gan_loss_heads == "per_head" else head_logits.mean(1)
@@ -300,14 +370,15 @@ class Distiller:
         Each pass of the loop is one gradient-accumulation slice of this rank's batch."""
         cfg = self.cfg
         z, sigma, eps = self._randn(), self._sigma(), self._randn()
-        cond = self._mine(self.sample_cond(cfg.batch_size, self.local))
+        draws = self._student_draws()
+        cond = draws["cond"] if draws and "cond" in draws else self._mine(self.sample_cond(cfg.batch_size, self.local))
         self.opt_g.zero_grad(set_to_none=True)
         parts = []
         for sl in self.passes:
             c = None if cond is None else cond[sl]
             s = sigma[sl]
             with self.autocast():
-                x = self.generate(z[sl], c).float()  # line 4: y = G(z)
+                x = self._student_output(z[sl], c, draws, sl).float()  # line 4: y = G(z)
                 x_t = x + append_dims(s, x.ndim) * eps[sl]
                 # One teacher pass gives both D_teacher(x_t) and the head's features; with the GAN term
                 # on, it is differentiated through its input (not its weights) into the generator.
@@ -351,7 +422,8 @@ class Distiller:
         discriminator head by the GAN loss (+ gamma/2 R1) on real vs generated noisy samples."""
         cfg, n = self.cfg, self.cfg.batch_size
         z, sigma, eps, eps_dsm = self._randn(), self._sigma(), self._randn(), self._randn()
-        cond = self._mine(self.sample_cond(n, self.local))
+        draws = self._student_draws()  # the generated samples come from the student step's kind of input
+        cond = draws["cond"] if draws and "cond" in draws else self._mine(self.sample_cond(n, self.local))
         x_real, cond_real = self.real_data(n, self.local)  # only this rank's part is gathered
         x_real, cond_real = x_real.to(self.device), None if cond_real is None else cond_real.to(self.device)
         sigma_real, eps_real = self._sigma(), self._randn()  # real data gets its own sigma and noise
@@ -367,7 +439,7 @@ class Distiller:
             s, sr = sigma[sl], sigma_real[sl]
             with self.autocast():
                 with torch.no_grad():
-                    x = self.generate(z[sl], c).float()  # line 4
+                    x = self._student_output(z[sl], c, draws, sl).float()  # line 4
                     feats_fake = self.teacher.features(x + append_dims(s, x.ndim) * eps[sl], s, c)
                 loss_fake = x.new_zeros(())
                 if cfg.fdistill_weight > 0:  # line 14; the adversarial-only ablation needs no fake score
@@ -478,6 +550,19 @@ class Distiller:
             self.real_data.load_state_dict(meta["data_state"])
         if self.rank > 0:
             torch.manual_seed(self.cfg.seed + 1 + self.rank + 7919 * self.iteration)
+
+
+def student_steps(cfg: DistillConfig) -> few_step.StudentSteps:
+    """The student's levels and sampler for ``cfg`` (its ``sigmas`` resolved against the teacher): its
+    ``student_sigmas``, else ``few_step.default_levels`` of its schedule from ``generator_sigma``; a k-step
+    student's levels are checked against the schedule (the one-step generator_sigma as before, not)."""
+    k = cfg.student_steps or len(cfg.student_sigmas or [0])
+    levels = list(cfg.student_sigmas or few_step.default_levels(cfg.sigmas, k, cfg.generator_sigma))
+    if k > 1:
+        grid = cfg.sigmas.grid
+        key = "student_sigmas" if cfg.student_sigmas else "generator_sigma" if cfg.generator_sigma else "student_steps"
+        few_step.check_levels(levels, float(grid.min()), float(grid.max()), f"distill.{key}")
+    return few_step.StudentSteps(tuple(float(s) for s in levels), cfg.student_sampler)
 
 
 def merge_logs(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:

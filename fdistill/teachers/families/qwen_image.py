@@ -33,7 +33,9 @@ scheduler (``shift_terminal`` dropped, one Karras step at sigma_max = t_gen). ``
 sigmas = [1] and the dynamic mu; the exponential shift leaves 1 at 1 and the Karras conversion turns it into
 t_gen, so ``pipe(prompt, num_inference_steps=1, true_cfg_scale=1, height=r, width=r, max_sequence_length=L)``
 calls the student once at t_gen on its noise latents and returns x_t - t_gen v, ``fdistill sample``'s image for
-the same seed.
+the same seed. A k-step student: ``flow_matching.steps_scheduler_config`` (no dynamic shift, so the pipeline's mu
+is ignored), called with ``sigmas=[t_1, ..., t_k]``: an ode student's image; an sde student's noise comes from
+torch's global RNG (the pipeline calls ``scheduler.step`` without its generator).
 """
 
 from __future__ import annotations

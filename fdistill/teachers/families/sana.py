@@ -38,7 +38,10 @@ stepping with the float t_gen. ``SanaPipeline.from_pretrained(out)(prompt, num_i
 guidance_scale=1, use_resolution_binning=False, height=r, width=r, max_sequence_length=L)`` then returns the
 student's sample for the same latent noise (``guidance_scale=1`` turns CFG off; without
 ``use_resolution_binning=False`` the pipeline snaps sizes other than its bins', and refuses sample sizes other than
-16 / 32 / 64 / 128).
+16 / 32 / 64 / 128). A k-step student: ``flow_matching.steps_scheduler_config`` (shift 1, so that the call's
+``sigmas=`` are its flow times; such a folder reopens as a teacher of shift 1), called with ``sigmas=[t_1, ...,
+t_k]`` in place of ``num_inference_steps=1``. SanaPipeline hands its generator to the scheduler's ``step``, so an
+sde student's fresh noise is fdistill's stream too (one prompt, on the CPU).
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ class SanaTeacher(FlowMatchingTeacher):
     preset = "sana"
     pipeline_classes = ("SanaPipeline",)
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]  # self- (linear) and cross-attention projections
+    sde_noise_matches = True  # SanaPipeline hands its generator to scheduler.step (prepare_extra_step_kwargs)
 
     @classmethod
     def load(cls, folder: str | Path, resolution: int | None = None, options: FlowOptions | None = None,

@@ -1,6 +1,7 @@
 """Stable Diffusion v1.5 and SDXL teachers from local diffusers folders (Rombach et al. 2022; Podell et al.
 2023): the latent UNet as a denoiser D(x, sigma, cond) with text conditioning, the frozen text encoders,
-the VAE, and a distilled one-step generator written back as a standard diffusers pipeline.
+the VAE, and a distilled one- or k-step generator written back as a standard diffusers pipeline (one step at the
+top: a one-step DDIM; otherwise the student's timesteps, ``timesteps=``, run by ``steps_scheduler``).
 
 The UNet (``UNet2DConditionModel``, epsilon or v prediction on the scaled_linear DDPM schedule) becomes an
 EDM denoiser through the VP conversion of ``teachers.diffusers_unet``, in the VAE's latent space. Its
@@ -12,13 +13,16 @@ empty prompt for SD1.5, zeros for SDXL (its pipeline's ``force_zeros_for_empty_p
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from fdistill.core.few_step import StudentSteps
 from fdistill.data.conditions import TextCondition
 from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders as pf
@@ -26,6 +30,7 @@ from fdistill.teachers.base import register
 from fdistill.teachers.diffusers_unet import VPUNetDenoiser, alphas_cumprod, check_scheduler_config, check_unet_config
 from fdistill.teachers.latent_t2i import LatentCodec, LatentPipeline, LatentTextToImageTeacher
 
+GRID_TOLERANCE = 1e-5  # |log sigma - log sigma_t| of a student level exported as timestep t (steps are >= 6e-3 apart)
 LAYOUT = ("a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline folder: model_index.json, unet/, vae/, "
           "text_encoder/, tokenizer/, scheduler/ (SDXL also text_encoder_2/, tokenizer_2/), as save_pretrained writes")
 
@@ -190,17 +195,58 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         json.dumps(kwargs)  # checkpoint metadata must be JSON
         return LatentPipeline(denoiser.eval(), text, codec, kwargs)
 
-    def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, sigma: float) -> Path:
-        top = float(generator.sigma_max)
-        if abs(sigma - top) > 1e-4 * top:
-            raise ValueError(f"this student was trained at sigma {sigma:.4g} (distill.generator_sigma), but the "
-                             f"exported one-step DDIM scheduler evaluates it at the top timestep (sigma {top:.4g}); "
-                             "export supports students at the schedule's largest sigma only")
-        return export_pipeline(generator, teacher_folder, out)
+    def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, student: StudentSteps) -> Path:
+        """One step at the top timestep: today's one-step trailing DDIM (``export_pipeline``); any other student:
+        its timesteps (``student_timesteps``, refused off the teacher's integer grid) run by
+        ``steps_scheduler`` (sde: LCMScheduler, ode: EulerDiscreteScheduler)."""
+        if self.top_one_step(student):
+            return export_pipeline(generator, teacher_folder, out)
+        timesteps = self.student_timesteps(student)
+        sched, _ = self.scheduler_config(teacher_folder)
+        diffusers, _ = pf.libraries()
+        return pf.write_pipeline(teacher_folder, out, {"unet": generator.unet},
+                                 steps_scheduler(diffusers, sched, student.sampler, timesteps))
 
-    def pipeline_call(self, folder: Path, sigma: float) -> str:
-        return (f"{self.pipeline_classes[0]}.from_pretrained('{folder}')(prompt, num_inference_steps=1, "
-                "guidance_scale=0) gives fdistill sample's image for the same seed")
+    def pipeline_call(self, folder: Path, student: StudentSteps) -> str:
+        name = self.pipeline_classes[0]
+        if self.top_one_step(student):
+            return (f"{name}.from_pretrained('{folder}')(prompt, num_inference_steps=1, "
+                    "guidance_scale=0) gives fdistill sample's image for the same seed")
+        timesteps = self.student_timesteps(student)
+        k = len(timesteps)
+        if k == 1:
+            how = "its one step, EulerDiscreteScheduler's step to sigma 0"
+        elif student.sampler == "sde":
+            how = (f"its {k} sde steps, LCMScheduler's: x0, then fresh noise from generator as fdistill sample "
+                   "draws it for one prompt on the CPU")
+        else:
+            how = f"its {k} ode steps, EulerDiscreteScheduler's"
+        return (f"{name}.from_pretrained('{folder}')(prompt, timesteps={timesteps}, guidance_scale=0) gives fdistill "
+                f"sample's image for the same seed (the student's timesteps; {how})")
+
+    def top_one_step(self, student: StudentSteps) -> bool:
+        """A one-step student at the schedule's top (sigma_max, to 1e-4): exported as before, one DDIM step."""
+        top = float(self.denoiser.sigma_max)
+        return student.steps == 1 and abs(student.sigmas[0] - top) <= 1e-4 * top
+
+    def student_timesteps(self, student: StudentSteps) -> list[int]:
+        """The teacher's DDPM timesteps of the student's levels: each level must be an integer timestep's sigma
+        (the denoiser's grid, ``log_sigmas``, to a relative 1e-5), since the pipeline feeds its UNet integer
+        timesteps; else refused in one line naming the nearest."""
+        grid = self.denoiser.log_sigmas.double()
+        out = []
+        for s in student.sigmas:
+            t = int((grid - math.log(s)).abs().argmin())
+            if abs(math.log(s) - float(grid[t])) > GRID_TOLERANCE:
+                raise ValueError(f"the student's level sigma {s:.6g} (distill.generator_sigma or "
+                                 "distill.student_sigmas) is not one of the teacher's timesteps, which a "
+                                 f"{self.pipeline_classes[0]} feeds its UNet: the nearest is t = {t} (sigma "
+                                 f"{math.exp(float(grid[t])):.6g}); train the student at timestep levels to export it")
+            out.append(t)
+        if student.sampler == "sde" and len(out) > 1 and out[-1] == 0:
+            raise ValueError("the student's last level is timestep 0, where LCMScheduler's boundary condition returns "
+                             "its input instead of the x0 prediction: export it with the ode sampler or other levels")
+        return out
 
 
 @register
@@ -255,3 +301,36 @@ def export_pipeline(generator: LatentUNetDenoiser, teacher_folder: str | Path, o
                                                    timestep_spacing="trailing", set_alpha_to_one=True,
                                                    clip_sample=False, steps_offset=1)
     return pf.write_pipeline(teacher_folder, out, {"unet": generator.unet}, one_step)
+
+
+def steps_scheduler(diffusers, teacher_config: dict, sampler: str, timesteps: list[int]):
+    """The scheduler that runs a student at ``timesteps`` (the pipeline's ``timesteps=`` argument) on the teacher's
+    training schedule (its betas, prediction type), in the EDM terms of ``core.few_step`` (x = x_t sqrt(1 + s^2)):
+
+    * ``sde`` (k > 1): ``LCMScheduler``. Its step takes the x0 prediction, then x_{i+1} = sqrt(abar) x0 +
+      sqrt(1 - abar) eps with eps = randn_tensor(shape, generator), the pipeline's generator (``step`` gets it
+      through ``prepare_extra_step_kwargs``): x0 + sigma_{i+1} eps in EDM terms, eps the next draw of the stream
+      that gave the latents, as ``sample_maker`` draws it (one prompt, on the CPU); the last step returns x0.
+      Its boundary condition c_skip x_t + c_out x0 (c_skip = 0.25 / ((10^4 t)^2 + 0.25)) is x0 to float
+      precision with ``timestep_scaling`` 10^4 at t >= 1; ``original_inference_steps`` = T so that every timestep
+      is on its "training schedule" (diffusers still warns when t_1 is not T - 1; harmless). ``init_noise_sigma``
+      is 1: the latents are x_t = z.
+    * ``ode`` (and one step below the top): ``EulerDiscreteScheduler``, final sigma 0. Given integer timesteps it
+      takes sigma_t = sqrt((1 - abar_t) / abar_t) of them (np.interp at integers: the grid values, as the
+      denoiser's t(sigma)); its step x + (sigma_{i+1} - sigma_i) (x - x0) / sigma_i is the ode step, the last
+      (to sigma 0) returns x0. ``timestep_spacing="leading"`` makes ``init_noise_sigma`` sqrt(sigma_1^2 + 1),
+      fdistill's prior_std (linspace / trailing would give sigma_1), and ``scale_model_input`` feeds the UNet
+      x / sqrt(sigma^2 + 1) = x_t, as the denoiser does; the spacing is otherwise unused with ``timesteps=``.
+    """
+    steps = int(teacher_config.get("num_train_timesteps", 1000))
+    if sampler == "sde" and len(timesteps) > 1:
+        cls = diffusers.LCMScheduler
+        settings = dict(timestep_scaling=1e4, original_inference_steps=steps, clip_sample=False, thresholding=False)
+    else:
+        cls = diffusers.EulerDiscreteScheduler
+        settings = dict(timestep_spacing="leading", final_sigmas_type="zero", interpolation_type="linear",
+                        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                        timestep_type="discrete")
+    known = inspect.signature(cls.__init__).parameters
+    schedule = {k: v for k, v in teacher_config.items() if k in known and not k.startswith("_")}
+    return cls(**{**schedule, **settings, "steps_offset": 1})  # steps_offset: unused here; 1 keeps the pipeline quiet

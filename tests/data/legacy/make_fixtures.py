@@ -236,8 +236,9 @@ def sample_expected(run: Path, items: list, seeds: list[int] = SEEDS) -> dict:
 
     out = {}
     for key, ema in (("images", True), ("images_generator", False)):
-        net, sigma_gen, teacher = load_generator(run, ema=ema)
-        out[key] = sample_maker(net, teacher, sigma_gen)(list(items), list(seeds)).float()
+        net, student, teacher = load_generator(run, ema=ema)
+        sigma_gen = student.sigmas[0]  # a one-step student
+        out[key] = sample_maker(net, teacher, student)(list(items), list(seeds)).float()
         out["sigma_gen"] = sigma_gen
         if ema:
             with torch.no_grad():
