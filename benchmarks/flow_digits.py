@@ -9,6 +9,7 @@ adversarial-only into one-step students evaluated at t = 0.999 (sigma = 999).
 
     python benchmarks/flow_digits.py                # 36.7 minutes on 2 cores; stages are cached in --out
     python benchmarks/flow_digits.py --runs js --distill-iterations 500 --seeds 3
+    python benchmarks/flow_digits.py --runs js --student-steps 1,4   # and a 4-step student (t 0.999/0.749/0.5/0.25)
     python benchmarks/flow_digits.py --teacher-iterations 20 --distill-iterations 10 --num 100 --threads 1 \\
         --runs js --vae-steps 20 --out /tmp/flow-smoke   # a smoke run
 
@@ -20,7 +21,7 @@ samples. Writes grids and results.json. The text encoders stay at their random i
 Text length: SD3's pipeline pads both CLIP prompts to 77 tokens and T5's to 256, a 333-token text stream beside
 the 16 image tokens here. The prompts are a few words, so the CLIP tokenizers are saved with
 ``model_max_length=16`` (``CLIP_LENGTH``; the pipeline reads it) and every load asks for 16 T5 tokens (``MSL``;
-the students get ``text.max_sequence_length=16``, the checkpoints record it): 32 text tokens, which made a
+the students get ``teacher_options.max_sequence_length=16``, the checkpoints record it): 32 text tokens, which made a
 teacher iteration 2x cheaper than 77 + 16.
 """
 
@@ -40,7 +41,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fdistill.apps import t2i  # noqa: E402
-from fdistill.data.conditions import TextConfig  # noqa: E402
 from fdistill.data.datasets import load_dataset  # noqa: E402
 from fdistill.data.latent_shards import LatentSampler  # noqa: E402
 from fdistill.data.writers import save_image_grid  # noqa: E402
@@ -108,7 +108,7 @@ def save_flow_pipeline(folder: Path, vae, seed: int = 0, patch_size: int = 2, he
 def encode_latents(teacher: Path, data: Path, out: Path, batch_size: int = 256) -> None:
     """The captioned images encoded once by the teacher's VAE and text encoders (``fdistill prepare-latents``)."""
     t2i.prepare_latents(teacher, data, out, batch_size=batch_size, progress=False,
-                        text=TextConfig(max_sequence_length=MSL))
+                        options={"max_sequence_length": MSL})
 
 
 def train_teacher(folder: Path, data: Path, iterations: int, flow_t: str = "logit_normal") -> None:
@@ -138,7 +138,8 @@ def flow_overrides(generator_t: float) -> list[str]:
     if not 0 < generator_t < 1:
         raise ValueError(f"--generator-t must be in (0, 1) (rectified-flow time), got {generator_t}")
     out = ["distill.sigmas.schedule=flow", "distill.sigmas.index_range=[0, 999]"]
-    return out + [f"text.max_sequence_length={MSL}", f"distill.generator_sigma={generator_t / (1 - generator_t):.9g}"]
+    return out + [f"teacher_options.max_sequence_length={MSL}",
+                  f"distill.generator_sigma={generator_t / (1 - generator_t):.9g}"]
 
 
 def main() -> None:
@@ -159,6 +160,10 @@ def main() -> None:
                    help="students per divergence (distill.seed 0..N-1, the teacher shared); rows give mean ± std")
     p.add_argument("--guidance", type=float, default=bench.GUIDANCE,
                    help="the teacher's CFG scale (sampled and distilled)")
+    p.add_argument("--student-steps", default="1", metavar="K,...",
+                   help="students of k steps for each k (k > 1: flow times linspace(t, 0, k + 1) from --generator-t)")
+    p.add_argument("--student-input", default="backward", metavar="MODE,...",
+                   help="the k > 1 students' training input: backward, forward or both")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,24 +200,8 @@ def main() -> None:
     save_image_grid(bench.to_digits(x[:100]), out / f"teacher{tag}.png", nrow=10, scale=4,
                     column_labels=list("0123456789"))
     say(f"teacher: {rows[teacher_row]}")
-    for run in args.runs.split(","):
-        seeds = []
-        for seed in range(args.seeds):
-            run_dir = out / f"{run}{tag}{f'-seed{seed}' if seed else ''}"
-            seconds = bench.distill_student(run_dir, teacher, bench.student_overrides(
-                latents, run, args.distill_iterations, [*extra, *args.overrides, f"distill.seed={seed}"],
-                args.guidance))
-            if seconds:
-                say(f"distilled {run_dir.name} in {seconds:.0f} s")
-            x, seconds = bench.sample_student(run_dir, prompts)
-            seeds.append(score(x, digits, seconds, prompts))
-            if seed == 0:
-                save_image_grid(bench.to_digits(x[:100]), out / f"{run}{tag}.png", nrow=10, scale=4,
-                                column_labels=list("0123456789"))
-            say(f"{run_dir.name}: {seeds[-1]}")
-        rows[f"{run} (1 NFE)"] = seeds[0] if len(seeds) == 1 else {
-            k: (float(np.mean([r[k] for r in seeds])), float(np.std([r[k] for r in seeds], ddof=1)))
-            for k in seeds[0] if isinstance(seeds[0][k], float)}
+    students = bench.student_kinds(args.student_steps, args.student_input)
+    bench.distill_and_score(out, teacher, latents, args, students, tag, prompts, digits, rows, {}, say, extra, score)
 
     print(f"\nrectified-flow text-to-image digits, {args.num} prompted samples per model, {args.teacher_iterations} "
           f"teacher iterations, {args.distill_iterations} distillation iterations (batch 64), generator at "

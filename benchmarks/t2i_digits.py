@@ -282,6 +282,42 @@ def mean_std(seeds: list[dict]) -> dict:
             for k in seeds[0] if isinstance(seeds[0][k], float)}
 
 
+def student_kinds(steps: str, inputs: str) -> list[tuple[int, str | None]]:
+    """(k, training input) of each student kind of ``--student-steps`` and ``--student-input`` (None for k = 1)."""
+    ks = [int(k) for k in steps.split(",")]
+    return [(1, None)] * (1 in ks) + [(k, mode) for k in ks if k > 1 for mode in inputs.split(",")]
+
+
+def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: list, tag: str, prompts: list[str],
+                      digits: torch.Tensor, rows: dict, strips: dict, say, extra: list[str] = (),
+                      score_fn=score) -> list[str]:
+    """Distill (or reuse) every student of each kind in ``students`` for each of ``args.runs`` and ``args.seeds``
+    seeds into <out>/<run><tag>[-k<k>-<input>][-seed<s>], and score it: a row per kind and run (mean ± std over
+    seeds) in ``rows``, the first seed's first 20 samples in ``strips``. Returns the run folders of seed 0."""
+    run_dirs = []
+    for k, mode in students:
+        for run in args.runs.split(","):
+            seeds, name = [], f"{run}{tag}" + (f"-k{k}-{mode}" if k > 1 else "")
+            steps = [f"distill.student_steps={k}", f"distill.student_input={mode}"] if k > 1 else []
+            for seed in range(args.seeds):
+                run_dir = out / f"{name}{f'-seed{seed}' if seed else ''}"
+                seconds, per_iteration = distill_student(run_dir, teacher, student_overrides(
+                    latents, run, args.distill_iterations, [*extra, *steps, *args.overrides, f"distill.seed={seed}"],
+                    args.guidance))
+                if seconds:
+                    say(f"distilled {run_dir.name} in {seconds:.0f} s")
+                x, seconds = sample_student(run_dir, prompts)
+                seeds.append({**score_fn(x, digits, seconds, prompts), "s_per_iteration": per_iteration})
+                if seed == 0:
+                    save_image_grid(to_digits(x[:100]), out / f"{name}.png", nrow=10, scale=4,
+                                    column_labels=list("0123456789"))
+                    strips[f"{run}, {k} NFE" + (f", {mode}" if mode else "")] = x[:20]
+                say(f"{run_dir.name}: {seeds[-1]}")
+            rows[f"{run} ({k} NFE{f', {mode} input' if mode else ''})"] = mean_std(seeds)
+            run_dirs.append(name)
+    return run_dirs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="distillation config overrides (key=value) for every student")
@@ -335,8 +371,8 @@ def main() -> None:
                     column_labels=list("0123456789"))
     strips = {"teacher, 35 NFE": x[:20]}  # the grid of teacher and students: same prompts, same seeds
     say(f"teacher: {rows[teacher_row]}")
-    ks = [int(k) for k in args.student_steps.split(",")]
-    if max(ks) > 1:  # the teacher at few-step budgets: EDM's Euler steps (Heun needs an odd count) and the pipeline
+    if max(int(k) for k in args.student_steps.split(",")) > 1:
+        # the teacher at few-step budgets: EDM's Euler steps (Heun needs an odd count) and its pipeline's DDIM
         for n in (2, 4):
             x, seconds = sample_teacher(teacher, prompts, n, args.guidance, heun=False)
             rows[f"teacher, {n} Euler steps ({n} NFE)"] = score(x, digits, seconds, prompts)
@@ -344,27 +380,8 @@ def main() -> None:
             x, seconds = sample_pipeline(teacher, prompts, n, args.guidance)
             rows[f"teacher, diffusers pipeline, DDIM {n} steps ({n} NFE)"] = score(x, digits, seconds, prompts)
         say("teacher baselines: " + "; ".join(f"{k}: FID {v['fid']:.2f}" for k, v in rows.items() if "teacher," in k))
-    students = [(k, None) for k in ks if k == 1] + [(k, mode) for k in ks if k > 1
-                                                     for mode in args.student_input.split(",")]
-    for k, mode in students:
-        for run in args.runs.split(","):
-            seeds, tag = [], f"{run}{cfg_tag}" + (f"-k{k}-{mode}" if k > 1 else "")
-            extra = [f"distill.student_steps={k}", f"distill.student_input={mode}"] if k > 1 else []
-            for seed in range(args.seeds):
-                run_dir = out / f"{tag}{f'-seed{seed}' if seed else ''}"
-                seconds, per_iteration = distill_student(run_dir, teacher, student_overrides(
-                    latents, run, args.distill_iterations, [*extra, *args.overrides, f"distill.seed={seed}"],
-                    args.guidance))
-                if seconds:
-                    say(f"distilled {run_dir.name} in {seconds:.0f} s")
-                x, seconds = sample_student(run_dir, prompts)
-                seeds.append({**score(x, digits, seconds, prompts), "s_per_iteration": per_iteration})
-                if seed == 0:
-                    save_image_grid(to_digits(x[:100]), out / f"{tag}.png", nrow=10, scale=4,
-                                    column_labels=list("0123456789"))
-                    strips[f"{run}, {k} NFE" + (f", {mode}" if mode else "")] = x[:20]
-                say(f"{run_dir.name}: {seeds[-1]}")
-            rows[f"{run} ({k} NFE{f', {mode} input' if mode else ''})"] = mean_std(seeds)
+    students = student_kinds(args.student_steps, args.student_input)
+    run_dirs = distill_and_score(out, teacher, latents, args, students, cfg_tag, prompts, digits, rows, strips, say)
     if len(strips) > 2:
         save_image_grid(to_digits(torch.cat(list(strips.values()))), out / f"steps{cfg_tag}.png", nrow=10, scale=4,
                         column_labels=list("0123456789"))
@@ -374,8 +391,6 @@ def main() -> None:
           f"iterations (batch 64), {args.seeds} seed(s) per student, {torch.get_num_threads()} CPU threads\n")
     print(table(rows))
     (out / f"results{cfg_tag}.json").write_text(json.dumps(rows, indent=1))
-    run_dirs = [f"{run}{cfg_tag}" + (f"-k{k}-{mode}" if k > 1 else "") for k, mode in students
-                for run in args.runs.split(",")]
     if args.evaluate_t2i:
         evaluate_t2i_tables(out, run_dirs, args.evaluate_t2i, args.guidance)
     from fdistill.apps.analyze_run import analyze_run

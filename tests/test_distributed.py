@@ -62,6 +62,18 @@ def test_fsdp_on_two_gloo_ranks_matches_one_process_and_resumes(tmp_path):
     assert close(single.generator.state_dict(), resumed.generator.state_dict())
 
 
+@pytest.mark.parametrize("fsdp,student", [("1", "4:backward"), ("0", "3:forward")])
+def test_k_step_students_on_two_gloo_ranks_match_one_process(tmp_path, fsdp, student):
+    """A k-step student's draws (step per sample, the backward simulation's noise, the forward input's real
+    samples) are the global batch's, so 2 ranks (sharded or not) end where 1 process ends; under FSDP every rank
+    runs the simulation's calls on its whole batch (the collectives need the same calls on all ranks)."""
+    torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path), "32", "0", "7", "js", fsdp, student,
+             logs=tmp_path / "logs")
+    single = build(32, None, 7, "js", student=student)
+    training_loop(single, progress=False)
+    assert close(single.generator.state_dict(), load_file(tmp_path / "rank0.safetensors"))
+
+
 def test_gradient_accumulation_matches_the_full_batch():
     """Micro-batches of 8 (4 passes) give the full batch's update. With reverse-KL h = 1, so the
     per-pass normalization statistics play no part and the two must agree to rounding."""
