@@ -1,10 +1,10 @@
 """Cost of Algorithm 1 with Stable Diffusion v1.5 and SDXL UNets as teacher, fake score and generator (random
-weights built from the architectures' configs, nothing downloaded); per-GPU weights and states for the
-flow-matching transformers SD3.5-Large, SD3.5-Medium, FLUX.1-dev, SANA-1600M and Qwen-Image (--memory --flow).
+weights built from the architectures' configs, nothing downloaded), and per-GPU memory of whole f-distill steps for
+the UNets and the flow-matching transformers SD3.5-Medium / Large, FLUX.1-dev, SANA-1600M and Qwen-Image.
 
-    python benchmarks/sd_cost.py --memory                  # per-GPU memory model, meta device, no network run
-    python benchmarks/sd_cost.py --memory --flow           # SD3.5 / FLUX / SANA / Qwen-Image weights + states
-    python benchmarks/sd_cost.py --memory --flow --lora-rank 128 --precomputed-embeddings
+    python benchmarks/sd_cost.py --memory                  # per-GPU memory of SD1.5 / SDXL (meta device)
+    python benchmarks/sd_cost.py --memory --flow           # SD3.5, FLUX.1, SANA, Qwen-Image at 512 / 1024 px
+    python benchmarks/sd_cost.py --memory --family flux --gan-attention math --lora-rank 128
     python benchmarks/sd_cost.py --model sd15              # time every pass on this machine (CPU, fp32)
     python benchmarks/sd_cost.py --model sdxl --batch 1 --steps 2 --warmup 1
     python benchmarks/sd_cost.py --model sd15 --passes fwd # only some passes (fwd, fwd_bwd, mid_grad, mid)
@@ -20,16 +20,12 @@ limit (RLIMIT_DATA) so that a pass that would not fit fails with an allocation e
 killer. Prints medians over --steps steps after --warmup steps and the student-step, critic-step and iteration
 floors as sums of those passes (an iteration of Algorithm 1 is one student step and tau-1 critic steps).
 
-Memory (--memory): bytes per GPU for the three networks' states from the parameter counts (meta device) and the
-activations saved for backward, measured by summing the distinct storages that
-``torch.autograd.graph.saved_tensors_hooks`` sees in one forward on the meta device at the real resolution (at
-batch 1 and 2: per-sample slope and fixed intercept), with CUDA's bf16 autocast policy emulated on meta tensors;
-then the largest per-GPU batch that fits 80 GB and 141 GB GPUs under data parallel and FSDP (FULL_SHARD, 8 GPUs).
-
-Flow-matching transformers (--memory --flow): weights + optimizer states per GPU (activations not modelled) on 1 and
-8 GPUs for (a) full fine-tuning of generator and fake score under FSDP (the same bytes per parameter as the UNet
-model above) and (b) the shared-base LoRA mode (one frozen bf16 base, also the teacher, and two LoRA adapters on the
-attention projections, optimizer states only for adapters and the discriminator head); see FLOW_ASSUMPTIONS.
+Memory (--memory): ``fdistill.memory`` (the model ``fdistill distill`` checks a run against before it loads the
+teacher) on each model's published config, built on the meta device, with its preset's settings (batch, precision,
+head, R1, EMA) at 512 and 1024 px (the UNets at their own size), with and without gradient checkpointing, in the
+modes that can run it (full fine-tuning replicated or FSDP; shared-base LoRA with an fp32 base, as fdistill loads
+teachers, or a bf16 one): the states, the activation peaks of the student and critic steps at micro_batch 1 and
+the largest micro_batch that fits 80 GB and 141 GB GPUs, then what each pass saves for backward.
 """
 
 from __future__ import annotations
@@ -48,18 +44,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import torch.utils.checkpoint  # noqa: E402
-from diffusers import (  # noqa: E402
-    FluxTransformer2DModel,
-    QwenImageTransformer2DModel,
-    SanaTransformer2DModel,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
-)
+from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
+
+from fdistill import memory  # noqa: E402
 
 # UNet configs as on the Hugging Face hub (unet/config.json), fields left at diffusers' defaults omitted where the
 # hub file has the default value. SD1.5: stable-diffusion-v1-5/stable-diffusion-v1-5 (runwayml's), 859,520,964
@@ -123,7 +112,7 @@ TINY_SPECS = {
 }
 N_GPUS = 8
 GPUS_GB = (80, 141)
-HEADROOM = 0.9  # usable fraction of a GPU's memory (CUDA context, NCCL buffers, allocator fragmentation, workspaces)
+GB = 1e9
 
 PASSES = {  # name: what it times
     "fwd": "full forward, no grad",
@@ -310,250 +299,6 @@ def time_passes(args, spec: Spec) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory model
-
-
-class _FusedAttention(torch.autograd.Function):
-    """Stands in for scaled_dot_product_attention on meta tensors, saving what a fused (flash / memory-efficient)
-    kernel saves for backward: q, k, v, the output and the fp32 log-sum-exp; never the L x L attention matrix."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise NotImplementedError("memory accounting only")
-
-
-class _MetaAutocast(TorchFunctionMode):
-    """CUDA's autocast policy for the ops a UNet uses, on meta tensors (torch.autocast does not apply to them):
-    convolutions, linear layers and matmuls run in bf16 (inputs and weights cast), group/layer norm and softmax in
-    fp32, everything else in its inputs' dtype. Attention counts as a fused kernel (_FusedAttention), also without
-    autocast."""
-
-    LOW = {F.conv2d, F.linear, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm}
-    FP32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax}
-
-    def __init__(self, autocast: bool):
-        super().__init__()
-        self.autocast = autocast
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return _FusedAttention.apply(*args[:3])
-        if self.autocast and (func in self.LOW or func in self.FP32):
-            dtype = torch.bfloat16 if func in self.LOW else torch.float32
-
-            def cast(a):
-                return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-
-            args = tuple(cast(a) for a in args)
-            kwargs = {k: cast(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-
-@dataclasses.dataclass
-class Affine:
-    """bytes = fixed + per_sample x batch"""
-    per_sample: float
-    fixed: float
-
-    def at(self, batch: int) -> float:
-        return self.fixed + self.per_sample * batch
-
-
-def _storage_key(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata
-
-
-def saved_bytes(unet, spec: Spec, batch: int, *, kind: str, autocast: bool, units: set) -> tuple[int, int]:
-    """One forward on the meta device: (bytes of the distinct storages saved for backward, parameters excluded;
-    the most bytes saved inside one of `units`, the modules gradient checkpointing recomputes one at a time).
-    kind "train": full forward, grad to the weights; "mid_grad": forward to the mid block, grad to the input."""
-    dtype = next(unet.parameters()).dtype
-    x, t, cond = unet_inputs(spec, batch, "meta", dtype)
-    if kind == "mid_grad":
-        x.requires_grad_(True)
-    params = {_storage_key(p) for p in unet.parameters()}
-    sizes, per_unit, current = {}, {}, [None]
-
-    def pack(tensor):
-        key = _storage_key(tensor)
-        if key not in params and key not in sizes:
-            sizes[key] = tensor.untyped_storage().nbytes()
-            if current[0] is not None:
-                per_unit[current[0]] = per_unit.get(current[0], 0) + sizes[key]
-        return tensor  # meta: holding it costs nothing; keeps the storage (and its key) alive
-
-    def enter(module, args):
-        current[0] = id(module)
-
-    def leave(module, args, output):
-        current[0] = None
-
-    handles = [h for m in units for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        with _MetaAutocast(autocast), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            if kind == "train":
-                unet(x, t, **cond)
-            else:
-                forward_to_mid(unet, x, t, cond)
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(sizes.values()), max(per_unit.values(), default=0)
-
-
-def measure_activations(spec: Spec) -> tuple[int, dict]:
-    """Parameter count and {(network pass, checkpointing, "bytes" | "unit"): Affine} from batch-1 and batch-2
-    forwards on the meta device. Network passes: "gen" (generator / fake score, grad to weights, fp32 weights,
-    bf16 autocast), "gen_fp32" (the same without autocast, for reference), "teacher_bf16" / "teacher_fp32" (frozen
-    teacher to the mid block, grad to the input, bf16 autocast)."""
-    unet = build_unet(spec, "meta")
-    n_params = sum(p.numel() for p in unet.parameters())
-    units = set()
-
-    def checkpoint_recording(module, *args):  # diffusers' default, without the RNG state (meta has none)
-        units.add(module)
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
-                                                 preserve_rng_state=False)
-
-    runs = [("gen", "train", True, torch.float32, True), ("gen_fp32", "train", False, torch.float32, True),
-            ("teacher_fp32", "mid_grad", True, torch.float32, False),
-            ("teacher_bf16", "mid_grad", True, torch.bfloat16, False)]
-    out = {}
-    for ckpt in (True, False):  # checkpointing first: it records the units for the run without
-        if ckpt:
-            unet.enable_gradient_checkpointing(checkpoint_recording)
-        else:
-            unet.disable_gradient_checkpointing()
-        for label, kind, autocast, dtype, trainable in runs:
-            unet.to(dtype).requires_grad_(trainable)
-            b1, u1 = saved_bytes(unet, spec, 1, kind=kind, autocast=autocast, units=set() if ckpt else units)
-            b2, u2 = saved_bytes(unet, spec, 2, kind=kind, autocast=autocast, units=set() if ckpt else units)
-            out[label, ckpt, "bytes"] = Affine(b2 - b1, 2 * b1 - b2)
-            if not ckpt:  # what one checkpointed unit saves when it is recomputed in backward
-                out[label, True, "unit"] = Affine(u2 - u1, 2 * u1 - u2)
-    return n_params, out
-
-
-def memory_report(spec: Spec) -> None:
-    t0 = time.perf_counter()
-    n, act = measure_activations(spec)
-    GB = 1e9
-    per_gpu = spec.global_batch // N_GPUS
-    check = "" if spec.expected_params is None else \
-        f" ({'matches' if n == spec.expected_params else 'DOES NOT MATCH'} the known {spec.expected_params:,})"
-    print(f"\n## {spec.name}: {n:,} parameters{check}; {spec.pixels} px ({spec.latent}x{spec.latent} latent); "
-          f"recipe: global batch {spec.global_batch} on {N_GPUS} GPUs = {per_gpu} per GPU per step, "
-          f"tau = {spec.tau} (measured in {time.perf_counter() - t0:.1f} s)\n")
-
-    print("| saved for backward, one forward (meta device) | checkpointing | per sample GB | fixed GB |")
-    print("|---|---|---|---|")
-    rows = [("gen", "generator / fake score, full fwd, grad to weights, fp32 weights, bf16 autocast"),
-            ("gen_fp32", "generator / fake score, full fwd, grad to weights, fp32, no autocast (reference)"),
-            ("teacher_bf16", "teacher (bf16 weights, frozen) to mid block, grad to input, bf16 autocast"),
-            ("teacher_fp32", "teacher (fp32 weights, frozen) to mid block, grad to input, bf16 autocast")]
-    for ckpt in (False, True):
-        for label, text in rows:
-            a = act[label, ckpt, "bytes"]
-            print(f"| {text} | {'on' if ckpt else 'off'} | {a.per_sample / GB:.3f} | {a.fixed / GB:.3f} |")
-    for label, text in rows[::2]:
-        a = act[label, True, "unit"]
-        print(f"| {text}: largest checkpointed unit, recomputed in backward (transient) | on | "
-              f"{a.per_sample / GB:.3f} | {a.fixed / GB:.3f} |")
-
-    states = {"teacher bf16": 2 * n, "teacher fp32": 4 * n}
-    common = [("generator + fake score weights (fp32 masters)", 8 * n), ("gradients (fp32, generator + fake score)",
-              8 * n), ("AdamW exp_avg + exp_avg_sq (fp32, generator + fake score)", 16 * n)]
-    print("\n| per-GPU state | bytes | data parallel GB | FSDP FULL_SHARD / 8 GB |")
-    print("|---|---|---|---|")
-    for text, b in [("teacher weights, bf16 (frozen)", 2 * n), ("teacher weights, fp32 (frozen; alternative)", 4 * n),
-                    *common]:
-        print(f"| {text} | {b // n} x n | {b / GB:.2f} | {b / N_GPUS / GB:.2f} |")
-    for t_name, t_bytes in states.items():
-        total = t_bytes + sum(b for _, b in common)
-        print(f"| total states, {t_name} | {total // n} x n | {total / GB:.2f} | {total / N_GPUS / GB:.2f} |")
-
-    def activations(batch: int, teacher: str, ckpt: bool) -> float:
-        """Student step's peak: the generator's saved tensors plus the teacher's (GAN term, backward through the
-        teacher into the generator), plus with checkpointing one recomputed unit."""
-        total = act["gen", ckpt, "bytes"].at(batch) + act[teacher, ckpt, "bytes"].at(batch)
-        if ckpt:
-            total += max(act["gen", True, "unit"].at(batch), act[teacher, True, "unit"].at(batch))
-        return total
-
-    print(f"\n| per-GPU peak (student step) | checkpointing | batch 1 GB | batch {per_gpu} GB |")
-    print("|---|---|---|---|")
-    for teacher in ("teacher_bf16", "teacher_fp32"):
-        for ckpt in (False, True):
-            print(f"| activations, {teacher.replace('_', ' ')} | {'on' if ckpt else 'off'} | "
-                  f"{activations(1, teacher, ckpt) / GB:.2f} | {activations(per_gpu, teacher, ckpt) / GB:.2f} |")
-
-    print(f"\nLargest per-GPU batch that fits ({HEADROOM:.0%} of the GPU usable) -> gradient-accumulation passes "
-          f"for {per_gpu} per GPU (global {spec.global_batch}):\n")
-    cols = [(gb, fsdp) for gb in GPUS_GB for fsdp in (False, True)]
-    print("| teacher | checkpointing | " + " | ".join(f"{gb} GB, {'FSDP' if f else 'DP'}" for gb, f in cols) + " |")
-    print("|---|---|" + "---|" * len(cols))
-    for t_name, t_bytes in states.items():
-        teacher = t_name.replace(" ", "_")
-        for ckpt in (False, True):
-            cells = []
-            for gb, fsdp in cols:
-                state = (t_bytes + sum(b for _, b in common)) / (N_GPUS if fsdp else 1)
-                usable = HEADROOM * gb * GB
-                b = 0
-                while b < 100_000 and state + activations(b + 1, teacher, ckpt) <= usable:
-                    b += 1
-                if b == 0:
-                    cells.append(f"does not fit: states {state / GB:.1f} GB + one sample "
-                                 f"{activations(1, teacher, ckpt) / GB:.1f} GB > {usable / GB:.0f} GB")
-                else:
-                    micro = max(m for m in range(1, min(b, per_gpu) + 1) if per_gpu % m == 0)  # micro_batch divides
-                    cells.append(f"{b} -> {per_gpu // micro} x {micro}")
-            print(f"| {t_name[8:]} | {'on' if ckpt else 'off'} | " + " | ".join(cells) + " |")
-
-
-MEMORY_ASSUMPTIONS = f"""Assumptions of the memory model:
-- P = parameters of one UNet, counted on the meta device; the discriminator head (the presets' FastGen head:
-  52M parameters for SD1.5, 131M for SDXL at 1024 px, 5-6% of P) and the text encoders / VAE (latents and
-  embeddings precomputed or held elsewhere) are left out; no EMA copy of the generator (it would add 4 x P,
-  / {N_GPUS} under FSDP).
-- States: teacher frozen (bf16 2 x P, or fp32 4 x P); generator and fake score fp32 master weights (8 x P),
-  fp32 gradients for both (8 x P; with zero_grad(set_to_none=True) only one network's are alive at a time, so
-  this overcounts by 4 x P), AdamW exp_avg and exp_avg_sq for both (16 x P). Data parallel replicates all of it;
-  FSDP FULL_SHARD divides it by {N_GPUS} (the transient all-gathered unit of parameters is not counted).
-- Activations: bytes of the distinct storages that torch.autograd.graph.saved_tensors_hooks sees in one forward
-  on the meta device (nothing allocated) at the real resolution, parameters excluded, at batch 1 and 2 (slope =
-  per sample, intercept = fixed); not divided by FSDP. bf16 autocast is CUDA's policy emulated on meta tensors:
-  conv / linear / matmul in bf16, group / layer norm and softmax in fp32 (their fp32 input copies are saved too),
-  other ops in their inputs' dtype. The fixed part is mostly the bf16 copies of fp32 weights that autocast makes
-  and backward keeps (with checkpointing, only for the layers outside checkpointed units); it is counted under
-  FSDP too, though FSDP with a bf16 param_dtype gathers bf16 weights instead.
-- Attention is a fused kernel (flash / memory-efficient SDPA, as on an H100 / H200 in bf16): it saves q, k, v, the
-  output and an fp32 log-sum-exp, never the L x L matrix (the math fallback would add L^2 x heads per layer).
-- Gradient checkpointing: diffusers' enable_gradient_checkpointing (non-reentrant torch.utils.checkpoint around
-  each ResnetBlock2D and BasicTransformerBlock) on all three networks; backward recomputes one unit at a time,
-  counted as the largest unit's saved tensors.
-- The student step is the peak: the generator's forward (grad to its weights) plus the teacher's forward to the
-  mid block with grad to its input (the GAN term) stay alive until the one backward; the no-grad forwards (CFG's
-  unconditional teacher half, the fake score, the rest of the conditional teacher forward) only add their working
-  set, and the critic step (fake-score fwd+bwd, same size as the generator's) is smaller. Gradient buffers of
-  activations during backward, the CUDA context, NCCL buffers and fragmentation are covered by using
-  {HEADROOM:.0%} of the GPU (80 GB = 80e9 bytes, 141 GB = 141e9 bytes; 1 GB = 1e9 bytes throughout).
-- Checked on the --tiny configs against real CPU allocations (glibc mallinfo2 growth kept by the graph): fp32
-  within 4%; the same emulation with CPU autocast's policy (norms left in bf16) against torch.autocast("cpu")
-  within 4%. CUDA's policy (norms in fp32) could not be checked without a GPU.
-- A cell reads "b -> k x m": at most b samples per GPU per forward fit, so the recipe's per-GPU batch needs k
-  gradient-accumulation passes of m samples (m divides the per-GPU batch, as distill.micro_batch must)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Flow-matching transformers (SD3.5, FLUX.1): weights and optimizer states per GPU
 
 
@@ -591,116 +336,146 @@ QWEN_IMAGE_DIT = dict(
 TEXT_ENCODERS = {"T5-XXL": 4_762_310_656, "CLIP-L": 123_650_304, "CLIP-bigG": 694_659_840,
                  "Gemma-2-2B": 2_614_341_888, "Qwen2.5-VL-7B": 8_292_166_656}
 
-# LoRA targets: the joint-attention projections of every block (image stream, context stream, SD3.5-Medium's
-# second attention); FLUX's single-stream blocks have to_q / to_k / to_v only (their output is proj_out).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
-N_GPUS_FLOW = (1, 8)
+# VAE parameters (frozen, loaded in fp32 by fdistill): diffusers' AutoencoderKL with SD's layout, 4 latent channels
+# (SD1.5, SDXL: 83,653,863) or 16 without quant convs (SD3.5, FLUX.1: 83,819,683); SANA's DC-AE and Qwen-Image's VAE
+# as diffusers' AutoencoderDC and AutoencoderKLQwenImage default configs (362,893,923 and 126,892,531; not checked
+# against the hub files).
+VAES = {"sd15": 83_653_863, "sdxl": 83_653_863, "sd3": 83_819_683, "flux": 83_819_683, "sana": 362_893_923,
+        "qwen_image": 126_892_531}
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowSpec:
+class Model:
+    """A teacher of the memory tables: its family, published network config, the text encoders its pipeline loads,
+    its preset (``fdistill/configs``), the resolutions and the GPU count of the rows."""
     name: str
-    cls: type
+    kind: str
     config: dict
     text_encoders: tuple[str, ...]
+    preset: str
+    pixels: tuple[int, ...]
+    gpus: int
     expected_params: int
 
-    def build(self, device: str | torch.device = "meta") -> nn.Module:
-        with torch.device(device):
-            return self.cls(**self.config)
+    def frozen_bytes(self, precomputed: bool) -> int:
+        """Text encoders as stored (half precision; transformers loads with dtype="auto") and the fp32 VAE."""
+        return (0 if precomputed else 2 * sum(TEXT_ENCODERS[e] for e in self.text_encoders)) + 4 * VAES[self.kind]
 
 
-FLOW_SPECS = {
-    "sd35l": FlowSpec("SD3.5-Large", SD3Transformer2DModel, SD35_LARGE_DIT, ("CLIP-L", "CLIP-bigG", "T5-XXL"),
-                      8_056_627_520),
-    "sd35m": FlowSpec("SD3.5-Medium", SD3Transformer2DModel, SD35_MEDIUM_DIT, ("CLIP-L", "CLIP-bigG", "T5-XXL"),
-                      2_243_171_520),
-    "flux": FlowSpec("FLUX.1-dev", FluxTransformer2DModel, FLUX_DEV_DIT, ("CLIP-L", "T5-XXL"), 11_901_408_320),
-    "sana": FlowSpec("SANA-1600M", SanaTransformer2DModel, SANA_1600M_DIT, ("Gemma-2-2B",), 1_604_462_752),
-    "qwen_image": FlowSpec("Qwen-Image", QwenImageTransformer2DModel, QWEN_IMAGE_DIT, ("Qwen2.5-VL-7B",),
-                           20_430_401_088),
+UNET_MODELS = {
+    "sd15": Model("SD1.5", "sd15", SD15_UNET, ("CLIP-L",), "sd15", (512,), N_GPUS, 859_520_964),
+    "sdxl": Model("SDXL", "sdxl", SDXL_UNET, ("CLIP-L", "CLIP-bigG"), "sdxl", (1024,), N_GPUS, 2_567_463_684),
+}
+FLOW_MODELS = {
+    "sd35m": Model("SD3.5-Medium", "sd3", SD35_MEDIUM_DIT, ("CLIP-L", "CLIP-bigG", "T5-XXL"), "sd35", (512, 1024), 1,
+                   2_243_171_520),
+    "sd35l": Model("SD3.5-Large", "sd3", SD35_LARGE_DIT, ("CLIP-L", "CLIP-bigG", "T5-XXL"), "sd35", (512, 1024), 1,
+                   8_056_627_520),
+    "flux": Model("FLUX.1-dev", "flux", FLUX_DEV_DIT, ("CLIP-L", "T5-XXL"), "flux", (512, 1024), 1, 11_901_408_320),
+    "sana": Model("SANA-1600M", "sana", SANA_1600M_DIT, ("Gemma-2-2B",), "sana", (1024,), N_GPUS, 1_604_462_752),
+    "qwen_image": Model("Qwen-Image", "qwen_image", QWEN_IMAGE_DIT, ("Qwen2.5-VL-7B",), "qwen_image", (1024,), 1,
+                        20_430_401_088),
 }
 
 
-def dit_head(channels: int) -> nn.Sequential:
-    """NVlabs/FastGen's DiT discriminator head on the middle block's image tokens (reshaped to a C x H x W map):
-    4x4 conv stride 2 to C / 2, GroupNorm, LeakyReLU, 1x1 conv to one logit. fdistill/networks/heads.py has no
-    DiT head (its conv heads keep a UNet feature map's width), so only this one is counted here."""
-    if channels % 2:
-        raise ValueError(f"DiT head width must be even, got {channels}")
-    half = channels // 2
-    return nn.Sequential(nn.Conv2d(channels, half, 4, stride=2, padding=1), nn.GroupNorm(32, half),
-                         nn.LeakyReLU(0.2), nn.Conv2d(half, 1, 1))
+def modes(model: Model, args) -> list[tuple[str, list[str], torch.dtype]]:
+    """(label, config overrides, weight dtype) of the rows of ``model``: its preset, and the other ways to run it."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if model.kind in ("sd15", "sdxl", "sana"):  # full fine-tuning presets: data parallel, or FSDP over the GPUs
+        return [("full FT, data parallel", ["distill.fsdp=false"], fp32),
+                (f"full FT, FSDP over {model.gpus}", ["distill.fsdp=true"], fp32)]
+    lora = [f"text.lora_rank={args.lora_rank}", "text.shared_base=true", "distill.fsdp=false"]
+    return [(f"shared-base LoRA r{args.lora_rank}, fp32 base (as fdistill loads)", lora, fp32),
+            (f"shared-base LoRA r{args.lora_rank}, bf16 base (a bf16 load)", lora, bf16),
+            (f"full FT, FSDP over {N_GPUS}", ["text.lora_rank=0", "text.shared_base=false", "distill.fsdp=true"],
+             fp32)]
 
 
-def lora_params(model: nn.Module, rank: int) -> tuple[int, int]:
-    """(parameters of one rank-`rank` LoRA adapter, number of adapted layers): A (r x in) + B (out x r) for every
-    nn.Linear among LORA_TARGETS inside the transformer blocks, shapes read off the model."""
-    if rank < 1:
-        raise ValueError(f"--lora-rank must be a positive integer, got {rank}")
-    total = layers = 0
-    for name, module in model.named_modules():
-        targeted = name.startswith(BLOCK_PREFIXES) and any(name.endswith("." + t) for t in LORA_TARGETS)
-        if targeted and isinstance(module, nn.Linear):
-            total += rank * (module.in_features + module.out_features)
-            layers += 1
-    return total, layers
+def memory_report(models: dict[str, Model], args) -> None:
+    """The per-GPU memory model (``fdistill.memory``) for ``models`` at their resolutions and modes, with and
+    without gradient checkpointing: states, the student / critic activation peaks at micro_batch 1, and the
+    largest micro_batch that fits 80 GB and 141 GB."""
+    from fdistill.apps import images
 
-
-def flow_memory_report(rank: int, precomputed: bool) -> None:
-    GB = 1e9
-    rows = []
-    print("\n## Flow-matching transformers: weights + optimizer states per GPU (activations not modelled)\n")
-    print(f"| model | parameters P (meta) | known count | head H (DiT, C -> C/2) | LoRA rank {rank}: L per adapter "
-          "(layers) | text encoders T (frozen) |")
-    print("|---|---|---|---|---|---|")
-    for spec in FLOW_SPECS.values():
-        model = spec.build("meta")
-        n = sum(p.numel() for p in model.parameters())
-        width = model.config.num_attention_heads * model.config.attention_head_dim
-        with torch.device("meta"):
-            h = sum(p.numel() for p in dit_head(width).parameters())
-        lora, layers = lora_params(model, rank)
-        text = 0 if precomputed else sum(TEXT_ENCODERS[e] for e in spec.text_encoders)
-        check = "matches" if n == spec.expected_params else f"DOES NOT MATCH {spec.expected_params:,}"
-        enc = "precomputed: 0" if precomputed else f"{' + '.join(spec.text_encoders)} = {text:,}"
-        print(f"| {spec.name} | {n:,} | {check} | {h:,} (C = {width}) | {lora:,} ({layers}) | {enc} |")
-        # bytes: FSDP FULL_SHARD divides `sharded` by the GPU count; the frozen text encoders are replicated
-        full = 2 * n + 2 * (4 + 4 + 8) * n + 16 * h  # teacher bf16; gen + fake: fp32 master, fp32 grad, AdamW
-        shared = 2 * n + 2 * 16 * lora + 16 * h  # one frozen bf16 base; two adapters and the head: 16 B / param
-        rows += [(spec.name, "full FT (FSDP)", full, 2 * text),
-                 (spec.name, f"shared-base LoRA r{rank}", shared, 2 * text)]
-    print("\n| model | mode | GPUs | weights+states GB per GPU | fits 80 GB? | fits 141 GB? |")
-    print("|---|---|---|---|---|---|")
-    for name, mode, sharded, replicated in rows:
-        for gpus in N_GPUS_FLOW:
-            per_gpu = sharded / gpus + replicated
+    t0 = time.perf_counter()
+    rows, passes = [], []
+    for model in models.values():
+        for pixels in model.pixels:
+            for label, overrides, dtype in modes(model, args):
+                gpus = N_GPUS if "FSDP" in label else model.gpus
+                cfg = images.load_config(model.preset, [f"text.resolution={pixels}", *overrides])
+                subject = memory.meta_subject(model.kind, dict(model.config), pixels, dtype=dtype,
+                                              frozen_bytes=model.frozen_bytes(args.precomputed_embeddings),
+                                              name=model.name)
+                n = subject.parameters()
+                if n != model.expected_params:
+                    raise SystemExit(f"{model.name}: {n:,} parameters on the meta device, expected "
+                                     f"{model.expected_params:,}")
+                run = dataclasses.replace(memory.Run.of_config(cfg, gpus), gan_attention=args.gan_attention)
+                prof = memory.profile(subject, run)
+                passes.append((model.name, pixels, label, prof))
+                for ckpt in (False, True):
+                    r = dataclasses.replace(run, checkpointing=ckpt, micro_batch=1)
+                    e = memory.estimate(prof, r)
+                    fit = [memory.largest_batch(prof, r, gb * GB) for gb in GPUS_GB]
+                    rows.append((model.name, pixels, label, gpus, ckpt, e, fit))
+    print(f"\n## Per-GPU memory (fdistill.memory on the meta device, {time.perf_counter() - t0:.0f} s)\n")
+    print("| model | px | mode | GPUs | checkpointing | states GB | activations GB at micro_batch 1 "
+          "(student / critic step) | total GB at 1 | largest micro_batch, 80 GB | 141 GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, pixels, label, gpus, ckpt, e, fit in rows:
+        cells = [str(b) if b else "does not fit" for b in fit]
+        print(f"| {name} | {pixels} | {label} | {gpus} | {'on' if ckpt else 'off'} | {e.state_bytes / GB:.1f} | "
+              f"{e.activations / GB:.1f} ({e.student / GB:.1f} / {e.critic / GB:.1f}) | {e.total / GB:.1f} | "
+              + " | ".join(cells) + " |")
+    print("\nStates at micro_batch 1, by part (GB per GPU):\n")
+    seen = set()
+    for name, _, label, gpus, _, e, _ in rows:
+        if (name, label) in seen:
+            continue
+        seen.add((name, label))
+        parts = "; ".join(f"{k} {v / GB:.2f}" for k, v in e.states.items())
+        print(f"- {name}, {label}, {gpus} GPU(s): {parts}")
+    print("\n| model | px | mode | pass | saved, no checkpointing: per sample / fixed GB | kept with "
+          "checkpointing | largest unit recomputed |")
+    print("|---|---|---|---|---|---|---|")
+    names = {"student": "generator / fake score, grad to the trained weights",
+             f"teacher_{args.gan_attention}": f"teacher, grad to its input ({args.gan_attention} attention)",
+             f"teacher_{args.gan_attention}_tap": "the same, to the tapped block (kept after the output is detached)",
+             "head": "discriminator head on features that need grad"}
+    for name, pixels, label, prof in passes:
+        for key, text in names.items():
+            if (key, "total") not in prof.passes:
+                continue
             cells = []
-            for gb in GPUS_GB:
-                left = HEADROOM * gb * GB - per_gpu
-                cells.append(f"yes ({left / GB:.0f} GB left)" if left > 0 else f"no ({-left / GB:.0f} GB over)")
-            print(f"| {name} | {mode} | {gpus} | {per_gpu / GB:.1f} | " + " | ".join(cells) + " |")
-    print("\n" + FLOW_ASSUMPTIONS)
+            for field in ("total", "kept", "unit"):
+                a = prof.passes[key, field]
+                cells.append(f"{a.per_sample / GB:.3f} / {a.fixed / GB:.3f}")
+            print(f"| {name} | {pixels} | {label} | {text} | " + " | ".join(cells) + " |")
+    print("\n" + MEMORY_ASSUMPTIONS)
 
 
-FLOW_ASSUMPTIONS = f"""Assumptions (flow-matching transformers):
-- Activations are not modelled: "GB left" is what remains for activations, the all-gathered FSDP unit and
-  workspaces out of {HEADROOM:.0%} of the GPU (80 GB = 80e9 bytes, 141 GB = 141e9 bytes; 1 GB = 1e9 bytes).
-- P: the transformer's parameters, built from the hub config on the meta device. H: the discriminator head,
-  NVlabs/FastGen's DiT head on the middle block's image tokens (Conv2d(C, C/2, 4, stride 2, padding 1),
-  GroupNorm, LeakyReLU, Conv2d(C/2, 1, 1); C = heads x head dim), trained: fp32 weight, grad, AdamW = 16 B / param.
-- (a) full fine-tuning, as in the UNet model: teacher frozen bf16 (2 x P); generator and fake score fp32 masters
-  (8 x P), fp32 gradients (8 x P), AdamW exp_avg + exp_avg_sq (16 x P); 34 x P + 16 x H, all FSDP FULL_SHARD
-  sharded (1 GPU: nothing sharded). No EMA copy of the generator (it would add 4 x P / GPUs).
-- (b) shared-base LoRA: one frozen bf16 base (2 x P), which is also the teacher; generator and fake score are two
-  LoRA adapters on it (A: r x in, B: out x r, fp32 weight + grad + AdamW = 16 B / param each, L per adapter) on
-  to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out of every block (as present);
-  2 x P + 32 x L + 16 x H, sharded like (a).
-- Text encoders (frozen, bf16, 2 B / param, replicated on every GPU, not sharded): T5-XXL encoder 4,762,310,656,
-  CLIP-L text 123,650,304, CLIP-bigG text 694,659,840 (SD3.5: all three; FLUX.1: CLIP-L + T5-XXL); SANA:
-  Gemma-2-2B 2,614,341,888; Qwen-Image: Qwen2.5-VL-7B 8,292,166,656; 0 with --precomputed-embeddings. The VAE
-  (latents precomputed or decoded elsewhere) is not counted."""
+MEMORY_ASSUMPTIONS = f"""Assumptions (fdistill/memory.py; its docstring has the details):
+- Each row is the model's preset (fdistill/configs) at that resolution and mode: its batch split over the GPUs,
+  precision (bf16 autocast), head (disc_head, disc_hidden), R1 form, EMA; micro_batch is varied. Networks are the
+  published configs built on the meta device; fdistill loads teachers (and so the students' copies and the shared
+  base) in fp32; "bf16 base" is what a bf16 load would need (fdistill has none today).
+- States: frozen teacher / base in its dtype; full FT: each student's weights, gradients and two AdamW moments in
+  the weights' dtype (4 x 4 B / parameter in fp32), FSDP dividing them by the GPUs; LoRA adapters and the head:
+  fp32 weight, gradient and AdamW = 16 B / parameter; frozen text encoders in half precision (as stored) and the
+  fp32 VAE, on every GPU (fdistill moves them to the GPU even with latent shards; --precomputed-embeddings leaves
+  the text encoders out).
+- Activations: what autograd saves in each pass, counted on the meta device (bf16 autocast emulated with CUDA's
+  policy; fused attention, except the math kernel fdistill runs for exact R1's double backward: --gan-attention
+  math shows the GAN pass on it too, as fdistill ran it before), plus twice the largest tensor an op makes; student
+  step = generator + teacher pass (in full at the end of its forward, to the tap afterwards) + head; critic step =
+  fake score + heads on fake and real features (+ R1). Checkpointing: with the shared base every pass through the
+  one network (the teacher's too); with separate networks only the students.
+- A GPU fits what is below {memory.HEADROOM:.0%} of its memory (80 GB = 80e9 bytes, 141 GB = 141e9; 1 GB = 1e9
+  bytes); the rest is for what the count cannot see: the CUDA context, NCCL buffers, attention and cuBLAS
+  workspaces, the caching allocator's fragmentation. Checked on the CPU against a real network
+  (tests/test_memory_model.py: the saved bytes exactly, the peak of a forward + backward within 15%); not
+  measured on a GPU."""
 
 
 def main() -> None:
@@ -714,10 +489,15 @@ def main() -> None:
     p.add_argument("--checkpointing-variants", choices=["both", "off", "on"], default="both",
                    help="gradient checkpointing for the passes with grad: both (default), off or on")
     p.add_argument("--flow", action="store_true",
-                   help="with --memory: the flow transformers' weights + states instead of the UNets")
+                   help="with --memory: the flow transformers (SD3.5, FLUX.1, SANA, Qwen-Image) instead of the UNets")
+    p.add_argument("--family", action="append", choices=[*UNET_MODELS, *FLOW_MODELS],
+                   help="with --memory: only these models (repeatable)")
     p.add_argument("--lora-rank", type=int, default=64, help="with --memory --flow: LoRA rank (default 64)")
     p.add_argument("--precomputed-embeddings", action="store_true",
-                   help="with --memory --flow: text embeddings precomputed (text encoders not counted)")
+                   help="with --memory: text encoders off the GPU (fdistill keeps them there today)")
+    p.add_argument("--gan-attention", choices=["math", "fused"], default="fused",
+                   help="with --memory: the student step's teacher pass on a fused kernel (as fdistill runs it, "
+                        "default) or the math one")
     p.add_argument("--tiny", action="store_true", help="tiny configs with the same code path (validation)")
     p.add_argument("--mem-limit-gb", type=float, default=0.0,
                    help="data-segment limit (RLIMIT_DATA) per pass, GiB (default: 90%% of MemAvailable)")
@@ -738,13 +518,13 @@ def main() -> None:
         p.error(f"--lora-rank must be a positive integer, got {args.lora_rank}")
     if args.flow and not args.memory:
         p.error("--flow goes with --memory (the transformers are only sized, not timed)")
-    if args.memory and args.flow:
-        flow_memory_report(args.lora_rank, args.precomputed_embeddings)
-        return
     if args.memory:
-        for key in [args.model] if args.model else list(specs):
-            memory_report(specs[key])
-        print("\n" + MEMORY_ASSUMPTIONS)
+        if args.tiny:
+            p.error("--tiny goes with --model (the memory model is checked by tests/test_memory_model.py)")
+        models = {**UNET_MODELS, **FLOW_MODELS} if args.family else FLOW_MODELS if args.flow else UNET_MODELS
+        if args.model:
+            models = {args.model: UNET_MODELS[args.model]}
+        memory_report({k: m for k, m in models.items() if not args.family or k in args.family}, args)
         return
     if not args.model:
         p.error("give --model sd15|sdxl (timing) or --memory")

@@ -153,3 +153,17 @@ def test_normalizations_all_reduce_across_ranks(tmp_path):
     assert torch.allclose(torch.cat([ranks[0][0], ranks[1][0]]), single(r, sigma), rtol=1e-6)
     assert torch.allclose(torch.cat([ranks[0][1], ranks[1][1]]), normalize_by_batch_mean(h), rtol=1e-6)
     assert torch.allclose(ranks[0][2], ranks[1][2]) and torch.allclose(ranks[0][2], single.bin_mean)
+
+
+def test_math_attention_kernel_only_inside_double_backward():
+    """Fused attention kernels have no double backward: the math kernel runs for exact R1 (inside
+    ``double_backward()``) only; the GAN term's single backward keeps the fused kernels."""
+    from fdistill.networks.attention import double_backward, twice_differentiable
+
+    x = torch.randn(3, requires_grad=True)
+    with twice_differentiable(x):
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    with double_backward(), twice_differentiable(x):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    with double_backward(), twice_differentiable(x.detach()):  # nothing to differentiate: no change
+        assert torch.backends.cuda.flash_sdp_enabled()

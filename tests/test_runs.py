@@ -301,10 +301,11 @@ def test_a_folder_holding_another_run_and_resuming_with_changes(distill, tmp_pat
 
 
 def test_what_a_resume_may_change_is_marked_on_the_config_fields():
-    """The fields marked resumable are exactly the keys the resume policy allowed when it was a list of names."""
+    """The fields marked resumable are exactly the keys the resume policy allowed when it was a list of names, and
+    memory_check (a resumed run on another GPU may switch the prediction off)."""
     assert cli.resumable("distill") == {f"distill.{k}" for k in (
         "iterations", "log_every", "checkpoint_every", "keep_checkpoints", "micro_batch", "precision", "tf32",
-        "channels_last", "compile", "lr", "lr_critic", "lr_stages")}
+        "channels_last", "compile", "lr", "lr_critic", "lr_stages", "memory_check")}
     assert cli.resumable("train-teacher") == {f"teacher.{k}" for k in (
         "iterations", "log_every", "checkpoint_every", "keep_checkpoints")}
 

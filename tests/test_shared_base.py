@@ -1,6 +1,7 @@
 """The shared-base mode (``text.shared_base``): generator and fake score as two LoRA adapters on the teacher's
 one frozen network compute what three separate networks holding the same weights compute (losses, gradients,
-updates), keep the base untouched, hold one copy of it, resume exactly and reload as a plain student."""
+updates), with and without gradient checkpointing (recomputed with the adapter of the pass that ran), keep the base
+untouched, hold one copy of it, resume exactly and reload as a plain student."""
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def _cfg(data, family, *overrides):
         "distill.batch_size=4", "distill.tau=2", "distill.log_every=1", "distill.r1_form=approx",
         "distill.iterations=4", "distill.sigmas.schedule=flow", "distill.sigmas.index_range=[0, 999]",
         "distill.lr=1e-2", "distill.gan_weight=0.1", "text.prompts=null", "text.resolution=16",
-        f"text.max_sequence_length={MSL}", "text.lora_rank=2", *overrides])
+        f"teacher_options.max_sequence_length={MSL}", "text.lora_rank=2", *overrides])
 
 
 def _shared(folder, cfg):
@@ -65,10 +66,19 @@ def _grads(net):
     return {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_shared_base_equals_three_separate_networks(setup, family):
+K_STEP = {"1": [], "3-backward": ["distill.student_steps=3", "distill.student_input=backward"],
+          "2-forward": ["distill.student_steps=2", "distill.student_input=forward", "distill.student_sampler=ode"]}
+
+
+@pytest.mark.parametrize("family,student,checkpointing", [
+    ("sd3", "1", False), ("flux", "1", False), ("sd3", "3-backward", False), ("flux", "2-forward", False),
+    ("sd3", "1", True), ("flux", "2-forward", True)])
+def test_shared_base_equals_three_separate_networks(setup, family, student, checkpointing):
+    """Also for k-step students: the backward simulation runs the generator's adapter, without gradient. With
+    gradient checkpointing (shared: every pass through the one network, the teacher's too; separate: the students)."""
     folders, data = setup
-    cfg = _cfg(data[family], family, "text.shared_base=true")
+    cfg = _cfg(data[family], family, "text.shared_base=true", *K_STEP[student],
+               f"text.gradient_checkpointing={str(checkpointing).lower()}")
     shared = _shared(folders[family], cfg)
     assert isinstance(shared.generator, AdapterView) and isinstance(shared.generator_ema, AdapterView)
     separate = _as_separate(shared, folders[family], cfg)
@@ -124,9 +134,10 @@ def test_one_frozen_base_untouched_and_only_adapters_trained(setup, tmp_path):
         torch.testing.assert_close(net(x, s, cond), d.generator_ema(x, s, cond), rtol=1e-4, atol=1e-4)
 
 
-def test_shared_base_resume_is_exact(setup, tmp_path):
+@pytest.mark.parametrize("student", ["1", "3-backward"])
+def test_shared_base_resume_is_exact(setup, tmp_path, student):
     folders, data = setup
-    cfg = _cfg(data["sd3"], "sd3", "text.shared_base=true")
+    cfg = _cfg(data["sd3"], "sd3", "text.shared_base=true", *K_STEP[student])
     full = distill.make_distiller(cfg, folders["sd3"])
     training_loop(full, progress=False)
     cfg.distill.iterations = 2
@@ -144,8 +155,65 @@ def test_shared_base_resume_is_exact(setup, tmp_path):
 def test_bad_shared_base_settings_are_one_line_errors(setup):
     folders, data = setup
     for overrides, message in ((["text.lora_rank=0"], "needs text.lora_rank > 0"),
-                               (["text.gradient_checkpointing=true"], "cannot be combined with text.gradient"),
                                (["distill.compile=true"], "cannot be combined with distill.compile")):
         with pytest.raises(ValueError, match=message) as e:
             distill.make_distiller(_cfg(data["sd3"], "sd3", "text.shared_base=true", *overrides), folders["sd3"])
         assert "\n" not in str(e.value)
+
+
+def _kernels_only(module, *args):
+    """A checkpoint function that keeps the attention kernels of the forward but not its adapter: what the shared
+    base's own (``SharedBase.checkpoint``) adds is the adapter."""
+    from fdistill.networks import shared_base
+
+    backends = shared_base._sdpa_backends()
+
+    def run(*a):
+        with shared_base._sdpa_kernels(backends):
+            return module(*a)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_checkpointed_shared_base_recomputes_with_the_adapter_that_ran(setup, family):
+    """Gradient checkpointing on the shared base: a student and a critic step give the gradients of the run without
+    checkpointing, the teacher's GAN-term pass (adapters off, math attention kernel) and exact R1 included. A
+    checkpoint that recomputes with whichever adapter is active at backward (the fake score's, after its no-grad
+    pass) fails: its recomputation saves other tensors, or gives other gradients."""
+    folders, data = setup
+    runs = {}
+    for name, ckpt in (("plain", "false"), ("checkpointed", "true"), ("kernels only", "true")):
+        cfg = _cfg(data[family], family, "text.shared_base=true", "distill.r1_form=exact",
+                   f"text.gradient_checkpointing={ckpt}")
+        runs[name] = d = _shared(folders[family], cfg)
+        if name == "kernels only":
+            d.generator.shared.backbone.enable_gradient_checkpointing(_kernels_only)
+        assert d.generator.shared.backbone.gradient_checkpointing == (ckpt == "true")
+    for d in list(runs.values())[1:]:  # the same adapter weights, head and random streams
+        for role in ("generator", "fake_score", "discriminator"):
+            getattr(d, role).load_state_dict(getattr(runs["plain"], role).state_dict())
+    for step in ("student", "critic"):
+        logs = {name: runs[name].step() for name in ("plain", "checkpointed")}
+        assert logs["plain"]["kind"] == step
+        for role in ("generator", "discriminator") if step == "student" else ("fake_score", "discriminator"):
+            got, want = _grads(getattr(runs["checkpointed"], role)), _grads(getattr(runs["plain"], role))
+            assert got.keys() == want.keys() and (got or role == "discriminator")
+            for k in got:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-7, msg=f"{step} {role} {k}")
+        for k, v in logs["plain"].items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(logs["checkpointed"][k], v, rtol=1e-5, atol=1e-6, msg=f"{step} {k}")
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):  # the teacher's units, with the fake score's adapter
+        runs["kernels only"].step()
+    # Without the GAN term the generator's units are recomputed with the fake score's adapter: same shapes, silently
+    # other gradients.
+    plain, wrong = (_shared(folders[family], _cfg(data[family], family, "text.shared_base=true",
+                                                  "distill.gan_weight=0", f"text.gradient_checkpointing={c}"))
+                    for c in ("false", "true"))
+    wrong.generator.shared.backbone.enable_gradient_checkpointing(_kernels_only)
+    for role in ("generator", "fake_score", "discriminator"):
+        getattr(wrong, role).load_state_dict(getattr(plain, role).state_dict())
+    plain.step(), wrong.step()
+    got, want = _grads(wrong.generator), _grads(plain.generator)
+    assert any(not torch.allclose(got[k], want[k], rtol=1e-3, atol=1e-6) for k in want)

@@ -157,6 +157,18 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    if (args.diffusers is None) == (args.lora is None):
+        raise ValueError("export writes one of --diffusers OUT (a pipeline folder) or --lora OUT (a LoRA file for the "
+                         f"teacher's pipeline): give {'only one' if args.diffusers else 'one'} of them")
+    if args.lora_rank is not None and args.lora is None:
+        raise ValueError("--lora-rank extracts a LoRA from a fully fine-tuned student: it goes with --lora OUT")
+    _check_options(args, {"--lora-rank": ("lora_rank", 1, None)})
+    if args.lora is not None:
+        from fdistill.teachers.lora_files import export_lora
+
+        for line in export_lora(args.checkpoint, args.lora, args.lora_rank):
+            print(line)
+        return
     from fdistill.apps.distill import load_generator
 
     generator, student, teacher = load_generator(args.checkpoint)
@@ -261,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "snapshot, a diffusers pixel UNet folder, or a text-to-image pipeline folder (SD1.5 / SDXL, SD3, "
                    "FLUX.1, SANA, Qwen-Image); with --resume: the run's own teacher")
     run_folder(s, "runs/distill")
-    s.add_argument("--init-from", metavar="RUN", help="warm start: the generator, fake score and discriminator of "
-                   "another run (e.g. a reverse-KL run before switching divergence); not with --resume")
+    s.add_argument("--init-from", metavar="PATH", help="warm start: the generator, fake score and discriminator of "
+                   "another run (e.g. a reverse-KL run before switching divergence); or the generator (and its EMA) "
+                   "alone from a LoRA file for the teacher's pipeline (.safetensors, or a folder holding "
+                   "pytorch_lora_weights.safetensors: into a LoRA run's adapter of the same rank, fused into a full "
+                   "run's weights) or from a diffusers UNet / transformer folder of the teacher's architecture (a full "
+                   "run); not with --resume")
     s.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     runtime(s, "distill.seed")
 
@@ -289,10 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     configured(m, DIGITS_PRESET, "teacher_options.max_sequence_length=64 (--teacher only)")
     runtime(m, None)
 
-    x = command("export", "write a text-to-image student as a diffusers pipeline folder (its k-step sampling)",
-                _export)
+    x = command("export", "write a text-to-image student as a diffusers pipeline folder or a LoRA file (its k-step "
+                "sampling)", _export)
     x.add_argument("--checkpoint", required=True, help="a text-to-image distill run folder or one of its checkpoints")
-    x.add_argument("--diffusers", required=True, metavar="OUT", help="the new pipeline folder")
+    x.add_argument("--diffusers", metavar="OUT", help="the new pipeline folder (the teacher's, with the student's "
+                   "network and scheduler)")
+    x.add_argument("--lora", metavar="OUT", help="instead: a new folder with the EMA generator's adapter as "
+                   "pytorch_lora_weights.safetensors for the teacher's pipeline (pipe.load_lora_weights), its "
+                   "scheduler/ and a README.md model card")
+    x.add_argument("--lora-rank", type=int, default=None, metavar="R", help="with --lora, for a fully fine-tuned "
+                   "student: extract a rank-R LoRA from its weight difference to the teacher by truncated SVD")
 
     ev = command("evaluate-t2i", "text-to-image metrics of a run: FID, CLIP score, in-batch similarity, HPSv2",
                  _evaluate_t2i, "Text-to-image metrics (Table 4, App. D) of a run's student, or of its "

@@ -55,7 +55,12 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
 
 
 def make_distiller(cfg, teacher_path: str | Path, dataset=None, device: str | torch.device = "cpu") -> Distiller:
-    """``build_distiller`` for the teacher at ``teacher_path`` (a file, run folder, .pkl or diffusers folder)."""
+    """``build_distiller`` for the teacher at ``teacher_path`` (a file, run folder, .pkl or diffusers folder); on a
+    CUDA device a run predicted not to fit it is refused first (``fdistill.memory.check_distill``)."""
+    from fdistill import memory
+    from fdistill.training import distributed
+
+    memory.check_distill(cfg, teacher_path, torch.device(device), distributed.world_size())
     return build_distiller(cfg, open_teacher(teacher_path, cfg.text.resolution, cfg.teacher_options), dataset, device)
 
 

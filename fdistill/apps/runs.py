@@ -98,9 +98,11 @@ def distill(cfg: images.ImageConfig, record: dict | None, out: str | Path, teach
         d = distillation.make_distiller(cfg, teacher, device=device)
         resume = resume_point(out) if record else None
         if init_from and not resume:
-            d.init_from(init_from)
+            from fdistill.teachers.lora_files import warm_start
+
+            line = warm_start(d, init_from)  # a run, a LoRA file or a diffusers network folder
             if main:
-                print(f"initialized generator, fake score and discriminator from {init_from}")
+                print(line)
         if resume:
             d.load(resume)
         if tensorboard and main:

@@ -78,6 +78,3 @@ class TextConfig:
         if self.shared_base and not self.lora_rank:
             raise ValueError("text.shared_base needs text.lora_rank > 0: the generator and fake score are LoRA "
                              "adapters on the teacher's weights")
-        if self.shared_base and self.gradient_checkpointing:
-            raise ValueError("text.shared_base cannot be combined with text.gradient_checkpointing: a pass recomputed "
-                             "in backward would run with another role's adapter switched on")

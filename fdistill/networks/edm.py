@@ -578,8 +578,7 @@ class _Precond(DenoiserDefaults, nn.Module):
         dtype = torch.float16 if use_half else torch.float32
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        twice = bool(return_features) and torch.is_grad_enabled() and x.requires_grad  # R1 differentiates twice
-        with twice_differentiable() if twice else contextlib.nullcontext():
+        with twice_differentiable(x) if return_features else contextlib.nullcontext():  # exact R1
             out = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
                              return_features=return_features, **model_kwargs)
         F_x, features = out if return_features else (out, None)

@@ -8,16 +8,21 @@ that owns (registers) only its adapter's parameters and switches the base to its
 the distiller, its optimizers, EMA and checkpoints see three ordinary networks while the weights exist once and
 optimizer states exist only for the adapters.
 
-Autograd records which adapter a pass used, so switching between passes changes no gradient. What would break:
-recomputing a pass in backward (gradient checkpointing) after another view switched the base, and sharding or
-compiling the views (their parameters live inside the base); the teachers refuse those with this mode.
+Autograd records which adapter a pass used, so switching between passes changes no gradient. Gradient
+checkpointing recomputes a unit's forward in backward, after other views may have switched the base: the base's
+checkpoint function (``SharedBase.checkpoint``, given to diffusers' ``enable_gradient_checkpointing``) notes the
+adapter, train/eval mode and attention kernels of the pass that saved the unit and recomputes it with those.
+Sharding or compiling the views (their parameters live inside the base) is refused with this mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
+import torch
+import torch.utils.checkpoint
 from torch import nn
 
 LORA_PARAM = re.compile(r"\.(lora_[AB])\.([^.]+)\.")  # peft's parameter names: <layer>.lora_A.<adapter>.weight
@@ -101,6 +106,56 @@ class SharedBase:
         for p, flag in zip(self.lora, flags):
             p.requires_grad_(flag)
         self.active = name
+
+    def checkpoint(self, module: nn.Module, *args, **kwargs):
+        """diffusers' ``gradient_checkpointing_func`` for the shared network: non-reentrant
+        ``torch.utils.checkpoint`` of ``module``, whose recomputation in backward runs with the adapter, train/eval
+        mode and scaled-dot-product-attention kernels that were in force when the unit ran forward (the exact R1 pass
+        runs on the math kernel: ``networks.attention.double_backward``)."""
+        state = (self.active, self.denoiser.training, _sdpa_backends())
+
+        def run(*a, **k):
+            with self._restored(state):
+                return module(*a, **k)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    @contextlib.contextmanager
+    def _restored(self, state):
+        """The base as it was in ``state`` for the block (a no-op in the forward itself); switched back afterwards."""
+        adapter, training, backends = state
+        now = (self.active, self.denoiser.training)
+        switch = (adapter, training) != now and adapter != "?"
+        if switch:
+            self.activate(adapter, training)
+        try:
+            with _sdpa_kernels(backends):
+                yield
+        finally:
+            if switch and now[0] != "?":
+                self.activate(*now)
+
+
+def _sdpa_backends() -> tuple | None:
+    """The scaled-dot-product-attention kernels now enabled (None where torch cannot say)."""
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:
+        return None
+    cuda = torch.backends.cuda
+    flags = ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+             (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+             (SDPBackend.MATH, cuda.math_sdp_enabled()), (SDPBackend.CUDNN_ATTENTION, cuda.cudnn_sdp_enabled()))
+    return tuple(backend for backend, on in flags if on)
+
+
+def _sdpa_kernels(backends: tuple | None):
+    """A context with exactly ``backends`` enabled (nothing changed when they are the current ones)."""
+    if backends is None or backends == _sdpa_backends():
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(list(backends))
 
 
 class AdapterView(nn.Module):

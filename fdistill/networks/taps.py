@@ -72,8 +72,8 @@ class HookedTaps(FeatureTaps):
                     ) -> tuple[Tensor | None, dict]:
         """``(call(), features)`` with the wanted taps of ``root``'s blocks captured as float32; with
         ``return_features="only"``: ``(None, features)``, the network stopped after its last wanted block. When
-        features are taken of an input that requires grad (R1), attention runs on PyTorch's math kernel, the one
-        with a double backward."""
+        features are taken for exact R1 (``networks.attention.double_backward``), attention runs on PyTorch's math
+        kernel, the one with a double backward."""
         features: dict = {}
         wanted = self._wanted_taps(bool(return_features))
         if return_features == "only" and not wanted:
@@ -86,10 +86,9 @@ class HookedTaps(FeatureTaps):
                     raise StopForward
             return hook
 
-        twice = bool(wanted) and torch.is_grad_enabled() and x.requires_grad
         handles = [root.get_submodule(name).register_forward_hook(tap(name)) for name in wanted]
         try:
-            with twice_differentiable() if twice else contextlib.nullcontext():
+            with twice_differentiable(x) if wanted else contextlib.nullcontext():
                 out = call()
         except StopForward:
             out = None

@@ -315,14 +315,18 @@ class FlowMatchingTeacher(LatentTextToImageTeacher):
         fdistill's generator input (1 + sigma) z is x_t = z at t_gen, the pipeline's own noise latents, so the
         pipeline's one-step call (CFG off) returns fdistill's one-step sample for the same latent noise. k steps:
         ``steps_scheduler_config``, run at the levels the call's ``sigmas=`` gives (``pipeline_call``)."""
+        return pf.write_pipeline(teacher_folder, out, {"transformer": generator.transformer},
+                                 self.student_scheduler(teacher_folder, student))
+
+    def student_scheduler(self, teacher_folder: Path, student: StudentSteps):
+        """The FlowMatchEulerDiscreteScheduler that runs ``student`` (see ``export_pipeline``)."""
         diffusers, _ = pf.libraries()
         if student.steps == 1:
             config = one_step_scheduler_config(self.export_scheduler(teacher_folder), t_of_sigma(student.sigmas[0]))
         else:
             config = steps_scheduler_config(self.export_scheduler(teacher_folder), student.sampler)
         with pf.quiet():  # diffusers' "sigma_max is not expected and will be ignored": it is read (see above)
-            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
-        return pf.write_pipeline(teacher_folder, out, {"transformer": generator.transformer}, scheduler)
+            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
 
     def pipeline_call(self, folder: Path, student: StudentSteps) -> str:
         name = self.pipeline_classes[0]

@@ -232,7 +232,9 @@ class LatentTextToImageTeacher(Teacher):
 
     def shared_students(self, cfg) -> tuple[nn.Module, list[nn.Module]]:
         """``text.shared_base``: the teacher and the two students as views of this teacher's one denoiser
-        (``networks.shared_base``): generator and fake score are LoRA adapters of rank ``text.lora_rank``."""
+        (``networks.shared_base``): generator and fake score are LoRA adapters of rank ``text.lora_rank``. With
+        ``text.gradient_checkpointing`` every pass with grad through the one network is checkpointed (the teacher's
+        too: its GAN-term and R1 passes), each unit recomputed with the adapter of the pass that ran it."""
         from fdistill.networks.shared_base import SharedBase
 
         self.check_config(cfg)
@@ -241,6 +243,8 @@ class LatentTextToImageTeacher(Teacher):
                 raise ValueError(f"text.shared_base cannot be combined with {what}: the students' parameters live "
                                  "inside the teacher's network (use one or the other)")
         shared = SharedBase(self.denoiser, self.backbone, self.lora, cfg.text.lora_rank)
+        if cfg.text.gradient_checkpointing:
+            shared.backbone.enable_gradient_checkpointing(shared.checkpoint)
         return shared.teacher(), [shared.add("generator").train(), shared.add("fake_score").train()]
 
     def student_info(self, cfg) -> dict:
@@ -287,6 +291,19 @@ class LatentTextToImageTeacher(Teacher):
     def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, student: StudentSteps) -> Path:
         """Write the teacher's folder with the ``generator``'s network and a scheduler that runs ``student``."""
         raise NotImplementedError
+
+    def student_scheduler(self, teacher_folder: Path, student: StudentSteps):
+        """The diffusers scheduler that runs ``student`` in this family's pipeline: what ``export_pipeline`` writes,
+        and what a LoRA export (``teachers.lora_files``) writes next to its file."""
+        raise NotImplementedError
+
+    @classmethod
+    def lora_pipeline(cls):
+        """The diffusers pipeline class whose ``save_lora_weights``, ``lora_state_dict`` and
+        ``load_lora_into_<backbone>`` write and read this family's LoRA files (``teachers.lora_files``); their
+        keys start with ``backbone`` ("unet" or "transformer")."""
+        diffusers, _ = pipeline_folders.libraries()
+        return getattr(diffusers, cls.pipeline_classes[0])
 
     def pipeline_call(self, folder: Path, student: StudentSteps) -> str:
         """The documented call of the exported pipeline that gives ``fdistill sample``'s image for the same seed."""

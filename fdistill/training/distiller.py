@@ -33,6 +33,7 @@ from fdistill.core.objective import (
     r1_penalty,
     ratio_stats,
 )
+from fdistill.networks.attention import double_backward
 from fdistill.training import checkpoint, distributed
 from fdistill.training.ema import ema_copy, ema_update
 
@@ -108,6 +109,9 @@ class DistillConfig:
     channels_last: bool = resumable(False)  # NHWC memory format for image networks
     compile: bool = resumable(False)  # torch.compile the networks (in place, so checkpoint names do not change)
     fsdp: bool = False  # under torchrun: shard teacher, generator (and EMA) and fake score over the ranks (FSDP2)
+    # On a CUDA device, refuse before loading the teacher a run that fdistill.memory predicts not to fit the GPU
+    # (naming a micro_batch / gradient checkpointing that would); false runs it anyway
+    memory_check: bool = resumable(True)
 
     # -- logging and checkpoints -------------------------------------------------------------------------------
     log_every: int = resumable(10)  # iterations between log lines (the last iteration is always logged)
@@ -124,6 +128,8 @@ class DistillConfig:
             checks.integer(name, getattr(self, name), 0)
         checks.integer("seed", self.seed)
         checks.integer("micro_batch", self.micro_batch, 1, none=True)
+        if not isinstance(self.memory_check, bool):
+            raise ValueError(f"memory_check must be true or false, got {checks.show(self.memory_check)}")
         if not (isinstance(self.lr_stages, (list, tuple)) and all(
                 isinstance(s, (list, tuple)) and len(s) == 2 for s in self.lr_stages)):
             raise ValueError(f"lr_stages must be [[iteration, lr], ...], got {self.lr_stages!r}")
@@ -447,8 +453,8 @@ class Distiller:
                                                noise=eps_dsm[sl])
                 exact_r1 = cfg.r1_gamma > 0 and not approx_r1
                 x_real_t = (x_real[sl] + append_dims(sr, x.ndim) * eps_real[sl]).requires_grad_(exact_r1)
-                with torch.set_grad_enabled(exact_r1):
-                    feats_real = self.teacher.features(x_real_t, sr, cr)
+                with torch.set_grad_enabled(exact_r1), double_backward() if exact_r1 else contextlib.nullcontext():
+                    feats_real = self.teacher.features(x_real_t, sr, cr)  # R1 differentiates it twice
                 logits_fake = self.discriminator.head_logits(feats_fake).float()
                 logits_real = self.discriminator.head_logits(feats_real).float()
                 if approx_r1:

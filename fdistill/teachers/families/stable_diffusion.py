@@ -199,13 +199,17 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         """One step at the top timestep: today's one-step trailing DDIM (``export_pipeline``); any other student:
         its timesteps (``student_timesteps``, refused off the teacher's integer grid) run by
         ``steps_scheduler`` (sde: LCMScheduler, ode: EulerDiscreteScheduler)."""
-        if self.top_one_step(student):
-            return export_pipeline(generator, teacher_folder, out)
-        timesteps = self.student_timesteps(student)
-        sched, _ = self.scheduler_config(teacher_folder)
-        diffusers, _ = pf.libraries()
         return pf.write_pipeline(teacher_folder, out, {"unet": generator.unet},
-                                 steps_scheduler(diffusers, sched, student.sampler, timesteps))
+                                 self.student_scheduler(teacher_folder, student))
+
+    def student_scheduler(self, teacher_folder: Path, student: StudentSteps):
+        """One step at the top: the one-step trailing DDIM (``one_step_ddim``); else ``steps_scheduler`` of the
+        student's timesteps."""
+        diffusers, _ = pf.libraries()
+        sched, _ = self.scheduler_config(teacher_folder)
+        if self.top_one_step(student):
+            return one_step_ddim(diffusers, sched)
+        return steps_scheduler(diffusers, sched, student.sampler, self.student_timesteps(student))
 
     def pipeline_call(self, folder: Path, student: StudentSteps) -> str:
         name = self.pipeline_classes[0]
@@ -296,11 +300,15 @@ def export_pipeline(generator: LatentUNetDenoiser, teacher_folder: str | Path, o
     gives for the same seed."""
     diffusers, _ = pf.libraries()
     sched, _ = StableDiffusionTeacher.scheduler_config(Path(teacher_folder))
+    return pf.write_pipeline(teacher_folder, out, {"unet": generator.unet}, one_step_ddim(diffusers, sched))
+
+
+def one_step_ddim(diffusers, teacher_config: dict):
+    """The teacher's DDIM made to take one step from the top timestep to x0: trailing spacing, final alpha 1."""
     # steps_offset does nothing with trailing spacing; 1, as SD's own configs (the pipeline warns at any other)
-    one_step = diffusers.DDIMScheduler.from_config({k: v for k, v in sched.items() if not k.startswith("_")},
-                                                   timestep_spacing="trailing", set_alpha_to_one=True,
-                                                   clip_sample=False, steps_offset=1)
-    return pf.write_pipeline(teacher_folder, out, {"unet": generator.unet}, one_step)
+    return diffusers.DDIMScheduler.from_config({k: v for k, v in teacher_config.items() if not k.startswith("_")},
+                                               timestep_spacing="trailing", set_alpha_to_one=True,
+                                               clip_sample=False, steps_offset=1)
 
 
 def steps_scheduler(diffusers, teacher_config: dict, sampler: str, timesteps: list[int]):
