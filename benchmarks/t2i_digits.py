@@ -301,6 +301,8 @@ def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: l
             steps = [f"distill.student_steps={k}", f"distill.student_input={mode}"] if k > 1 else []
             for seed in range(args.seeds):
                 run_dir = out / f"{name}{f'-seed{seed}' if seed else ''}"
+                if getattr(args, "no_train", False) and not (run_dir / "checkpoints").is_dir():
+                    continue  # --no-train: only the students already distilled
                 seconds, per_iteration = distill_student(run_dir, teacher, student_overrides(
                     latents, run, args.distill_iterations, [*extra, *steps, *args.overrides, f"distill.seed={seed}"],
                     args.guidance))
@@ -313,8 +315,10 @@ def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: l
                                     column_labels=list("0123456789"))
                     strips[f"{run}, {k} NFE" + (f", {mode}" if mode else "")] = x[:20]
                 say(f"{run_dir.name}: {seeds[-1]}")
-            rows[f"{run} ({k} NFE{f', {mode} input' if mode else ''})"] = mean_std(seeds)
-            run_dirs.append(name)
+            if seeds:
+                many = f"; {len(seeds)} seeds" if len(seeds) > 1 else ""
+                rows[f"{run} ({k} NFE{f', {mode} input' if mode else ''}{many})"] = mean_std(seeds)
+                run_dirs.append(name)
     return run_dirs
 
 
@@ -337,6 +341,8 @@ def main() -> None:
                         "<run>-k<k>-<input>); with k > 1 the teacher's few-step baselines are added")
     p.add_argument("--student-input", default="backward", metavar="MODE,...",
                    help="the k > 1 students' training input: backward, forward or both")
+    p.add_argument("--no-train", action="store_true",
+                   help="score only the students already distilled in --out (each row: the seeds found)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -432,9 +432,11 @@ def component_bytes(folder: Path, as_stored: bool) -> int:
     return total
 
 
-def folder_subject(path: str | Path, resolution: int | None = None, options: dict | None = None) -> Subject | None:
+def folder_subject(path: str | Path, resolution: int | None = None, options: dict | None = None,
+                   text_encoders: bool = True) -> Subject | None:
     """The teacher of pipeline folder ``path`` on the meta device, its frozen components' bytes read from their
-    safetensors headers; None when it is not a pipeline folder of a family the model knows."""
+    safetensors headers (the text encoders only with ``text_encoders``: a run from latent shards releases them);
+    None when it is not a pipeline folder of a family the model knows."""
     from fdistill.io import read_json_object
     from fdistill.teachers.latent_t2i import LatentTextToImageTeacher
     from fdistill.teachers.open import family_of
@@ -457,7 +459,7 @@ def folder_subject(path: str | Path, resolution: int | None = None, options: dic
         if name.startswith("_") or name == family.backbone or not (path / name).is_dir():
             continue
         library = entry[0] if isinstance(entry, list) and entry else ""
-        if library in ("diffusers", "transformers"):
+        if library == "diffusers" or library == "transformers" and text_encoders:
             frozen += component_bytes(path / name, as_stored=library == "transformers")
     msl = getattr(opts, "max_sequence_length", None)
     return meta_subject(family.kind, config, resolution, tokens=default_tokens(family.kind, msl),
@@ -747,7 +749,8 @@ def check_distill(cfg, teacher_path: str | Path, device: torch.device, ranks: in
         return None
     run = Run.of_config(cfg, ranks)
     try:
-        subject = folder_subject(teacher_path, cfg.text.resolution, cfg.teacher_options)
+        shards = (Path(cfg.data) / "index.json").is_file()  # latent shards hold the prompts: no text encoders
+        subject = folder_subject(teacher_path, cfg.text.resolution, cfg.teacher_options, text_encoders=not shards)
         if subject is None:
             return None
         prof = profile(subject, run)

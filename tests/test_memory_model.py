@@ -205,3 +205,30 @@ def test_the_model_follows_the_settings(flux_folder):
     assert total("text.gradient_checkpointing=true") < total()
     assert total("distill.micro_batch=1") < total("distill.micro_batch=2") < total()
     assert total("text.shared_base=false") > total()  # three copies of the base instead of one
+
+
+def test_a_run_from_latent_shards_releases_the_text_encoders(flux_folder, tmp_path):
+    """The shards hold every prompt's embeddings: distill drops the text encoders (the null condition was encoded at
+    loading), trains as before, and the memory model leaves them out; encoding a prompt is refused in one line."""
+    import flow_pipelines
+
+    from fdistill.apps import distill
+    from fdistill.teachers import flow_matching as fm
+    from fdistill.teachers.latent_t2i import ReleasedText
+    from fdistill.training.loop import training_loop
+
+    pipe = fm.load_flow_pipeline(flux_folder, 16, max_sequence_length=8)
+    shards = flow_pipelines.latent_shards(tmp_path / "latents", pipe)
+    text_bytes = sum(p.numel() * p.element_size() for p in pipe.text.parameters())
+    cfg = _config(f"data={shards}", "distill.iterations=2", "distill.batch_size=4", "distill.tau=2")
+    d = distill.make_distiller(cfg, flux_folder)
+    teacher = d.real_data.pipe
+    assert isinstance(teacher.text, ReleasedText) and list(teacher.text.parameters()) == []
+    assert teacher.text.released == sum(p.numel() for p in pipe.text.parameters()) > 0
+    training_loop(d, progress=False)
+    with pytest.raises(ValueError, match="its text encoders were released") as e:
+        teacher.text(["a red square"])
+    assert "\n" not in str(e.value)
+    with_text, without = (memory.folder_subject(flux_folder, 16, {"max_sequence_length": 8}, text_encoders=t)
+                          for t in (True, False))
+    assert with_text.frozen_bytes - without.frozen_bytes == text_bytes

@@ -30,6 +30,7 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
     features at ``cfg.disc_resolutions`` (App. B); with ``cfg.text.shared_base`` the three are views of one network
 (``networks.shared_base``). ``dataset`` replaces ``cfg.data`` (an opened ImageDataset)."""
     device = torch.device(device)
+    data = teacher.open_data(cfg, device, dataset)  # first: a run from latent shards releases the text encoders
     teacher.to(device)
     net = teacher.denoiser
     try:
@@ -38,7 +39,6 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
         if teacher.preset is None:
             raise
         raise ValueError(f"{e}; this {teacher.kind} teacher's preset sets them: --config {teacher.preset}") from None
-    data = teacher.open_data(cfg, device, dataset)
     torch.manual_seed(cfg.distill.seed)
     if cfg.text.shared_base:  # generator and fake score: adapters on the teacher's own weights
         net.feature_resolutions = taps

@@ -106,6 +106,22 @@ class LatentPipeline(nn.Module):
         return (self.codec.channels, r, r)
 
 
+class ReleasedText(nn.Module):
+    """Stands in for the text encoders of a run from latent shards, which hold every prompt's embeddings (``fdistill
+    prepare-latents``; the null condition was encoded once at loading and is kept by the denoiser): their weights are
+    dropped (T5-XXL alone is 4.76B parameters), the settings the data are checked against are kept, and encoding a
+    prompt is refused in one line."""
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.sequence_length, self.length_setting = text.sequence_length, text.length_setting
+        self.released = sum(p.numel() for p in text.parameters())
+
+    def forward(self, prompts: list[str]) -> TextCondition:
+        raise ValueError("this run reads latent shards, which hold its prompts' embeddings, so its text encoders were "
+                         "released; open the teacher again to encode new prompts")
+
+
 class TextToImageData:
     """Alg. 1's real data and the generator's conditions in the teacher's latent space (``core.protocols.RealData``):
     captioned images encoded online by the VAE and text encoders, or latent shards encoded once
@@ -196,8 +212,8 @@ class LatentTextToImageTeacher(Teacher):
 
     def open_data(self, cfg, device: torch.device, dataset=None) -> TextToImageData:
         """Latent shards (a folder with index.json), whose text embeddings must be as long as this teacher's (as
-        its null condition and prompts are), or captioned images; the generator's prompts from
-        ``cfg.text.prompts`` when given."""
+        its null condition and prompts are; the text encoders are then released: ``ReleasedText``), or captioned
+        images; the generator's prompts from ``cfg.text.prompts`` when given."""
         from fdistill.data.captions import open_captions
         from fdistill.data.latent_shards import LatentSampler, LatentShards
         from fdistill.data.sampler import CaptionSampler
@@ -211,6 +227,7 @@ class LatentTextToImageTeacher(Teacher):
                                  f"teacher's are {want} ({self.text.length_setting}): prepare the latents with the "
                                  "same teacher_options")
             sampler = LatentSampler(shards, seed=seed, device="cpu")
+            self.text = self.pipeline.text = ReleasedText(self.text)  # the shards hold every prompt's embeddings
         else:
             on_error = cfg.text.on_bad_data.replace("error", "raise")
             data = open_captions(cfg.data, resolution=self.info["network"]["resolution"], on_error=on_error)
