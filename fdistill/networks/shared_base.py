@@ -12,7 +12,10 @@ Autograd records which adapter a pass used, so switching between passes changes 
 checkpointing recomputes a unit's forward in backward, after other views may have switched the base: the base's
 checkpoint function (``SharedBase.checkpoint``, given to diffusers' ``enable_gradient_checkpointing``) notes the
 adapter, train/eval mode and attention kernels of the pass that saved the unit and recomputes it with those.
-Sharding or compiling the views (their parameters live inside the base) is refused with this mode.
+
+Under FSDP2 (``distill.fsdp``) the base is sharded once (``SharedBase.shard``: its blocks, then the whole), adapters
+and all, since they live inside its modules; each view then re-reads its adapter's parameters, now the sharded ones,
+so each role's optimizer holds only its own adapter's shards. Compiling the views is refused with this mode.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ class SharedBase:
         denoiser.requires_grad_(False)
         self._tuner_layer = BaseTunerLayer
         self.active: str | None = None  # None: the teacher (every adapter off)
-        self.layers: list = []  # peft's tuner layers, and their adapters' parameters (``lora``)
-        self.lora: list[nn.Parameter] = []
+        self.layers: list = []  # peft's tuner layers
+        self.views: list[AdapterView] = []  # the roles made by ``add`` and ``teacher``
+        self.sharded = False
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """``{view_key: parameter}`` of adapter ``name``, in the network's order."""
@@ -72,6 +76,7 @@ class SharedBase:
 
     def add(self, name: str, like: str | None = None) -> AdapterView:
         """Adapter ``name`` (its weights copied from adapter ``like`` when given) and its view."""
+        self._unsharded()
         flags = [(p, p.requires_grad) for p in self.denoiser.parameters()]
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -79,16 +84,42 @@ class SharedBase:
         for p, flag in flags:
             p.requires_grad_(flag)
         self.layers = [m for m in self.backbone.modules() if isinstance(m, self._tuner_layer)]
-        self.lora = [p for layer in self.layers for d in (layer.lora_A, layer.lora_B) for p in d.parameters()]
         self.active = "?"  # peft switched it: the next pass sets it again
-        view = AdapterView(self, name)
+        view = self._view(name)
         if like is not None:
             view.load_state_dict(AdapterView(self, like).state_dict())
         return view
 
     def teacher(self) -> AdapterView:
         """The base network itself (every adapter off)."""
-        return AdapterView(self, None)
+        self._unsharded()
+        return self._view(None)
+
+    def _unsharded(self) -> None:
+        if self.sharded:
+            raise RuntimeError("the shared base is sharded: make every role (and the EMA's adapter) before sharding")
+
+    def _view(self, name: str | None) -> AdapterView:
+        view = AdapterView(self, name)
+        self.views.append(view)
+        return view
+
+    def shard(self, shard_fn) -> None:
+        """Shard the base once, adapters included (``shard_fn``: ``training.distributed.shard``, FSDP2's
+        ``fully_shard`` of its blocks, then of the whole); the views then hold their adapters' sharded parameters
+        (``fully_shard`` replaces each parameter by a new one, a DTensor of this rank's shard). Every rank must make
+        the same passes through the base from then on (FSDP's collectives), as the distiller's steps do."""
+        if self.sharded:
+            return
+        shard_fn(self.denoiser)
+        self.sharded = True
+        for view in self.views:
+            view.reread()
+
+    def _lora(self) -> list[nn.Parameter]:
+        """The adapters' parameters the tuner layers now hold (under FSDP: sharded between passes, the gathered ones
+        within a unit's pass or its recomputation)."""
+        return [p for layer in self.layers for d in (layer.lora_A, layer.lora_B) for p in d.parameters()]
 
     def activate(self, name: str | None, training: bool) -> None:
         """Make adapter ``name`` (None: none) the one the next pass uses, in train or eval mode."""
@@ -96,14 +127,15 @@ class SharedBase:
             self.denoiser.train(training)
         if name == self.active:
             return
-        flags = [p.requires_grad for p in self.lora]
+        lora = self._lora()
+        flags = [p.requires_grad for p in lora]
         for layer in self.layers:
             if name is None:
                 layer.enable_adapters(False)
             else:
                 layer.set_adapter(name)
                 layer.enable_adapters(True)
-        for p, flag in zip(self.lora, flags):
+        for p, flag in zip(lora, flags):
             p.requires_grad_(flag)
         self.active = name
 
@@ -167,7 +199,11 @@ class AdapterView(nn.Module):
         super().__init__()
         object.__setattr__(self, "shared", shared)  # a plain attribute: the base is not a submodule
         self.adapter = adapter
-        self.lora = nn.ParameterDict(shared.adapter_params(adapter) if adapter is not None else {})
+        self.reread()
+
+    def reread(self) -> None:
+        """Hold the adapter's parameters the base holds now (after sharding replaced them)."""
+        self.lora = nn.ParameterDict(self.shared.adapter_params(self.adapter) if self.adapter is not None else {})
 
     def forward(self, *args, **kwargs):
         self.shared.activate(self.adapter, self.training)

@@ -251,14 +251,14 @@ class LatentTextToImageTeacher(Teacher):
         """``text.shared_base``: the teacher and the two students as views of this teacher's one denoiser
         (``networks.shared_base``): generator and fake score are LoRA adapters of rank ``text.lora_rank``. With
         ``text.gradient_checkpointing`` every pass with grad through the one network is checkpointed (the teacher's
-        too: its GAN-term and R1 passes), each unit recomputed with the adapter of the pass that ran it."""
+        too: its GAN-term and R1 passes), each unit recomputed with the adapter of the pass that ran it. Under
+        ``distill.fsdp`` the distiller shards the one network, adapters included (``SharedBase.shard``)."""
         from fdistill.networks.shared_base import SharedBase
 
         self.check_config(cfg)
-        for flag, what in ((cfg.distill.fsdp, "distill.fsdp"), (cfg.distill.compile, "distill.compile")):
-            if flag:
-                raise ValueError(f"text.shared_base cannot be combined with {what}: the students' parameters live "
-                                 "inside the teacher's network (use one or the other)")
+        if cfg.distill.compile:
+            raise ValueError("text.shared_base cannot be combined with distill.compile: the students' parameters live "
+                             "inside the teacher's network (use one or the other)")
         shared = SharedBase(self.denoiser, self.backbone, self.lora, cfg.text.lora_rank)
         if cfg.text.gradient_checkpointing:
             shared.backbone.enable_gradient_checkpointing(shared.checkpoint)

@@ -149,9 +149,16 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
 def shard(module: nn.Module) -> nn.Module:
     """Shard ``module``'s parameters over the ranks (PyTorch FSDP2, ``fully_shard``: each block, then the
     whole): weights, gradients and optimizer states take 1/N of the memory; gradients are averaged by the
-    reduce-scatter in backward."""
+    reduce-scatter in backward. A role of a shared base (``networks.shared_base``; also under guidance) shards the
+    one base it is a view of, adapters included, the first time (its other roles then find it sharded)."""
     from torch.distributed.fsdp import fully_shard
 
+    from fdistill.networks.shared_base import AdapterView
+
+    view = module if isinstance(module, AdapterView) else getattr(module, "net", None)  # or a guided teacher's
+    if isinstance(view, AdapterView):
+        view.shared.shard(shard)
+        return module
     for block in _blocks(module):
         if any(True for _ in block.parameters()):
             fully_shard(block)
@@ -199,10 +206,26 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load an optimizer state saved by ``optimizer_state``: torch's own (keyed by parameter index) or, from
-    a sharded run, keyed by parameter name (which loads into sharded and plain modules alike)."""
-    if all(isinstance(k, int) for k in state["state"]) and not is_sharded(module):
+    a sharded run, keyed by parameter name (which loads into sharded and plain modules alike). Into a sharded
+    module, torch's own is first keyed by name (its indices number ``optimizer``'s parameters in order)."""
+    by_index = all(isinstance(k, int) for k in state["state"])
+    if by_index and not is_sharded(module):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    if by_index:
+        state = _keyed_by_name(module, optimizer, state)
+
     set_optimizer_state_dict(module, optimizer, state, options=_full())
+
+
+def _keyed_by_name(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """torch's optimizer state (parameters numbered in ``optimizer``'s order) keyed by ``module``'s parameter names,
+    as ``optimizer_state`` writes it for a sharded module."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    order = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    if None in order or len(order) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise ValueError("the optimizer state does not fit this module's parameters")
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
