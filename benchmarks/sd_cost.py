@@ -5,6 +5,8 @@ the UNets and the flow-matching transformers SD3.5-Medium / Large, FLUX.1-dev, S
     python benchmarks/sd_cost.py --memory                  # per-GPU memory of SD1.5 / SDXL (meta device)
     python benchmarks/sd_cost.py --memory --flow           # SD3.5, FLUX.1, SANA, Qwen-Image at 512 / 1024 px
     python benchmarks/sd_cost.py --memory --family flux --gan-attention math --lora-rank 128
+    python benchmarks/sd_cost.py --memory --flow --captioned-images  # text encoders kept for online encoding
+    python benchmarks/sd_cost.py --memory --family flux --set disc_head=fdistill  # a config override, every row
     python benchmarks/sd_cost.py --model sd15              # time every pass on this machine (CPU, fp32)
     python benchmarks/sd_cost.py --model sdxl --batch 1 --steps 2 --warmup 1
     python benchmarks/sd_cost.py --model sd15 --passes fwd # only some passes (fwd, fwd_bwd, mid_grad, mid)
@@ -25,7 +27,10 @@ teacher) on each model's published config, built on the meta device, with its pr
 head, R1, EMA) at 512 and 1024 px (the UNets at their own size), with and without gradient checkpointing, in the
 modes that can run it (full fine-tuning replicated or FSDP; shared-base LoRA with an fp32 base, as fdistill loads
 teachers, or a bf16 one): the states, the activation peaks of the student and critic steps at micro_batch 1 and
-the largest micro_batch that fits 80 GB and 141 GB GPUs, then what each pass saves for backward.
+the largest micro_batch that fits 80 GB and 141 GB GPUs, then what each pass saves for backward. The text encoders
+are counted as the preset's data have them: on every GPU for captioned images (SD1.5's WebDataset shards), released
+for latent shards (every other preset's ``fdistill prepare-latents`` folder); --captioned-images / --latent-shards
+pick one for every model, and a table gives what releasing them saves per family.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -357,9 +363,16 @@ class Model:
     gpus: int
     expected_params: int
 
-    def frozen_bytes(self, precomputed: bool) -> int:
-        """Text encoders as stored (half precision; transformers loads with dtype="auto") and the fp32 VAE."""
-        return (0 if precomputed else 2 * sum(TEXT_ENCODERS[e] for e in self.text_encoders)) + 4 * VAES[self.kind]
+    def text_encoder_bytes(self) -> int:
+        """The text encoders as stored (half precision; transformers loads with dtype="auto")."""
+        return 2 * self.text_encoder_params()
+
+    def text_encoder_params(self) -> int:
+        return sum(TEXT_ENCODERS[e] for e in self.text_encoders)
+
+    def frozen_bytes(self, text_encoders: bool) -> int:
+        """The text encoders (when on the GPU) and the fp32 VAE."""
+        return (self.text_encoder_bytes() if text_encoders else 0) + 4 * VAES[self.kind]
 
 
 UNET_MODELS = {
@@ -376,6 +389,24 @@ FLOW_MODELS = {
     "qwen_image": Model("Qwen-Image", "qwen_image", QWEN_IMAGE_DIT, ("Qwen2.5-VL-7B",), "qwen_image", (1024,), 1,
                         20_430_401_088),
 }
+
+
+def preset_data(cfg) -> str:
+    """What the preset's ``data`` are: "captioned images" (WebDataset tar shards, encoded by the VAE and text
+    encoders at every step) or "latent shards" (a ``fdistill prepare-latents`` folder, whose index.json is checked
+    when a run opens it: the presets name one that does not exist here)."""
+    return "captioned images" if ".tar" in str(cfg.data) else "latent shards"
+
+
+def data_of(model: Model, args) -> str:
+    """The data the rows of ``model`` assume: --captioned-images, --latent-shards, or its preset's."""
+    if args.captioned_images:
+        return "captioned images"
+    if args.latent_shards:
+        return "latent shards"
+    from fdistill.apps import images
+
+    return preset_data(images.load_config(model.preset, []))
 
 
 def modes(model: Model, args) -> list[tuple[str, list[str], torch.dtype]]:
@@ -399,14 +430,15 @@ def memory_report(models: dict[str, Model], args) -> None:
 
     t0 = time.perf_counter()
     rows, passes = [], []
-    for model in models.values():
+    data = {key: data_of(model, args) for key, model in models.items()}
+    for key, model in models.items():
+        text = data[key] == "captioned images"  # a run from latent shards releases the text encoders
         for pixels in model.pixels:
             for label, overrides, dtype in modes(model, args):
                 gpus = N_GPUS if "FSDP" in label else model.gpus
-                cfg = images.load_config(model.preset, [f"text.resolution={pixels}", *overrides])
+                cfg = images.load_config(model.preset, [f"text.resolution={pixels}", *overrides, *args.set])
                 subject = memory.meta_subject(model.kind, dict(model.config), pixels, dtype=dtype,
-                                              frozen_bytes=model.frozen_bytes(args.precomputed_embeddings),
-                                              name=model.name)
+                                              frozen_bytes=model.frozen_bytes(text), name=model.name)
                 n = subject.parameters()
                 if n != model.expected_params:
                     raise SystemExit(f"{model.name}: {n:,} parameters on the meta device, expected "
@@ -430,12 +462,25 @@ def memory_report(models: dict[str, Model], args) -> None:
               + " | ".join(cells) + " |")
     print("\nStates at micro_batch 1, by part (GB per GPU):\n")
     seen = set()
+    kept = {m.name: data[k] == "captioned images" for k, m in models.items()}
     for name, _, label, gpus, _, e, _ in rows:
         if (name, label) in seen:
             continue
         seen.add((name, label))
-        parts = "; ".join(f"{k} {v / GB:.2f}" for k, v in e.states.items())
+        frozen = "text encoders + VAE (frozen)" if kept[name] else "VAE (frozen; text encoders released)"
+        parts = "; ".join(f"{frozen if k == 'text encoders + VAE (frozen)' else k} {v / GB:.2f}"
+                          for k, v in e.states.items())
         print(f"- {name}, {label}, {gpus} GPU(s): {parts}")
+    print("\nText encoders (frozen, half precision as stored), per GPU: on it when the data are captioned images "
+          "(encoded at every step), released from a run whose data are latent shards (`fdistill prepare-latents`; "
+          "they hold every prompt's embeddings):\n")
+    print("| model | text encoders | parameters | releasing them saves, GB per GPU | data in these rows | "
+          "text encoders in these rows |")
+    print("|---|---|---|---|---|---|")
+    for key, model in models.items():
+        print(f"| {model.name} | {' + '.join(model.text_encoders)} | {model.text_encoder_params():,} | "
+              f"{model.text_encoder_bytes() / GB:.2f} | {data[key]} | "
+              f"{'on the GPU' if kept[model.name] else 'released'} |")
     print("\n| model | px | mode | pass | saved, no checkpointing: per sample / fixed GB | kept with "
           "checkpointing | largest unit recomputed |")
     print("|---|---|---|---|---|---|---|")
@@ -452,30 +497,40 @@ def memory_report(models: dict[str, Model], args) -> None:
                 a = prof.passes[key, field]
                 cells.append(f"{a.per_sample / GB:.3f} / {a.fixed / GB:.3f}")
             print(f"| {name} | {pixels} | {label} | {text} | " + " | ".join(cells) + " |")
-    print("\n" + MEMORY_ASSUMPTIONS)
+    which = ", ".join(f"{m.name}: {data[k]}" for k, m in models.items())
+    source = "--captioned-images" if args.captioned_images else "--latent-shards" if args.latent_shards else \
+        "each preset's data"
+    these = textwrap.fill(f"These rows: {which} ({source}).", 114, initial_indent="  ", subsequent_indent="  ")
+    print("\n" + MEMORY_ASSUMPTIONS.format(data=these, overrides=" ".join(args.set) or "none"))
 
 
-MEMORY_ASSUMPTIONS = f"""Assumptions (fdistill/memory.py; its docstring has the details):
+MEMORY_ASSUMPTIONS = """Assumptions (fdistill/memory.py; its docstring has the details):
 - Each row is the model's preset (fdistill/configs) at that resolution and mode: its batch split over the GPUs,
-  precision (bf16 autocast), head (disc_head, disc_hidden), R1 form, EMA; micro_batch is varied. Networks are the
-  published configs built on the meta device; fdistill loads teachers (and so the students' copies and the shared
-  base) in fp32; "bf16 base" is what a bf16 load would need (fdistill has none today).
+  precision (bf16 autocast), head (disc_head, disc_hidden), R1 form, EMA; micro_batch is varied. Further
+  overrides (--set): {overrides}. Networks are the published configs built on the meta device; fdistill loads
+  teachers (and so the students' copies and the shared base) in fp32; "bf16 base" is what a bf16 load would need
+  (fdistill has none today).
+- Data: a run whose data are latent shards (`fdistill prepare-latents`) releases the text encoders (the shards
+  hold every prompt's embeddings), as `fdistill distill`'s memory check counts it; captioned images keep them on
+  every GPU for the online encoding (--captioned-images models that for every model, --latent-shards the
+  opposite).
+{data}
 - States: frozen teacher / base in its dtype; full FT: each student's weights, gradients and two AdamW moments in
   the weights' dtype (4 x 4 B / parameter in fp32), FSDP dividing them by the GPUs; LoRA adapters and the head:
-  fp32 weight, gradient and AdamW = 16 B / parameter; frozen text encoders in half precision (as stored) and the
-  fp32 VAE, on every GPU (fdistill moves them to the GPU even with latent shards; --precomputed-embeddings leaves
-  the text encoders out).
+  fp32 weight, gradient and AdamW = 16 B / parameter; the fp32 VAE on every GPU, and the frozen text encoders in
+  half precision (as stored) when the data above keep them.
 - Activations: what autograd saves in each pass, counted on the meta device (bf16 autocast emulated with CUDA's
-  policy; fused attention, except the math kernel fdistill runs for exact R1's double backward: --gan-attention
-  math shows the GAN pass on it too, as fdistill ran it before), plus twice the largest tensor an op makes; student
-  step = generator + teacher pass (in full at the end of its forward, to the tap afterwards) + head; critic step =
-  fake score + heads on fake and real features (+ R1). Checkpointing: with the shared base every pass through the
-  one network (the teacher's too); with separate networks only the students.
-- A GPU fits what is below {memory.HEADROOM:.0%} of its memory (80 GB = 80e9 bytes, 141 GB = 141e9; 1 GB = 1e9
+  policy; fused attention, as fdistill runs every pass but exact R1's double backward, which is on the math
+  kernel; --gan-attention math puts the student step's GAN-term teacher pass on it too, as fdistill ran it
+  before), plus twice the largest tensor an op makes; student step = generator + teacher pass (in full at the
+  end of its forward, to the tap afterwards) + head; critic step = fake score + heads on fake and real features
+  (+ R1). Checkpointing: with the shared base every pass through the one network (the teacher's too); with
+  separate networks only the students.
+- A GPU fits what is below {headroom:.0%} of its memory (80 GB = 80e9 bytes, 141 GB = 141e9; 1 GB = 1e9
   bytes); the rest is for what the count cannot see: the CUDA context, NCCL buffers, attention and cuBLAS
   workspaces, the caching allocator's fragmentation. Checked on the CPU against a real network
   (tests/test_memory_model.py: the saved bytes exactly, the peak of a forward + backward within 15%); not
-  measured on a GPU."""
+  measured on a GPU.""".replace("{headroom:.0%}", f"{memory.HEADROOM:.0%}")
 
 
 def main() -> None:
@@ -493,11 +548,17 @@ def main() -> None:
     p.add_argument("--family", action="append", choices=[*UNET_MODELS, *FLOW_MODELS],
                    help="with --memory: only these models (repeatable)")
     p.add_argument("--lora-rank", type=int, default=64, help="with --memory --flow: LoRA rank (default 64)")
-    p.add_argument("--precomputed-embeddings", action="store_true",
-                   help="with --memory: text encoders off the GPU (fdistill keeps them there today)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--captioned-images", action="store_true",
+                      help="with --memory: every model's data are captioned images encoded at every step (text "
+                           "encoders on the GPU); default: each preset's data (latent shards release them)")
+    data.add_argument("--latent-shards", action="store_true",
+                      help="with --memory: every model's data are latent shards (text encoders released)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --memory: a config override for every row (repeatable), e.g. disc_head=fdistill")
     p.add_argument("--gan-attention", choices=["math", "fused"], default="fused",
                    help="with --memory: the student step's teacher pass on a fused kernel (as fdistill runs it, "
-                        "default) or the math one")
+                        "default) or the math one (as fdistill ran it before)")
     p.add_argument("--tiny", action="store_true", help="tiny configs with the same code path (validation)")
     p.add_argument("--mem-limit-gb", type=float, default=0.0,
                    help="data-segment limit (RLIMIT_DATA) per pass, GiB (default: 90%% of MemAvailable)")

@@ -647,11 +647,11 @@ def states(p: Profile, run: Run) -> dict[str, float]:
     w, n, lora = p.weight_bytes, p.params, p.lora
     shard = run.ranks if run.fsdp else 1
     out = {}
-    if run.lora_rank and run.shared_base:
-        out["frozen base (teacher; both students' base)"] = w * n
-        out["LoRA adapters: generator + fake score (fp32 weight, grad, AdamW)"] = 2 * 16 * lora
+    if run.lora_rank and run.shared_base:  # under FSDP the one base is sharded with its adapters
+        out["frozen base (teacher; both students' base)"] = w * n / shard
+        out["LoRA adapters: generator + fake score (fp32 weight, grad, AdamW)"] = 2 * 16 * lora / shard
         if run.ema:
-            out["LoRA adapter: generator EMA"] = 4 * lora
+            out["LoRA adapter: generator EMA"] = 4 * lora / shard
     elif run.lora_rank:
         out["teacher + two students' frozen bases"] = 3 * w * n / shard
         out["LoRA adapters: generator + fake score (fp32 weight, grad, AdamW)"] = 2 * 16 * lora / shard
