@@ -309,17 +309,12 @@ class FlowMatchingTeacher(LatentTextToImageTeacher):
         """The FlowMatchEulerDiscreteScheduler config the export starts from: the teacher's own."""
         return self.scheduler_config(teacher_folder)[0]
 
-    def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, student: StudentSteps) -> Path:
-        """The teacher's folder with the generator's transformer and a FlowMatchEulerDiscreteScheduler that runs
-        ``student``. One step (``one_step_scheduler_config``): one step from t_gen = sigma / (1 + sigma) to 0;
-        fdistill's generator input (1 + sigma) z is x_t = z at t_gen, the pipeline's own noise latents, so the
-        pipeline's one-step call (CFG off) returns fdistill's one-step sample for the same latent noise. k steps:
-        ``steps_scheduler_config``, run at the levels the call's ``sigmas=`` gives (``pipeline_call``)."""
-        return pf.write_pipeline(teacher_folder, out, {"transformer": generator.transformer},
-                                 self.student_scheduler(teacher_folder, student))
-
     def student_scheduler(self, teacher_folder: Path, student: StudentSteps):
-        """The FlowMatchEulerDiscreteScheduler that runs ``student`` (see ``export_pipeline``)."""
+        """The FlowMatchEulerDiscreteScheduler that runs ``student``. One step (``one_step_scheduler_config``): one
+        step from t_gen = sigma / (1 + sigma) to 0; fdistill's generator input (1 + sigma) z is x_t = z at t_gen,
+        the pipeline's own noise latents, so the pipeline's one-step call (CFG off) returns fdistill's one-step
+        sample for the same latent noise. k steps: ``steps_scheduler_config``, run at the levels the call's
+        ``sigmas=`` gives (``pipeline_call``)."""
         diffusers, _ = pf.libraries()
         if student.steps == 1:
             config = one_step_scheduler_config(self.export_scheduler(teacher_folder), t_of_sigma(student.sigmas[0]))

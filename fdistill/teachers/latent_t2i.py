@@ -306,8 +306,9 @@ class LatentTextToImageTeacher(Teacher):
         return StudentSteps((sigma,))
 
     def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, student: StudentSteps) -> Path:
-        """Write the teacher's folder with the ``generator``'s network and a scheduler that runs ``student``."""
-        raise NotImplementedError
+        """Write the teacher's folder with the ``generator``'s network and the scheduler that runs ``student``."""
+        return pipeline_folders.write_pipeline(teacher_folder, out, {self.backbone: getattr(generator, self.backbone)},
+                                               self.student_scheduler(teacher_folder, student))
 
     def student_scheduler(self, teacher_folder: Path, student: StudentSteps):
         """The diffusers scheduler that runs ``student`` in this family's pipeline: what ``export_pipeline`` writes,

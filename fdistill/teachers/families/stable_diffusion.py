@@ -195,16 +195,10 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         json.dumps(kwargs)  # checkpoint metadata must be JSON
         return LatentPipeline(denoiser.eval(), text, codec, kwargs)
 
-    def export_pipeline(self, generator: nn.Module, teacher_folder: Path, out: Path, student: StudentSteps) -> Path:
-        """One step at the top timestep: today's one-step trailing DDIM (``export_pipeline``); any other student:
-        its timesteps (``student_timesteps``, refused off the teacher's integer grid) run by
-        ``steps_scheduler`` (sde: LCMScheduler, ode: EulerDiscreteScheduler)."""
-        return pf.write_pipeline(teacher_folder, out, {"unet": generator.unet},
-                                 self.student_scheduler(teacher_folder, student))
-
     def student_scheduler(self, teacher_folder: Path, student: StudentSteps):
-        """One step at the top: the one-step trailing DDIM (``one_step_ddim``); else ``steps_scheduler`` of the
-        student's timesteps."""
+        """One step at the top timestep: the one-step trailing DDIM (``one_step_ddim``); any other student: its
+        timesteps (``student_timesteps``, refused off the teacher's integer grid) run by ``steps_scheduler`` (sde:
+        LCMScheduler, ode: EulerDiscreteScheduler)."""
         diffusers, _ = pf.libraries()
         sched, _ = self.scheduler_config(teacher_folder)
         if self.top_one_step(student):
