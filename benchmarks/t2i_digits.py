@@ -341,6 +341,8 @@ def main() -> None:
                         "<run>-k<k>-<input>); with k > 1 the teacher's few-step baselines are added")
     p.add_argument("--student-input", default="backward", metavar="MODE,...",
                    help="the k > 1 students' training input: backward, forward or both")
+    p.add_argument("--no-analyze-run", dest="analyze_run", action="store_false",
+                   help="skip fdistill analyze-run (Fig. 6) on the students")
     p.add_argument("--no-train", action="store_true",
                    help="score only the students already distilled in --out (each row: the seeds found)")
     p.add_argument("--threads", type=int, default=2)
@@ -401,7 +403,7 @@ def main() -> None:
         evaluate_t2i_tables(out, run_dirs, args.evaluate_t2i, args.guidance)
     from fdistill.apps.analyze_run import analyze_run
 
-    for run in run_dirs:  # Fig. 6: h_bar against the teacher-fake score difference
+    for run in run_dirs if args.analyze_run else []:  # Fig. 6: h_bar against the teacher-fake score difference
         print(f"\n## fdistill analyze-run {out / run}\n{analyze_run(out / run)}", flush=True)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; grids and results.json in {out}")
 

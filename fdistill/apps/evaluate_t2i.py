@@ -264,7 +264,9 @@ def evaluate_run(run: str | Path, prompts_file: str | Path, out: str | Path | No
         data = open_captions(prompts_file)
         prompts = [data.caption(i) for i in range(min(len(data), num or len(data)))]
         make = t2i.image_maker(run, device, teacher_steps, guidance or 1.0)
-        name = f"teacher ({make.nfe} NFE, CFG {guidance})" if teacher_steps else f"student ({make.nfe} NFE)"
+        nfe = getattr(make, "nfe", None)  # network calls per image (sample_maker's)
+        name = f"teacher ({nfe} NFE, CFG {guidance})" if teacher_steps else f"student ({nfe} NFE)" if nfe else \
+            "student"
         out = Path(out) if out else Path(run) / ("eval-teacher" if teacher_steps else "eval")
         model = {"checkpoint": str(checkpoint.resolve(run).resolve()), "teacher_steps": teacher_steps,
                  "guidance": guidance}
