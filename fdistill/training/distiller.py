@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fdistill.config import from_dict, resumable, to_dict
 from fdistill.core import divergences, few_step
-from fdistill.core.diffusion import SigmaSampler, append_dims, denoising_loss, one_step, score_from_denoiser
+from fdistill.core.diffusion import SigmaSampler, append_dims, denoising_loss, score_from_denoiser
 from fdistill.core.objective import (
     RatioNormalizer,
     approx_r1_penalty,
@@ -304,12 +304,9 @@ class Distiller:
 
     # -- sampling ------------------------------------------------------------------------------
     def generate(self, z: Tensor, cond: Tensor | None = None, ema: bool = False) -> Tensor:
-        """x = G_theta(z): one network call (``core.diffusion.one_step``), or the k-step student's sampler
-        (``core.few_step.run_steps``)."""
-        net = self.generator_ema if ema else self.generator
-        if self.student.steps == 1:
-            return one_step(net, z, self.sigma_gen, cond)
-        return few_step.run_steps(net, z, self.student, cond)
+        """x = G_theta(z): the student's k steps (``core.few_step.run_steps``; for k = 1 one network call,
+        ``core.diffusion.one_step``)."""
+        return few_step.run_steps(self.generator_ema if ema else self.generator, z, self.student, cond)
 
     @torch.no_grad()
     def sample(self, n: int, ema: bool = True, batch_size: int = 4096) -> Tensor:
