@@ -64,10 +64,9 @@ def make_distiller(cfg, teacher_path: str | Path, dataset=None, device: str | to
     return build_distiller(cfg, open_teacher(teacher_path, cfg.text.resolution, cfg.teacher_options), dataset, device)
 
 
-def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True
-                   ) -> tuple[nn.Module, StudentSteps, Teacher]:
-    """A distillation run's generator (from its newest checkpoint, or a checkpoint folder): (network in eval mode,
-    its levels and sampler, the teacher it was distilled from: its sample shape, classes, text encoder, codec)."""
+def read_run(run: str | Path, ema: bool = True) -> tuple[Teacher, dict, StudentSteps, dict[str, Tensor]]:
+    """(the teacher rebuilt from its record, the checkpoint's info, the student's levels and sampler, the (EMA)
+    generator's weights) of a distill run folder or checkpoint, without building the student network."""
     meta = checkpoint.read_meta(run)
     info = meta["info"]
     if "family" not in info and "precond" not in info:
@@ -79,14 +78,22 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: boo
         raise ValueError(f"checkpoint {run}: its state.json's config is not a distill config ({e})") from None
     teacher = teacher_from_info(info, str(run))
     weights = checkpoint.load_weights(run, "generator_ema" if ema else "generator", "generator")
+    cfg = dataclasses.replace(cfg, sigmas=cfg.sigmas.resolve(teacher.denoiser.default_sigmas()))
+    return teacher, info, student_steps(cfg), weights
+
+
+def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True
+                   ) -> tuple[nn.Module, StudentSteps, Teacher]:
+    """A distillation run's generator (from its newest checkpoint, or a checkpoint folder): (network in eval mode,
+    its levels and sampler, the teacher it was distilled from: its sample shape, classes, text encoder, codec)."""
+    teacher, info, student, weights = read_run(run, ema)
     try:
         net = teacher.load_student(weights, info)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {run}: its generator weights do not fit the network its meta.info "
                          f"describes ({' '.join(str(e).split())[:300]})") from None
-    cfg = dataclasses.replace(cfg, sigmas=cfg.sigmas.resolve(teacher.denoiser.default_sigmas()))
     device = torch.device(device)
-    return net.eval().requires_grad_(False).to(device), student_steps(cfg), teacher.to(device)
+    return net.eval().requires_grad_(False).to(device), student, teacher.to(device)
 
 
 def sample_maker(net: nn.Module, teacher: Teacher, student: StudentSteps | float | None = None, steps: int = 18,

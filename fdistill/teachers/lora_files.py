@@ -69,33 +69,16 @@ def tuner_layers(network: nn.Module) -> dict[str, nn.Module]:
 
 # -- out: exporting a run's generator as a LoRA file ---------------------------------------------------------------
 def open_run(run: str | Path):
-    """(teacher, info, StudentSteps, generator weights) of a distill run or checkpoint: the EMA generator's weights,
-    the teacher rebuilt from the record (its folder must still be there), as ``apps.distill.load_generator`` reads
-    them but without building the student network."""
-    import dataclasses
-
-    from fdistill.config import from_dict
+    """(teacher, info, StudentSteps, EMA generator weights) of a text-to-image distill run or checkpoint
+    (``apps.distill.read_run``; the teacher's folder must still be there)."""
+    from fdistill.apps.distill import read_run
     from fdistill.teachers.latent_t2i import LatentTextToImageTeacher
-    from fdistill.teachers.open import teacher_from_info
-    from fdistill.training import checkpoint
-    from fdistill.training.distiller import DistillConfig, student_steps
 
-    meta = checkpoint.read_meta(run)
-    info = meta["info"]
-    if "family" not in info and "precond" not in info:
-        raise ValueError(f"checkpoint {run} holds no generator (its meta.info names no network): is it a "
-                         "train-teacher run's? Give a distill run folder or one of its checkpoints")
-    try:
-        cfg = from_dict(DistillConfig, meta["config"])
-    except ValueError as e:
-        raise ValueError(f"checkpoint {run}: its state.json's config is not a distill config ({e})") from None
-    teacher = teacher_from_info(info, str(run))
+    teacher, info, student, weights = read_run(run)
     if not isinstance(teacher, LatentTextToImageTeacher):
         raise ValueError(f"{run} distilled a {teacher.kind} teacher: --lora exports the students of text-to-image "
                          "pipelines (SD1.5 / SDXL, SD3, FLUX.1, SANA, Qwen-Image) only")
-    cfg = dataclasses.replace(cfg, sigmas=cfg.sigmas.resolve(teacher.denoiser.default_sigmas()))
-    weights = checkpoint.load_weights(run, "generator_ema", "generator")
-    return teacher, info, student_steps(cfg), weights
+    return teacher, info, student, weights
 
 
 def adapter_on_teacher(teacher, weights: dict[str, Tensor], info: dict, where: str) -> nn.Module:
