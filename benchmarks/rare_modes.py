@@ -68,11 +68,19 @@ from fdistill.evaluation.digits_classifier import load_digits_classifier
 from fdistill.evaluation.evaluate import evaluate_samples
 from fdistill.io import write_text
 from fdistill.teachers.loading import load_network
+from fdistill.training import checkpoint
 from fdistill.training.loop import training_loop
 
 DIVERGENCES = ("reverse_kl", "js", "squared_hellinger", "forward_kl")
 RUNS = ",".join(f"{d}{s}" for s in ("", "-nogan") for d in DIVERGENCES)
 NOGAN = "-nogan"
+DISC_FEATURES = {"-fake": "fake_score", "-dmd2": "dmd2"}  # run suffix -> distill.disc_features
+DIAG_COLUMNS = [("loss_gan_d", "head loss (2 ln 2 = 1.386: chance)", "{:.3f}"),
+                ("disc_accuracy", "head accuracy", "{:.3f}"), ("log_r_std", "std log r", "{:.3f}"),
+                ("h_std_mid", "std h̄ (mid σ)", "{:.3f}"),
+                ("spearman_mid", "Spearman h̄ vs score diff (mid σ)", "{:+.3f}"),
+                ("spearman_min", "lowest σ", "{:+.3f}"), ("spearman_max", "highest σ", "{:+.3f}")]
+DIAG_SAMPLES = 1024
 NUM_CLASSES = 10
 COLUMNS = [("fid", "digits-FID", "{:.2f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
            ("tv_teacher", "TV to teacher", "{:.3f}"), ("tv_data", "TV to data", "{:.3f}"),
@@ -84,11 +92,24 @@ def digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def parse_run(run: str) -> tuple[str, bool]:
-    """'js' -> ('js', with GAN term); 'js-nogan' -> ('js', without)."""
+def parse_run(run: str) -> tuple[str, bool, str]:
+    """'js' -> ('js', with GAN term, the teacher's features); 'js-nogan' -> without the GAN term; 'js-fake' /
+    'js-nogan-dmd2' -> the head on the fake score's features (``DISC_FEATURES``)."""
+    features = next((f for suffix, f in DISC_FEATURES.items() if run.endswith(suffix)), "teacher")
+    run = next((run[: -len(suffix)] for suffix in DISC_FEATURES if run.endswith(suffix)), run)
     divergence, gan = (run[: -len(NOGAN)], False) if run.endswith(NOGAN) else (run, True)
     divergences.check(divergence)
-    return divergence, gan
+    return divergence, gan, features
+
+
+def student_config(cfg, run: str, seed: int):
+    """``cfg`` with the student of ``run`` (divergence, GAN term, the head's features) and ``seed``."""
+    divergence, gan, features = parse_run(run)
+    run_cfg = copy.deepcopy(cfg)
+    changes = {"divergence": divergence, "seed": seed, "disc_features": features,
+               **({} if gan else {"gan_weight": 0.0})}
+    run_cfg.distill = dataclasses.replace(run_cfg.distill, **changes)  # validated again
+    return run_cfg
 
 
 def score(net, n: int, shape, student, steps: int, real: torch.Tensor, clf) -> tuple[torch.Tensor, dict]:
@@ -100,6 +121,37 @@ def score(net, n: int, shape, student, steps: int, real: torch.Tensor, clf) -> t
     return x, {**evaluate_samples(x, real=real), "hist": hist.tolist(), "s_per_1000": 1000 * seconds / n}
 
 
+def diagnostics(d, run_dir: Path) -> dict:
+    """How well the head estimates r, and Fig. 6 (Sec. 5.2) for the trained student ``d``: from <run>/log.jsonl,
+    over the last quarter of training, the critic steps' head loss (2 ln 2 when it cannot tell real from
+    generated) and balanced accuracy, the student steps' std of log r; from ``DIAG_SAMPLES`` generated samples at
+    the 10/30/50/70/90% quantiles of the training sigmas (``analyze_run.weights_and_score_differences``), the std
+    of h_bar and its Spearman correlation with ||s_teacher - s_fake|` per sigma (the paper: negative)."""
+    from scipy.stats import spearmanr
+
+    from fdistill.apps.analyze_run import weights_and_score_differences
+
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    late = [r for r in lines if r["iteration"] >= 0.75 * d.cfg.iterations]
+    out = {}
+    for kind, keys in (("critic", ("loss_gan_d", "disc_accuracy")), ("student", ("log_r_std",))):
+        for key in keys:
+            values = [r[key] for r in late if r.get("kind") == kind and key in r]
+            out[key] = float(np.mean(values)) if values else None
+    support = d.sigmas.support
+    sigmas = sorted(float(support.quantile(q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9))
+    _, stats = weights_and_score_differences(d, DIAG_SAMPLES, sigmas)
+    per_sigma = {}
+    for sigma, v in stats.items():
+        h, diff = v["h_bar"].numpy(), v["score_diff"].numpy()
+        rho = float(spearmanr(h, diff).statistic) if h.std() > 0 else float("nan")
+        per_sigma[sigma] = {"h_std": float(h.std()), "spearman": rho}
+    mid = sigmas[2]
+    return {**out, "per_sigma": {str(k): v for k, v in per_sigma.items()}, "h_std_mid": per_sigma[mid]["h_std"],
+            "spearman_mid": per_sigma[mid]["spearman"], "spearman_min": per_sigma[sigmas[0]]["spearman"],
+            "spearman_max": per_sigma[sigmas[-1]]["spearman"]}
+
+
 def cell(values: list, fmt: str) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -108,10 +160,10 @@ def cell(values: list, fmt: str) -> str:
     return fmt.format(float(t.mean())) + (" ± " + fmt.format(float(t.std())) if len(values) > 1 else "")
 
 
-def table(rows: dict[str, list[dict]]) -> str:
-    lines = ["| model | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+def table(rows: dict[str, list[dict]], columns=COLUMNS) -> str:
+    lines = ["| model | seeds | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 2)]
     for name, results in rows.items():
-        cells = [cell([r.get(key) for r in results], fmt) for key, _, fmt in COLUMNS]
+        cells = [cell([r.get(key) for r in results], fmt) for key, _, fmt in columns]
         lines.append(f"| {name} | {len(results)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -131,7 +183,7 @@ def plot(path: Path, hists: dict[str, list[list[float]]], order: list[int], titl
         err = h.std(0, ddof=1) if len(h) > 1 else None
         color = "black" if name == "data" else "dimgray" if name.startswith("teacher") else None
         ax.bar(pos + (j - (len(hists) - 1) / 2) * width, h.mean(0), width, yerr=err, label=name, color=color,
-               hatch="//" if name.endswith(NOGAN) else None, edgecolor="white" if name.endswith(NOGAN) else None)
+               hatch="//" if NOGAN in name else None, edgecolor="white" if NOGAN in name else None)
     ax.set_xticks(pos, [str(c) for c in order])
     ax.set(xlabel="digit (most to least common in the training data)", ylabel="share of samples (classifier)",
            title=title)
@@ -225,25 +277,33 @@ def main() -> None:
             key = f"{run}/seed{seed}"
             if key in results:
                 continue
-            divergence, gan = parse_run(run)
-            run_cfg = copy.deepcopy(cfg)
-            changes = {"divergence": divergence, "seed": seed, **({} if gan else {"gan_weight": 0.0})}
-            run_cfg.distill = dataclasses.replace(run_cfg.distill, **changes)  # validated again
+            run_cfg = student_config(cfg, run, seed)
             run_dir = study / f"{run}-seed{seed}"
             if run_dir.exists():  # an interrupted student, never scored: start it afresh
                 shutil.rmtree(run_dir)
             t0 = time.perf_counter()
-            training_loop(distill.make_distiller(run_cfg, teacher_path, data), run_dir=run_dir, progress=False)
+            d = distill.make_distiller(run_cfg, teacher_path, data)
+            training_loop(d, run_dir=run_dir, progress=False)
             train_s = time.perf_counter() - t0
             gen, student, _ = distill.load_generator(run_dir)
             x, m = score(gen, args.num, shape, student, cfg.sampler_steps, real, clf)
             save_image_grid(x[:100], study / f"{run}-seed{seed}.png", nrow=10, scale=4)
             results[key] = {**m, **coverage_metrics(m["hist"], teacher_hist, data_hist, rare), "train_s": train_s,
-                            "s_per_iteration": train_s / run_cfg.distill.iterations}
+                            "s_per_iteration": train_s / run_cfg.distill.iterations, "diag": diagnostics(d, run_dir)}
             save()
             r = results[key]
             print(f"{stamp()} {key}: {train_s:.0f} s, FID {r['fid']:.2f}, TV to teacher {r['tv_teacher']:.3f}, "
                   f"rare recall {r['rare_recall']:.3f}", flush=True)
+
+    # -- the head's diagnostics of students scored before they were recorded ---------------------------------
+    for key, r in results.items():
+        run_dir = study / key.replace("/", "-")
+        if "/seed" in key and "diag" not in r and (run_dir / "log.jsonl").is_file():
+            run, seed = key.split("/seed")
+            d = distill.make_distiller(student_config(cfg, run, int(seed)), teacher_path, data)
+            d.load(checkpoint.resolve(run_dir))
+            r["diag"] = diagnostics(d, run_dir)
+            save()
 
     # -- report -------------------------------------------------------------------------------------------
     rows = {"data (training set)": [results["data"]], "teacher (35 NFE)": [results["teacher"]]}
@@ -256,7 +316,10 @@ def main() -> None:
             f"teacher ({cfg.teacher.iterations} iterations); students: {cfg.distill.iterations} iterations, batch "
             f"{cfg.distill.batch_size}, gan_weight {cfg.distill.gan_weight:g} (-nogan: 0); {args.num} samples "
             f"per model; {args.seeds} seed(s), mean ± std; {torch.get_num_threads()} CPU thread(s)")
-    text = head + "\n\n" + table(rows) + "\n"
+    diag_rows = {name: [r["diag"] for r in got if "diag" in r] for name, got in rows.items() if name in runs}
+    text = (head + "\n\n" + table(rows) + "\n\nThe head's ratio estimate (last quarter of training) and Fig. 6 "
+            f"({DIAG_SAMPLES} samples per student, sigma at the 10/50/90% quantiles of the training levels):\n\n"
+            + table(diag_rows, DIAG_COLUMNS) + "\n")
     write_text(out / "table.md", text)
     plot(out / "class_histogram.png", hists, order.tolist(),
          f"class histograms (classifier), {cfg.distill.iterations} student iterations, {args.seeds} seed(s)")

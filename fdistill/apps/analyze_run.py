@@ -70,9 +70,11 @@ def weights_and_score_differences(d: Distiller, n: int, sigmas: list[float], bat
             xb = x[i:i + batch_size]
             s = torch.full((len(xb),), float(sigma), device=d.device)
             x_t = xb + sigma * torch.randn_like(xb)
-            with d.autocast():
-                x0_t, feats = d.teacher(x_t, s, c, return_features=True)
-                x0_f = d.fake_score(x_t, s, c)
+            with d.autocast():  # the head reads the teacher's features, or the fake score's (disc_features)
+                if d.disc_net is d.teacher:
+                    (x0_t, feats), x0_f = d.teacher(x_t, s, c, return_features=True), d.fake_score(x_t, s, c)
+                else:
+                    x0_t, (x0_f, feats) = d.teacher(x_t, s, c), d.fake_score(x_t, s, c, return_features=True)
             logits.append(d.discriminator(feats).float())
             diffs.append((score_from_denoiser(x0_t.float(), x_t, s) - score_from_denoiser(x0_f.float(), x_t, s))
                          .flatten(1).norm(dim=1))

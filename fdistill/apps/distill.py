@@ -41,12 +41,16 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
         raise ValueError(f"{e}; this {teacher.kind} teacher's preset sets them: --config {teacher.preset}") from None
     torch.manual_seed(cfg.distill.seed)
     if cfg.text.shared_base:  # generator and fake score: adapters on the teacher's own weights
+        if cfg.distill.disc_features != "teacher":
+            raise ValueError(f"distill.disc_features={cfg.distill.disc_features} needs a fake score of its own; "
+                             "with text.shared_base the head reads the teacher's features (disc_features=teacher)")
         net.feature_resolutions = taps
         net, students = teacher.shared_students(cfg)
     else:
         students = [copy.deepcopy(net).train().requires_grad_(True) for _ in range(2)]  # generator, fake score
         teacher.prepare_students(students, cfg)
-        net.feature_resolutions = taps  # on the teacher only: the students' own taps are never read
+        net.feature_resolutions = taps  # the generator's own taps are never read
+        students[1].feature_resolutions = taps  # the fake score's are with distill.disc_features != teacher
     disc = Discriminator.conv(net.feature_channels(), cfg.disc_hidden, cfg.disc_head)
     d = Distiller(cfg.distill, teacher.guided(net, cfg.guidance), *students, disc, real_data=data,
                   sample_shape=teacher.sample_shape, sample_cond=data.sample_cond, device=device)

@@ -4,7 +4,8 @@ Every network hides behind the denoiser interface ``net(x, sigma, cond, return_f
 (the teacher also has ``features(x, sigma, cond)``, the discriminator's input alone):
 the teacher D_phi (frozen), the fake score D_psi, and the one-step generator
 G_theta(z) = D_theta(sigma_gen z; sigma_gen) (a copy of the teacher evaluated once at sigma_max).
-The discriminator D_lambda is a head on the frozen teacher's features (App. B).
+The discriminator D_lambda is a head on the frozen teacher's features (App. B), or on the fake score's
+(``disc_features``, a study option).
 ``fdistill.training.loop.training_loop`` runs the steps, logs and checkpoints.
 """
 
@@ -92,6 +93,11 @@ class DistillConfig:
     # The GAN losses over several heads: "per_head", softplus of each head's logit, averaged (FastGen);
     # "mean_logit", softplus of the heads' mean logit. r = exp(mean logit) either way.
     gan_loss_heads: str = "per_head"
+    # Whose features the discriminator head reads (App. B: the frozen teacher's). "fake_score": the fake score's
+    # features, the head's loss reaching the head only (the fake score's update stays Alg. 1 line 14's); "dmd2":
+    # the fake score's features with its classification loss also training the fake score (DMD2's
+    # guidance-model branch). A study option (NVlabs/FastGen issue #23 discusses the two).
+    disc_features: str = "teacher"
     seed: int = 0  # the run's random streams (latents, sigmas, noise, the data's draws), shared by all ranks
 
     # -- scale and precision: how the steps are computed, not what they compute ----------------------------
@@ -166,6 +172,7 @@ class DistillConfig:
         checks.number("ema_beta", self.ema_beta, 0, 1, high_open=True, none=True)
         checks.choice("ema_cadence", self.ema_cadence, ("iteration", "student"))
         checks.choice("gan_loss_heads", self.gan_loss_heads, ("per_head", "mean_logit"))
+        checks.choice("disc_features", self.disc_features, DISC_FEATURES)
         if self.fdistill_weight == 0 and self.gan_weight == 0:
             raise ValueError("fdistill_weight and gan_weight are both 0: the generator would get no gradient")
         divergences.check(self.divergence)  # fail early on an unknown divergence
@@ -200,6 +207,7 @@ class DistillConfig:
         return lr, critic * lr / self.lr
 
 
+DISC_FEATURES = ("teacher", "fake_score", "dmd2")
 R1_NOISE = 0.1  # the approximate R1's perturbation of the real input (FastGen's gan_r1_reg_alpha)
 
 
@@ -258,6 +266,11 @@ class Distiller:
             torch.manual_seed(cfg.seed + 1 + self.rank)
         self.generator_ema = self.generator if cfg.ema_beta is None else ema_copy(self.generator)
         self.sharded = cfg.fsdp and self.world > 1
+        if self.sharded and cfg.disc_features != "teacher":
+            raise ValueError(f"disc_features={cfg.disc_features} is a study option for one process or data "
+                             "parallel, not fsdp; use disc_features=teacher (App. B)")
+        # the network whose features the head reads: the frozen teacher, or the fake score (``disc_features``)
+        self.disc_net = self.teacher if cfg.disc_features == "teacher" else self.fake_score
         if self.sharded:  # weights, gradients and optimizer states split over the ranks
             for m in dict.fromkeys((self.teacher, self.generator, self.generator_ema, self.fake_score)):
                 distributed.shard(m)
@@ -383,11 +396,16 @@ class Distiller:
             with self.autocast():
                 x = self._student_output(z[sl], c, draws, sl).float()  # line 4: y = G(z)
                 x_t = x + append_dims(s, x.ndim) * eps[sl]
-                # One teacher pass gives both D_teacher(x_t) and the head's features; with the GAN term
-                # on, it is differentiated through its input (not its weights) into the generator.
+                # One pass of the head's network gives both its D(x_t) and the head's features; with the GAN
+                # term on, it is differentiated through its input (the weights get no gradient) into the generator.
                 with torch.set_grad_enabled(cfg.gan_weight > 0):
-                    x0_teacher, features = self.teacher(x_t, s, c, return_features=True)
+                    x0_disc, features = self.disc_net(x_t, s, c, return_features=True)
                     head_logits = self.discriminator.head_logits(features).float()
+                x0_teacher = x0_fake = None
+                if self.disc_net is self.teacher:
+                    x0_teacher = x0_disc
+                else:
+                    x0_fake = x0_disc.detach().float()
             logits = head_logits.mean(1)  # the discriminator's logit: r = exp(logit)
             logs: dict[str, Tensor] = {}
             loss = x.new_zeros(())
@@ -396,9 +414,12 @@ class Distiller:
                 loss = loss + cfg.gan_weight * loss_gan
                 logs["loss_gan_g"] = loss_gan.detach()
             if cfg.fdistill_weight > 0:
-                x0_teacher = x0_teacher.detach().float()
                 with torch.no_grad(), self.autocast():
-                    x0_fake = self.fake_score(x_t.detach(), s, c).float()
+                    if x0_teacher is None:
+                        x0_teacher = self.teacher(x_t.detach(), s, c)
+                    if x0_fake is None:
+                        x0_fake = self.fake_score(x_t.detach(), s, c).float()
+                x0_teacher = x0_teacher.detach().float()
                 h = self.divergence.h if self.iteration >= cfg.h_warmup else torch.ones_like
                 w = fdistill_weights(logits, s, h, self.ratio_norm, cfg.logit_clip, cfg.r_min, cfg.r_max)  # 6-9
                 loss_fd, _ = fdistill_loss(x, x0_teacher, x0_fake, w.h_bar)  # line 10, Eq. (4)
@@ -433,6 +454,8 @@ class Distiller:
         approx_r1 = cfg.r1_gamma > 0 and cfg.r1_form == "approx"
         eps_r1 = self._randn() if approx_r1 else None
         sigma_data = float(self.fake_score.sigma_data)
+        trains_features = cfg.disc_features == "dmd2"  # the head's loss reaches the fake score too
+        head_only = cfg.disc_features == "fake_score"
         self.opt_fake.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
         parts = []
@@ -443,31 +466,39 @@ class Distiller:
             with self.autocast():
                 with torch.no_grad():
                     x = self._student_output(z[sl], c, draws, sl).float()  # line 4
-                    feats_fake = self.teacher.features(x + append_dims(s, x.ndim) * eps[sl], s, c)
+                with torch.set_grad_enabled(trains_features):
+                    feats_fake = self.disc_net.features(x + append_dims(s, x.ndim) * eps[sl], s, c)
                 loss_fake = x.new_zeros(())
                 if cfg.fdistill_weight > 0:  # line 14; the adversarial-only ablation needs no fake score
                     loss_fake = denoising_loss(self.fake_score, x, s, c, sigma_data, cfg.fake_score_weighting,
                                                noise=eps_dsm[sl])
                 exact_r1 = cfg.r1_gamma > 0 and not approx_r1
                 x_real_t = (x_real[sl] + append_dims(sr, x.ndim) * eps_real[sl]).requires_grad_(exact_r1)
-                with torch.set_grad_enabled(exact_r1), double_backward() if exact_r1 else contextlib.nullcontext():
-                    feats_real = self.teacher.features(x_real_t, sr, cr)  # R1 differentiates it twice
+                with torch.set_grad_enabled(exact_r1 or trains_features), \
+                        double_backward() if exact_r1 else contextlib.nullcontext():
+                    feats_real = self.disc_net.features(x_real_t, sr, cr)  # R1 differentiates it twice
                 logits_fake = self.discriminator.head_logits(feats_fake).float()
                 logits_real = self.discriminator.head_logits(feats_real).float()
                 if approx_r1:
                     with torch.no_grad():
-                        feats_near = self.teacher.features(x_real_t + R1_NOISE * eps_r1[sl], sr, cr)
+                        feats_near = self.disc_net.features(x_real_t + R1_NOISE * eps_r1[sl], sr, cr)
                     logits_near = self.discriminator(feats_near).float()
             loss_d = gan_discriminator_loss(self._gan_logits(logits_real), self._gan_logits(logits_fake))  # line 15
             logs = {"loss_fake_score": loss_fake.detach(), "loss_gan_d": loss_d.detach(),
-                    "logit_real": logits_real.detach().mean(), "logit_fake": logits_fake.detach().mean()}
+                    "logit_real": logits_real.detach().mean(), "logit_fake": logits_fake.detach().mean(),
+                    "disc_accuracy": disc_accuracy(logits_real.detach().mean(1), logits_fake.detach().mean(1))}
             if cfg.r1_gamma > 0:
                 logit_real = logits_real.mean(1)
                 r1 = approx_r1_penalty(logit_real, logits_near, R1_NOISE) if approx_r1 else \
                     r1_penalty(logit_real, x_real_t)
                 loss_d = loss_d + 0.5 * cfg.r1_gamma * r1
                 logs["r1"] = r1.detach()
-            ((loss_fake + loss_d) / len(self.passes)).backward()
+            if head_only and exact_r1:  # R1's graph runs through the fake score: keep its update line 14's alone
+                if loss_fake.requires_grad:
+                    (loss_fake / len(self.passes)).backward()
+                (loss_d / len(self.passes)).backward(inputs=list(self.discriminator.parameters()))
+            else:
+                ((loss_fake + loss_d) / len(self.passes)).backward()
             parts.append(logs)
         distributed.average_gradients([*([] if self.sharded else self.fake_score.parameters()),
                                         *self.discriminator.parameters()])
@@ -553,6 +584,12 @@ class Distiller:
             self.real_data.load_state_dict(meta["data_state"])
         if self.rank > 0:
             torch.manual_seed(self.cfg.seed + 1 + self.rank + 7919 * self.iteration)
+
+
+def disc_accuracy(logit_real: Tensor, logit_fake: Tensor) -> Tensor:
+    """The discriminator's balanced accuracy: real samples with logit > 0 and generated ones with logit < 0
+    (0.5: it cannot tell them apart, so r = exp(logit) carries no information)."""
+    return ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
 
 
 def student_steps(cfg: DistillConfig) -> few_step.StudentSteps:
