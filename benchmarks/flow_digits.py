@@ -164,6 +164,8 @@ def main() -> None:
                    help="students of k steps for each k (k > 1: flow times linspace(t, 0, k + 1) from --generator-t)")
     p.add_argument("--student-input", default="backward", metavar="MODE,...",
                    help="the k > 1 students' training input: backward, forward or both")
+    p.add_argument("--student-sampler", default="sde", metavar="SAMPLER,...",
+                   help="the k > 1 students' sampler: sde, ode or both (ode run folders end in -ode)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -200,7 +202,7 @@ def main() -> None:
     save_image_grid(bench.to_digits(x[:100]), out / f"teacher{tag}.png", nrow=10, scale=4,
                     column_labels=list("0123456789"))
     say(f"teacher: {rows[teacher_row]}")
-    students = bench.student_kinds(args.student_steps, args.student_input)
+    students = bench.student_kinds(args.student_steps, args.student_input, args.student_sampler)
     bench.distill_and_score(out, teacher, latents, args, students, tag, prompts, digits, rows, {}, say, extra, score)
 
     print(f"\nrectified-flow text-to-image digits, {args.num} prompted samples per model, {args.teacher_iterations} "

@@ -252,8 +252,15 @@ def main() -> None:
     results_path = study / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
-    def save() -> None:
-        write_text(results_path, json.dumps(results, indent=1))
+    mine: set[str] = set()
+
+    def save(*keys: str) -> None:
+        """Write the entries ``keys`` (and those saved before) into what is on disk: two studies of other runs may
+        share the folder, each writing only the entries it computed."""
+        mine.update(keys)
+        on_disk = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        results.update({k: v for k, v in on_disk.items() if k not in mine})
+        write_text(results_path, json.dumps({**on_disk, **{k: results[k] for k in mine}}, indent=1))
 
     data_hist = class_histogram(predict_classes(real, clf), NUM_CLASSES)
     results["data"] = {"hist": data_hist.tolist(), "label_hist": (counts / counts.sum()).tolist(),
@@ -263,11 +270,11 @@ def main() -> None:
         x, m = score(teacher, args.num, shape, None, cfg.sampler_steps, real, clf)
         results["teacher"] = {**m, "train_s": teacher_s}
         save_image_grid(x[:100], study / "teacher.png", nrow=10, scale=4)
-        save()
+        save("teacher")
     teacher_hist = results["teacher"]["hist"]
     for who in ("data", "teacher"):
         results[who].update(coverage_metrics(results[who]["hist"], teacher_hist, data_hist, rare))
-    save()
+    save("data", "teacher")
     print(f"{stamp()} teacher: FID {results['teacher']['fid']:.2f}, rare share "
           f"{results['teacher']['rare_share']:.3f} (data {results['data']['rare_share']:.3f})", flush=True)
 
@@ -290,20 +297,20 @@ def main() -> None:
             save_image_grid(x[:100], study / f"{run}-seed{seed}.png", nrow=10, scale=4)
             results[key] = {**m, **coverage_metrics(m["hist"], teacher_hist, data_hist, rare), "train_s": train_s,
                             "s_per_iteration": train_s / run_cfg.distill.iterations, "diag": diagnostics(d, run_dir)}
-            save()
+            save(key)
             r = results[key]
             print(f"{stamp()} {key}: {train_s:.0f} s, FID {r['fid']:.2f}, TV to teacher {r['tv_teacher']:.3f}, "
                   f"rare recall {r['rare_recall']:.3f}", flush=True)
 
     # -- the head's diagnostics of students scored before they were recorded ---------------------------------
-    for key, r in results.items():
+    for key, r in list(results.items()):
         run_dir = study / key.replace("/", "-")
-        if "/seed" in key and "diag" not in r and (run_dir / "log.jsonl").is_file():
-            run, seed = key.split("/seed")
+        run, _, seed = key.partition("/seed")
+        if run in runs and "diag" not in r and (run_dir / "log.jsonl").is_file():
             d = distill.make_distiller(student_config(cfg, run, int(seed)), teacher_path, data)
             d.load(checkpoint.resolve(run_dir))
             r["diag"] = diagnostics(d, run_dir)
-            save()
+            save(key)
 
     # -- report -------------------------------------------------------------------------------------------
     rows = {"data (training set)": [results["data"]], "teacher (35 NFE)": [results["teacher"]]}

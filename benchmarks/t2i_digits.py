@@ -282,23 +282,26 @@ def mean_std(seeds: list[dict]) -> dict:
             for k in seeds[0] if isinstance(seeds[0][k], float)}
 
 
-def student_kinds(steps: str, inputs: str) -> list[tuple[int, str | None]]:
-    """(k, training input) of each student kind of ``--student-steps`` and ``--student-input`` (None for k = 1)."""
+def student_kinds(steps: str, inputs: str, samplers: str = "sde") -> list[tuple[int, str | None, str | None]]:
+    """(k, training input, sampler) of each student kind of ``--student-steps``, ``--student-input`` and
+    ``--student-sampler`` (None, None for k = 1)."""
     ks = [int(k) for k in steps.split(",")]
-    return [(1, None)] * (1 in ks) + [(k, mode) for k in ks if k > 1 for mode in inputs.split(",")]
+    return [(1, None, None)] * (1 in ks) + [(k, mode, sampler) for k in ks if k > 1 for mode in inputs.split(",")
+                                            for sampler in samplers.split(",")]
 
 
 def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: list, tag: str, prompts: list[str],
                       digits: torch.Tensor, rows: dict, strips: dict, say, extra: list[str] = (),
                       score_fn=score) -> list[str]:
     """Distill (or reuse) every student of each kind in ``students`` for each of ``args.runs`` and ``args.seeds``
-    seeds into <out>/<run><tag>[-k<k>-<input>][-seed<s>], and score it: a row per kind and run (mean ± std over
-    seeds) in ``rows``, the first seed's first 20 samples in ``strips``. Returns the run folders of seed 0."""
+    seeds into <out>/<run><tag>[-k<k>-<input>[-ode]][-seed<s>], and score it: a row per kind and run (mean ± std
+    over seeds) in ``rows``, the first seed's first 20 samples in ``strips``. Returns the run folders of seed 0."""
     run_dirs = []
-    for k, mode in students:
+    for k, mode, sampler in students:
         for run in args.runs.split(","):
-            seeds, name = [], f"{run}{tag}" + (f"-k{k}-{mode}" if k > 1 else "")
-            steps = [f"distill.student_steps={k}", f"distill.student_input={mode}"] if k > 1 else []
+            seeds, name = [], f"{run}{tag}" + (f"-k{k}-{mode}" if k > 1 else "") + ("-ode" if sampler == "ode" else "")
+            steps = [f"distill.student_steps={k}", f"distill.student_input={mode}",
+                     f"distill.student_sampler={sampler}"] if k > 1 else []
             for seed in range(args.seeds):
                 run_dir = out / f"{name}{f'-seed{seed}' if seed else ''}"
                 if getattr(args, "no_train", False) and not (run_dir / "checkpoints").is_dir():
@@ -313,11 +316,11 @@ def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: l
                 if seed == 0:
                     save_image_grid(to_digits(x[:100]), out / f"{name}.png", nrow=10, scale=4,
                                     column_labels=list("0123456789"))
-                    strips[f"{run}, {k} NFE" + (f", {mode}" if mode else "")] = x[:20]
+                    strips[f"{run}, {k} NFE" + (f", {mode}, {sampler}" if mode else "")] = x[:20]
                 say(f"{run_dir.name}: {seeds[-1]}")
             if seeds:
                 many = f"; {len(seeds)} seeds" if len(seeds) > 1 else ""
-                rows[f"{run} ({k} NFE{f', {mode} input' if mode else ''}{many})"] = mean_std(seeds)
+                rows[f"{run} ({k} NFE{f', {mode} input, {sampler}' if mode else ''}{many})"] = mean_std(seeds)
                 run_dirs.append(name)
     return run_dirs
 
@@ -341,6 +344,8 @@ def main() -> None:
                         "<run>-k<k>-<input>); with k > 1 the teacher's few-step baselines are added")
     p.add_argument("--student-input", default="backward", metavar="MODE,...",
                    help="the k > 1 students' training input: backward, forward or both")
+    p.add_argument("--student-sampler", default="sde", metavar="SAMPLER,...",
+                   help="the k > 1 students' sampler: sde, ode or both (ode run folders end in -ode)")
     p.add_argument("--no-analyze-run", dest="analyze_run", action="store_false",
                    help="skip fdistill analyze-run (Fig. 6) on the students")
     p.add_argument("--no-train", action="store_true",
@@ -388,7 +393,7 @@ def main() -> None:
             x, seconds = sample_pipeline(teacher, prompts, n, args.guidance)
             rows[f"teacher, diffusers pipeline, DDIM {n} steps ({n} NFE)"] = score(x, digits, seconds, prompts)
         say("teacher baselines: " + "; ".join(f"{k}: FID {v['fid']:.2f}" for k, v in rows.items() if "teacher," in k))
-    students = student_kinds(args.student_steps, args.student_input)
+    students = student_kinds(args.student_steps, args.student_input, args.student_sampler)
     run_dirs = distill_and_score(out, teacher, latents, args, students, cfg_tag, prompts, digits, rows, strips, say)
     if len(strips) > 2:
         save_image_grid(to_digits(torch.cat(list(strips.values()))), out / f"steps{cfg_tag}.png", nrow=10, scale=4,
