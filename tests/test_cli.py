@@ -23,7 +23,7 @@ def test_version_presets_and_help_show_defaults(capsys):
     assert cli.main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
     presets = ["cifar10", "digits", "fastgen", "flux", "imagenet64", "qwen_image", "sana", "sd15", "sd35", "sdxl",
-               "toy2d"]
+               "toy2d", "wan"]
     assert [line.split()[0] for line in lines] == presets
     assert all(len(line.split()) > 3 for line in lines)  # one line of description each
     with pytest.raises(SystemExit):

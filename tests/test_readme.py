@@ -78,3 +78,13 @@ def test_docs_pages_exist_and_link_their_images(page):
         if not target.startswith("http"):
             assert (ROOT / "docs" / target).exists(), (page, target)
     assert "REFERENCE-FACTS" not in text and "shared/" not in text
+
+
+def test_no_file_cites_the_private_notes():
+    """The package, its presets, docs and benchmarks stand on their own: none cites a file outside the project."""
+    files = [p for pattern in ("fdistill/**/*.py", "fdistill/**/*.yaml", "benchmarks/*", "docs/*.md", "README.md")
+             for p in ROOT.glob(pattern) if p.is_file() and p.suffix in (".py", ".yaml", ".md", ".sh")]
+    assert len(files) > 50
+    cited = [str(p.relative_to(ROOT)) for p in files
+             if re.search(r"/work/shared|\.\./shared|[A-Z0-9]+-FACTS\.md", p.read_text())]
+    assert cited == []

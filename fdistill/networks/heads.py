@@ -4,12 +4,32 @@ The discriminator maps the teacher's feature dict ``{key: tensor}`` to one logit
 (``head_logits``); its logit is their mean (``forward``), and the density ratio is read off it as
 r = exp(logit) (Sec. 3). Two conv heads for feature maps: ``ConvHead`` (narrow, ``disc_hidden`` wide) and
 ``FastGenHead`` (NVlabs/FastGen's ``Discriminator_EDM`` head: the feature width kept throughout).
+
+Video features (B, C, F, H, W) (a video transformer's tokens on their 3-D grid, ``teachers.families.wan``) go
+through the same heads frame by frame (``map_logits``): the F frames folded into the batch, the F logits of a sample
+averaged. Chosen over a Conv3d head (NVlabs/FastGen's ``dit_simple_conv3d`` for Wan, Conv3d kernel (2, 4, 4)
+stride 2) because (1) the tapped block's self-attention already ran over all F' H' W' tokens, so each frame's map
+carries the other frames' context; (2) ``Discriminator.conv`` is built from ``feature_channels()`` alone, before any
+feature is seen, so the rank can only be read at the forward, and the same head (its parameters, state-dict names
+and the memory model's count) then serves images and video; (3) any number of latent frames works, one included.
+A map that is not square (a video's H' x W', the tap keyed by its shorter side) ends in a map wider than 1 x 1,
+averaged (FastGen's heads end in a global average pool); square maps end at 1 x 1 as before.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+
+def map_logits(net: nn.Module, f: Tensor) -> Tensor:
+    """(B,): the logits of conv layers ``net`` on feature map ``f`` (B, C, H, W), the map ``net`` leaves averaged
+    over its positions (1 x 1 for a square map); for video features (B, C, F, H, W) the frames folded into the
+    batch and each sample's F logits averaged (the module's docstring says why)."""
+    if f.dim() == 5:
+        b, c, frames, h, w = f.shape
+        return map_logits(net, f.transpose(1, 2).reshape(b * frames, c, h, w)).view(b, frames).mean(1)
+    return net(f.float()).mean((2, 3)).squeeze(1)
 
 
 class MLPHead(nn.Module):
@@ -41,7 +61,7 @@ class ConvHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, f: Tensor) -> Tensor:
-        return self.net(f.float()).flatten(1).squeeze(1)
+        return map_logits(self.net, f)
 
 
 def group_count(channels: int) -> int:
@@ -73,7 +93,7 @@ class FastGenHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, f: Tensor) -> Tensor:
-        return self.net(f.float()).flatten(1).squeeze(1)
+        return map_logits(self.net, f)
 
 
 HEADS = ("fdistill", "fastgen")  # the conv heads ``Discriminator.conv`` builds

@@ -1,6 +1,6 @@
-"""What the rectified-flow transformer families share (SD3 / SD3.5, FLUX.1, SANA, Qwen-Image; ``teachers.families``):
-the flow time <-> EDM noise level conversion, the transformer as an EDM denoiser, the flow families' options, and
-the one-step export with a flow-matching scheduler.
+"""What the rectified-flow transformer families share (SD3 / SD3.5, FLUX.1, SANA, Qwen-Image, Wan;
+``teachers.families``): the flow time <-> EDM noise level conversion, the transformer as an EDM denoiser, the
+flow families' options, and the one-step export with a flow-matching scheduler.
 
 Rectified flow (diffusers' ``FlowMatchEulerDiscreteScheduler``) noises latents as x_t = (1 - t) x0 + t eps and the
 transformer predicts v = eps - x0, so x0 = x_t - t v. Dividing by 1 - t gives EDM's x = x0 + sigma eps with
@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from fdistill.core.diffusion import append_dims
 from fdistill.core.few_step import StudentSteps
 from fdistill.core.protocols import DenoiserDefaults
 from fdistill.data.conditions import TextCondition
@@ -102,7 +103,8 @@ class FlowTransformerDenoiser(DenoiserDefaults, HookedTaps):
     [B, D, g, g] (``_tap_output``), captured by a hook (``networks.taps.HookedTaps``); ``features()`` stops the
     forward after that block. The tap is one block (``tap_block``) of ``block_names`` (the concatenated block
     lists), by default the middle one (num_blocks // 2, FastGen's default: FLUX.1's single block 9 of 19 + 38).
-    Its key is the token-grid resolution, the one encoder resolution (``disc_resolutions=[mid]``).
+    Its key is the token-grid resolution, the one encoder resolution (``disc_resolutions=[mid]``). A video family
+    (``families.wan``) gives 5-D latents [B, C, F, H, W] and features [B, D, F', H', W'] (``_token_grid``).
 
     ``sigma_data`` only sets the fake score's ``edm`` loss weight 1/sigma^2 + 1/sigma_data^2; with 1 it meets the
     weight that gives v unit weight, (1 + sigma)^2 / sigma^2 = 1/sigma^2 + 2/sigma + 1, at both ends of the range
@@ -174,28 +176,41 @@ class FlowTransformerDenoiser(DenoiserDefaults, HookedTaps):
                              f"{type(cond).__name__}")
         return next(self.transformer.parameters()).dtype
 
+    def _token_grid(self, n: int) -> tuple[int, ...]:
+        """The token grid of ``n`` image tokens, row-major: (sqrt N, sqrt N) for the square images of the image
+        families; a video family's is (F', H', W') (``families.wan``)."""
+        r = int(round(n**0.5))
+        return (r, n // r)
+
     def _tap_output(self, name: str, module: nn.Module, output) -> Tensor:
-        """A block's image tokens [B, N, D] as a map [B, D, sqrt N, sqrt N] (row-major token grid): a block
-        returning (text, image) states hands its second element."""
+        """A block's image tokens [B, N, D] as a map [B, D, *grid] on the token grid (``_token_grid``: [B, D, g, g]
+        for images, [B, D, F', H', W'] for video): a block returning (text, image) states hands its second
+        element."""
         tokens = output[1] if isinstance(output, tuple) else output
         b, n, d = tokens.shape
-        r = int(round(n**0.5))
-        return tokens.transpose(1, 2).reshape(b, d, r, n // r)
+        return tokens.transpose(1, 2).reshape(b, d, *self._token_grid(n))
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond=None, return_features: bool | str = False):
-        """D(x; sigma), float32 [B, C, r, r]; with ``return_features``: ``(D, {grid: [B, D, g, g]})``; with
+        """D(x; sigma), float32 [B, C, r, r] (a video family's [B, C, F, H, W]: sigma and t broadcast over every
+        axis after the batch); with ``return_features``: ``(D, {grid: [B, D, g, g]})``; with
         ``return_features="only"``: ``(None, features)``, stopping after the tapped block."""
         x = x.to(torch.float32)
         s = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
         if s.shape[0] == 1 and x.shape[0] != 1:
             s = s.expand(x.shape[0])
         t = t_of_sigma(s)
-        x_t = x / (1 + s).reshape(-1, 1, 1, 1)
-        v, features = self._run_tapped(self.transformer, lambda: self._call(x_t, t, cond), x, return_features)
+        x_t = x / append_dims(1 + s, x.ndim)
+        v, features = self._velocity(x_t, t, cond, x, return_features)
         if v is None:
             return None, features
-        d = x_t - t.reshape(-1, 1, 1, 1) * v.to(torch.float32)
+        d = x_t - append_dims(t, x.ndim) * v.to(torch.float32)
         return (d, features) if return_features else d
+
+    def _velocity(self, x_t: Tensor, t: Tensor, cond, x: Tensor, return_features: bool | str
+                  ) -> tuple[Tensor | None, dict]:
+        """(v(x_t, t), the tapped features) from the one transformer (``HookedTaps._run_tapped``); a family with
+        several experts routes the samples among them (``families.wan``)."""
+        return self._run_tapped(self.transformer, lambda: self._call(x_t, t, cond), x, return_features)
 
     def features(self, x: Tensor, sigma: Tensor | float, cond=None) -> dict[int, Tensor]:
         """The discriminator's features alone, running the transformer only up to the tapped block."""

@@ -1,0 +1,409 @@
+"""Wan2.1 / Wan2.2 text-to-video teachers (``WanPipeline``, diffusers 0.42) from local diffusers folders: the video
+DiT (``WanTransformer3DModel``, patches (1, 2, 2) of 5-D latents [B, C, F, H, W]) as a rectified-flow denoiser
+(``teachers.flow_matching``), umT5 as the text encoder, the Wan VAE (``AutoencoderKLWan``) as the codec.
+
+The denoiser (``WanDenoiser``): D(x; sigma) = x_t - t v(x_t, 1000 t) with t = sigma / (1 + sigma),
+x_t = x / (1 + sigma), the transformer given 1000 t as the pipeline gives it (its scheduler's timesteps,
+sigma_sched x num_train_timesteps) and no text mask (pipeline_wan.py, the denoising loop). Wan2.2-TI2V-5B's folder
+sets ``expand_timesteps``: the pipeline then gives one timestep per latent token (``mask[0][0][:, ::2, ::2] * t``
+flattened), all equal for text-to-video; the denoiser does the same, so that its D is the pipeline's. Wan2.2-T2V-A14B
+has two experts, ``transformer`` for high noise and ``transformer_2`` for low noise: the pipeline uses
+``transformer`` while its timestep t_sched >= ``boundary_ratio`` x num_train_timesteps (0.875 x 1000), else
+``transformer_2``; the denoiser routes each sample by its own 1000 t the same way (the batch split between the two
+and put back in order, features included). Its per-expert students are not built yet (``check_config``).
+
+Noise levels: WanPipeline's UniPCMultistepScheduler (``use_flow_sigmas``, ``flow_shift`` 3.0 for 480p, 5.0 for
+720p per diffusers' Wan docs) shifts t -> s t / (1 + (s - 1) t), i.e. sigma -> s sigma; the teacher's own schedule
+(``default_sigmas``) is t uniform on 1000 levels in [0.001, 0.999] with sigma = s t / (1 - t). A
+FlowMatchEulerDiscreteScheduler folder's static ``shift`` counts the same way.
+
+Text, as the pipeline's ``_get_t5_prompt_embeds``: the prompt cleaned (``clean_prompt``), tokenized to
+``max_sequence_length`` (512, ``__call__``'s default) with the mask given to umT5, the last hidden state kept at
+the valid tokens and zero after them; the transformer takes no mask.
+
+Guidance: true classifier-free guidance, v_neg + w (v_c - v_neg) (the pipeline's, default w = 5.0), through
+``teachers.guidance.GuidedDenoiser`` in x0 space (D is affine in v), the null condition being the encoded negative
+prompt: by default the Wan authors' English negative prompt (``NEGATIVE_PROMPT``, which NVlabs/FastGen's Wan
+recipes use, ``neg_prompt_wan``); ``teacher_options.negative_prompt: ""`` gives the pipeline's default (its
+``negative_prompt or ""``). A14B's separate ``guidance_scale_2`` for the low-noise expert is not modelled: one
+scale for both.
+
+Video size: ``teacher_options.num_frames`` (81, the pipeline's), ``height`` and ``width`` (480 x 832); the sample
+shape is (C, (frames - 1) / 4 + 1, H / s, W / s) with the VAE's temporal factor 4 and spatial factor s (8; 16 for
+Wan2.2-TI2V's 48-channel VAE), frames 4n + 1 and H, W multiples of s x 2 (the transformer's 2 x 2 patches).
+
+Discriminator features: block ``blocks.{i}``'s tokens [B, F' H' W', D] laid out on their grid [B, D, F', H', W']
+(F' = F, H' = H / 2, W' = W / 2), read by the heads frame by frame (``networks.heads.map_logits``). The tap's key
+is the token grid's shorter spatial side, min(H', W') (30 at 480 x 832): the size the heads' halvings run on, so
+that their final kernel fits both sides.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fdistill.data.conditions import TextCondition
+from fdistill.io import read_json_object
+from fdistill.teachers import pipeline_folders as pf
+from fdistill.teachers.base import register
+from fdistill.teachers.flow_matching import (
+    FlowMatchingTeacher,
+    FlowOptions,
+    FlowTextEncoder,
+    FlowTransformerDenoiser,
+    scheduler_shift,
+)
+from fdistill.teachers.latent_t2i import LatentCodec, LatentPipeline
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+LAYOUT = ("a diffusers WanPipeline folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, "
+          "scheduler/ (Wan2.2-A14B: also transformer_2/), as save_pretrained writes")
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
+NUM_FRAMES, HEIGHT, WIDTH = 81, 480, 832  # WanPipeline.__call__'s defaults
+TIMESTEPS = 1000  # the transformer is trained on t in [0, 1000] (the schedulers' num_train_timesteps)
+# The Wan authors' English negative prompt: NVlabs/FastGen's PRESET_CONSTANTS["neg_prompt_wan"]
+# (fastgen/datasets/wds_dataloaders.py), the same text as the negative_prompt of diffusers' WanPipeline example
+# (diffusers/pipelines/wan/pipeline_wan.py, EXAMPLE_DOC_STRING).
+NEGATIVE_PROMPT = ("Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+                   "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
+                   "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
+                   "fused fingers, still picture, messy background, three legs, many people in the background, "
+                   "walking backwards")
+
+
+def clean_prompt(text: str) -> str:
+    """WanPipeline's ``prompt_clean``: ftfy's ``fix_text`` when ftfy is installed, HTML entities unescaped twice,
+    every run of whitespace one space, stripped."""
+    try:
+        import ftfy
+    except ImportError:
+        pass
+    else:
+        text = ftfy.fix_text(text)
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+def wan_shift(config: dict, where: str) -> float:
+    """The static shift s (sigma -> s sigma) of a Wan folder's scheduler: UniPCMultistepScheduler's ``flow_shift``
+    (with ``use_flow_sigmas`` and ``prediction_type: flow_prediction``, as the Wan folders ship it), or
+    FlowMatchEulerDiscreteScheduler's ``shift``; dynamic shifting is refused (WanPipeline passes no ``mu``), and so
+    is a ``num_train_timesteps`` other than 1000 (the transformer's timestep scale)."""
+    if config.get("num_train_timesteps", TIMESTEPS) != TIMESTEPS:
+        raise ValueError(f"{where}: num_train_timesteps must be {TIMESTEPS} (Wan's timesteps are 1000 t), got "
+                         f"{config.get('num_train_timesteps')!r:.40}")
+    if config.get("use_dynamic_shifting"):
+        raise ValueError(f"{where}: use_dynamic_shifting needs a mu, which WanPipeline never passes; expected a "
+                         "static shift (flow_shift)")
+    if config.get("_class_name") == "UniPCMultistepScheduler" or "flow_shift" in config:
+        if not config.get("use_flow_sigmas") or config.get("prediction_type") != "flow_prediction":
+            raise ValueError(f"{where}: a Wan scheduler must predict flow (use_flow_sigmas: true, prediction_type: "
+                             f"flow_prediction), got use_flow_sigmas={config.get('use_flow_sigmas')!r:.20}, "
+                             f"prediction_type={config.get('prediction_type')!r:.40}")
+        return scheduler_shift({"shift": config.get("flow_shift", 1.0)}, where)
+    return scheduler_shift(config, where)
+
+
+class WanLatentCodec(LatentCodec):
+    """The Wan VAE (``AutoencoderKLWan``) as a codec of videos [B, 3, F, H, W] in [-1, 1] <-> latents
+    [B, C, (F - 1) / 4 + 1, H / s, W / s]: (z - latents_mean) / latents_std per channel, decoded z * std + mean
+    (WanPipeline's decoding). ``temporal``: the VAE's ``scale_factor_temporal`` (4; the first frame is its own
+    latent frame, so F must be 4n + 1); ``downsample``: its ``scale_factor_spatial`` (8; Wan2.2-TI2V's 16)."""
+
+    def __init__(self, vae: nn.Module, default_scaling: float = 1.0, where: str = "the VAE config") -> None:
+        super().__init__(vae, default_scaling, where)
+        if not self.per_channel:
+            raise ValueError(f"{where}: latents_mean and latents_std must be lists of the {self.channels} latent "
+                             "channels' statistics")
+        for name in ("latents_mean", "latents_std"):
+            if getattr(self, name).shape != (self.channels,):
+                raise ValueError(f"{where}: {name} must hold {self.channels} numbers (z_dim), got "
+                                 f"{getattr(self, name).numel()}")
+        temporal = vae.config.get("scale_factor_temporal") or 4
+        if not (isinstance(temporal, int) and not isinstance(temporal, bool) and temporal >= 1):
+            raise ValueError(f"{where}: scale_factor_temporal must be a positive integer, got {temporal!r:.40}")
+        self.temporal = temporal
+
+    def latent_frames(self, frames: int, what: str = "num_frames") -> int:
+        """(frames - 1) / temporal + 1, or one line refusing a frame count that is not temporal n + 1."""
+        if not (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1
+                and (frames - 1) % self.temporal == 0):
+            raise ValueError(f"{what}={frames!r:.40}: the Wan VAE compresses {self.temporal} frames into one latent "
+                             f"frame after the first, so it takes {self.temporal}n + 1 frames (e.g. 81, 17, 5, 1)")
+        return (frames - 1) // self.temporal + 1
+
+    def _encode(self, videos: Tensor, generator: torch.Generator | None) -> Tensor:
+        if videos.dim() != 5:
+            raise ValueError(f"the Wan VAE encodes videos [B, 3, F, H, W], got a tensor of shape {tuple(videos.shape)}")
+        self.latent_frames(videos.shape[2], "frames")
+        return super()._encode(videos, generator)
+
+
+class WanPipelineParts(LatentPipeline):
+    """A loaded Wan folder (``LatentPipeline``) whose sample is a video latent (C, F', H', W')."""
+
+    def __init__(self, denoiser: nn.Module, text: nn.Module, codec: LatentCodec, kwargs: dict,
+                 shape: tuple[int, int, int, int]) -> None:
+        super().__init__(denoiser, text, codec, kwargs)
+        self.shape = tuple(shape)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+
+class WanTextEncoder(FlowTextEncoder):
+    """umT5, frozen, as WanPipeline's ``_get_t5_prompt_embeds``: the cleaned prompt tokenized to exactly
+    ``max_sequence_length`` tokens (padding, truncation, the end token), umT5's last hidden state with the mask,
+    kept at the valid tokens and zero after them (the pipeline's ``u[:v]`` then zeros; the tokenizer pads on the
+    right). No mask is handed on: the transformer takes none."""
+
+    def __init__(self, tokenizer, encoder: nn.Module, max_sequence_length: int) -> None:
+        super().__init__([tokenizer], [encoder], max_sequence_length)
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> TextCondition:
+        (tokenizer,), (encoder,) = self.tokenizers, self.encoders
+        device = next(encoder.parameters()).device
+        tokens = tokenizer([clean_prompt(p) for p in prompts], padding="max_length",
+                           max_length=self.max_sequence_length, truncation=True, add_special_tokens=True,
+                           return_attention_mask=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device)
+        states = encoder(tokens.input_ids.to(device), mask).last_hidden_state.float()
+        return TextCondition(torch.where(mask.bool()[..., None], states, torch.zeros_like(states)))
+
+
+class WanDenoiser(FlowTransformerDenoiser):
+    """``WanTransformer3DModel`` as D(x; sigma, TextCondition(embeds)) on latents [B, C, F, H, W], called as
+    WanPipeline calls it (the module's docstring): timestep 1000 t (one per token with ``expand_timesteps``), the
+    text states without a mask; with ``transformer_2`` (Wan2.2-A14B) each sample goes to the expert its t selects
+    (``boundary``: boundary_ratio, in units of t). Taps: ``blocks.{i}`` laid out as [B, D, F', H', W'], keyed by
+    min(H', W')."""
+
+    block_lists = ("blocks",)
+
+    def __init__(self, transformer: nn.Module, latent_size: tuple[int, int, int], channels: int, width: int,
+                 null: TextCondition | None = None, tap_block: int | None = None, shift: float = 1.0,
+                 expand_timesteps: bool = False, transformer_2: nn.Module | None = None,
+                 boundary: float | None = None) -> None:
+        frames, h, w = (int(n) for n in latent_size)
+        patch = tuple(int(p) for p in transformer.config["patch_size"])
+        super().__init__(transformer, h, channels, width, null, tap_block, shift, patch=patch[1])
+        self.patch_size, self.latent_frames, self.latent_width = patch, frames, w
+        pt, ph, pw = patch
+        if frames % pt or w % pw:
+            raise ValueError(f"latents of {frames} frames x {h} x {w} do not divide into the transformer's "
+                             f"{pt} x {ph} x {pw} patches")
+        self.expand_timesteps = bool(expand_timesteps)
+        if (transformer_2 is None) != (boundary is None):
+            raise ValueError("a second expert (transformer_2) needs its boundary (boundary_ratio), and a boundary its "
+                             "expert")
+        self.transformer_2, self.boundary = transformer_2, boundary
+        key = min(h // ph, w // pw)  # the token grid's shorter spatial side (module docstring)
+        self._taps = {key: self.block_names[self.tap_block]}
+        self._tap_channels = {key: int(width)}
+        self._init_taps()
+        self._grid: tuple[int, int, int] | None = None  # the token grid of the running call
+
+    def blocks(self) -> list[nn.Module]:
+        experts = [self.transformer] + ([self.transformer_2] if self.transformer_2 is not None else [])
+        return [e.get_submodule(name) for e in experts for name in self.block_names]
+
+    def _token_grid(self, n: int) -> tuple[int, ...]:
+        """(F', H', W') of the running call (row-major, as the transformer flattens its patch grid)."""
+        if self._grid is None or math.prod(self._grid) != n:
+            raise RuntimeError(f"{n} tokens do not fill the token grid {self._grid} of this call")
+        return self._grid
+
+    def _call(self, x_t: Tensor, t: Tensor, cond: TextCondition, expert: nn.Module | None = None) -> Tensor:
+        dtype = self._dtype(cond)
+        b, _, f, h, w = x_t.shape
+        pt, ph, pw = self.patch_size
+        self._grid = (f // pt, h // ph, w // pw)
+        timestep = self.timestep(t).to(torch.float32)  # the scheduler's float timesteps, whatever the weights' dtype
+        if self.expand_timesteps:  # one timestep per latent token (the pipeline's mask[0][0][:, ::2, ::2] * t)
+            timestep = timestep[:, None].expand(b, math.prod(self._grid))
+        expert = self.transformer if expert is None else expert
+        return expert(hidden_states=x_t.to(dtype), timestep=timestep, encoder_hidden_states=cond.embeds.to(dtype),
+                      return_dict=False)[0]
+
+    def _velocity(self, x_t: Tensor, t: Tensor, cond, x: Tensor, return_features: bool | str
+                  ) -> tuple[Tensor | None, dict]:
+        """One expert's v and features, or with two experts each sample's from the expert WanPipeline would use at
+        its timestep: ``transformer`` while 1000 t >= boundary_ratio x 1000, else ``transformer_2``; a mixed batch
+        is split, run as two calls and put back in order."""
+        if self.transformer_2 is None:
+            return super()._velocity(x_t, t, cond, x, return_features)
+        self._dtype(cond)
+        high = self.timestep(t) >= self.boundary * TIMESTEPS
+        groups = [(e, idx) for e, idx in ((self.transformer, high.nonzero().flatten()),
+                                          (self.transformer_2, (~high).nonzero().flatten())) if len(idx)]
+        if len(groups) == 1:
+            expert = groups[0][0]
+            return self._run_tapped(expert, lambda: self._call(x_t, t, cond, expert), x, return_features)
+        outs = [self._run_tapped(e, lambda e=e, i=i: self._call(x_t[i], t[i], cond[i], e), x, return_features)
+                for e, i in groups]
+        inverse = torch.argsort(torch.cat([i for _, i in groups]))
+        v = None if outs[0][0] is None else torch.cat([o[0] for o in outs])[inverse]
+        return v, {k: torch.cat([o[1][k] for o in outs])[inverse] for k in outs[0][1]}
+
+
+@dataclass
+class WanOptions(FlowOptions):
+    """A Wan teacher's options: the flow families' (``max_sequence_length`` 512, ``tap_block``) and the video's size
+    and the negative prompt."""
+
+    negative_prompt: str = NEGATIVE_PROMPT  # the CFG null condition; "" gives WanPipeline's default (the empty prompt)
+    num_frames: int = NUM_FRAMES  # frames of a video: 4n + 1 (the pipeline's 81: 21 latent frames)
+    height: int = HEIGHT  # pixels, a multiple of the VAE's factor x 2 (16; Wan2.2-TI2V: 32)
+    width: int = WIDTH
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"teacher_options.negative_prompt must be a string (\"\" for the pipeline's empty "
+                             f"prompt), got {self.negative_prompt!r:.40}")
+        for name in ("num_frames", "height", "width"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 16):
+                raise ValueError(f"teacher_options.{name} must be a positive integer, got {value!r:.40}")
+
+
+def _check_class(d: Path, expected: str) -> None:
+    """Refuse component folder ``d`` whose config names another class than ``expected``."""
+    name = read_json_object(d / "config.json").get("_class_name")
+    if name is not None and name != expected:
+        raise ValueError(f"{d / 'config.json'} describes a {str(name)[:80]}, not a {expected}")
+
+
+@register
+class WanTeacher(FlowMatchingTeacher):
+    kind, title = "wan", "Wan"
+    preset = "wan"
+    pipeline_classes = ("WanPipeline",)
+    Options = WanOptions
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]  # WanAttention's projections (self- and cross-attention)
+
+    @classmethod
+    def options_of(cls, record: dict) -> WanOptions:
+        return WanOptions(record["max_sequence_length"], record["tap_block"], None, record["negative_prompt"],
+                          record["num_frames"], record["height"], record["width"])
+
+    @classmethod
+    def load(cls, folder: str | Path, resolution: int | None = None, options: WanOptions | None = None,
+             dtype: torch.dtype = torch.float32) -> LatentPipeline:
+        """A local Wan folder at ``teacher_options``' video size (``resolution`` is refused: a video's size is
+        its height, width and frames). The cheap parts (model_index, scheduler, VAE, tokenizer, the transformers'
+        configs and sizes) are checked before the large networks load."""
+        options = cls.checked(options)
+        if resolution is not None:
+            raise ValueError(f"text.resolution={resolution!r:.40}: a Wan teacher's video size is "
+                             "teacher_options.height, width and num_frames")
+        msl = options.max_sequence_length or MAX_SEQUENCE_LENGTH
+        diffusers, transformers = pf.libraries()
+        folder = pf.open_folder(folder, cls.pipeline_classes, COMPONENTS, LAYOUT)
+        index = read_json_object(folder / "model_index.json")
+        boundary, expand = index.get("boundary_ratio"), index.get("expand_timesteps", False)
+        where = str(folder / "model_index.json")
+        if boundary is not None and not (isinstance(boundary, (int, float)) and not isinstance(boundary, bool)
+                                         and 0 < boundary <= 1):
+            raise ValueError(f"{where}: boundary_ratio must be null or a number in (0, 1], got {boundary!r:.40}")
+        if not isinstance(expand, bool):
+            raise ValueError(f"{where}: expand_timesteps must be true or false, got {expand!r:.40}")
+        if boundary is not None:  # Wan2.2-A14B: the low-noise expert is required
+            pf.open_folder(folder, cls.pipeline_classes, ("transformer_2",), LAYOUT)
+        shift = wan_shift(*cls.scheduler_config(folder))
+        _check_class(folder / "vae", "AutoencoderKLWan")
+        codec = WanLatentCodec.load(diffusers.AutoencoderKLWan, folder)
+        frames = codec.latent_frames(options.num_frames, "teacher_options.num_frames")
+        step = codec.downsample * 2
+        for name in ("height", "width"):
+            if getattr(options, name) % step:
+                raise ValueError(f"teacher_options.{name}={getattr(options, name)}: a Wan video's height and width "
+                                 f"are multiples of {step} pixels (VAE x {codec.downsample}, 2 x 2 patches)")
+        size = (frames, options.height // codec.downsample, options.width // codec.downsample)
+        tokenizer = pf.load_tokenizer(transformers.T5Tokenizer, folder / "tokenizer")
+        experts = ["transformer"] + (["transformer_2"] if boundary is not None else [])
+        for name in experts:
+            _check_class(folder / name, "WanTransformer3DModel")
+            config_file = folder / name / "config.json"
+            config = {k: v for k, v in read_json_object(config_file).items() if not k.startswith("_")}
+            shape = [list(config.get("patch_size", [1, 2, 2])), config.get("in_channels", 16),
+                     config.get("out_channels", 16)]
+            if shape != [[1, 2, 2], codec.channels, codec.channels]:  # the class's defaults: the real models'
+                raise ValueError(f"{config_file}: patch_size, in_channels and out_channels {shape} do not fit the "
+                                 f"VAE's {codec.channels} latent channels in 1 x 2 x 2 patches (expected [[1, 2, 2], "
+                                 f"{codec.channels}, {codec.channels}])")
+            pf.check_size(diffusers.WanTransformer3DModel.from_config, config, str(config_file), dtype)
+        encoder = pf.load_text_model(transformers.UMT5EncoderModel, folder / "text_encoder")
+        networks = [pf.load_network(diffusers.WanTransformer3DModel, folder / name, dtype) for name in experts]
+        config = networks[0].config
+        text = WanTextEncoder(tokenizer, encoder, msl)
+        denoiser = WanDenoiser(networks[0], size, codec.channels,
+                               int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+                               text([options.negative_prompt]), options.tap_block, shift, expand,
+                               networks[1] if boundary is not None else None, boundary)
+        record = {**cls.record(folder, cls.kind, None, msl, denoiser, networks[0]),
+                  "num_frames": options.num_frames, "height": options.height, "width": options.width,
+                  "negative_prompt": options.negative_prompt, "expand_timesteps": expand, "boundary_ratio": boundary,
+                  "shift": shift}
+        return WanPipelineParts(denoiser.eval(), text, codec, record, (codec.channels, *size))
+
+    @property
+    def experts(self) -> int:
+        """The transformers of the teacher: 2 for Wan2.2-A14B, else 1."""
+        return 1 if self.info["network"]["boundary_ratio"] is None else 2
+
+    def check_config(self, cfg) -> None:
+        if self.experts > 1:
+            raise ValueError(f"{self.source} is a two-expert Wan2.2 pipeline (transformer and transformer_2, switched "
+                             f"at boundary_ratio {self.info['network']['boundary_ratio']}): it loads as a teacher, but "
+                             "its per-expert students are not built yet; distill a one-transformer Wan (2.1 or "
+                             "2.2-TI2V)")
+        super().check_config(cfg)
+
+    def open_data(self, cfg, device: torch.device, dataset=None):
+        """Latent shards of videos (``fdistill prepare-latents`` layout: per-sample latents of this teacher's
+        sample shape and umT5 embeddings of its text length); captioned videos are not read yet."""
+        from fdistill.data.latent_shards import LATENTS, LatentShards
+
+        if not (Path(cfg.data) / "index.json").is_file():
+            raise ValueError(f"data={cfg.data}: a Wan teacher trains on latent shards of videos (a folder with "
+                             f"index.json holding latents {self.sample_shape}); captioned videos are not read yet")
+        got = LatentShards(cfg.data).tensors.get(LATENTS, ((None,),))[0]
+        if tuple(got) != tuple(self.sample_shape):
+            raise ValueError(f"latent shards {cfg.data} hold latents of shape {tuple(got)}, but this Wan teacher's "
+                             f"videos are {tuple(self.sample_shape)} (teacher_options num_frames "
+                             f"{self.info['network']['num_frames']}, height {self.info['network']['height']}, width "
+                             f"{self.info['network']['width']})")
+        return super().open_data(cfg, device, dataset)
+
+    def export(self, generator: nn.Module, out, student=None) -> str:
+        """A one-step student as a WanPipeline folder (``FlowMatchingTeacher.export``: the student's transformer and
+        a one-step FlowMatchEulerDiscreteScheduler at t_gen); the pipeline's one-step call with guidance_scale=1
+        returns the student's latents for the same seed (tests/test_wan.py). A k-step student is refused:
+        WanPipeline's call takes no ``sigmas=``, so its scheduler cannot be handed the student's levels."""
+        student = self.export_steps(generator, student)
+        if self.experts > 1:
+            raise ValueError(f"{self.source} is a two-expert Wan2.2 pipeline: its students are not built yet")
+        if student.steps > 1:
+            raise ValueError(f"a {student.steps}-step Wan student cannot be exported yet: WanPipeline's call takes no "
+                             "sigmas=, so its scheduler cannot be given the student's levels; export a one-step "
+                             "student")
+        return super().export(generator, out, student)
+
+    def export_scheduler(self, teacher_folder: Path) -> dict:
+        """A FlowMatchEulerDiscreteScheduler config with the teacher's shift (WanPipeline takes one; the folder's
+        own is a UniPCMultistepScheduler)."""
+        return {"num_train_timesteps": TIMESTEPS, "shift": self.info["network"]["shift"]}
+
+    def call_arguments(self) -> list[str]:
+        n = self.info["network"]
+        return ["guidance_scale=1", f"height={n['height']}", f"width={n['width']}", f"num_frames={n['num_frames']}",
+                f"max_sequence_length={n['max_sequence_length']}"]
