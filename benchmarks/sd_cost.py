@@ -1,9 +1,11 @@
 """Cost of Algorithm 1 with Stable Diffusion v1.5 and SDXL UNets as teacher, fake score and generator (random
 weights built from the architectures' configs, nothing downloaded), and per-GPU memory of whole f-distill steps for
-the UNets and the flow-matching transformers SD3.5-Medium / Large, FLUX.1-dev, SANA-1600M and Qwen-Image.
+the UNets, the flow-matching transformers SD3.5-Medium / Large, FLUX.1-dev, SANA-1600M and Qwen-Image, and the
+video transformers Wan2.1-T2V-1.3B / 14B.
 
     python benchmarks/sd_cost.py --memory                  # per-GPU memory of SD1.5 / SDXL (meta device)
     python benchmarks/sd_cost.py --memory --flow           # SD3.5, FLUX.1, SANA, Qwen-Image at 512 / 1024 px
+    python benchmarks/sd_cost.py --memory --video          # Wan2.1 1.3B / 14B, 81 frames of 480 x 832 px
     python benchmarks/sd_cost.py --memory --family flux --gan-attention math --lora-rank 128
     python benchmarks/sd_cost.py --memory --flow --captioned-images  # text encoders kept for online encoding
     python benchmarks/sd_cost.py --memory --family flux --set disc_head=fdistill  # a config override, every row
@@ -24,7 +26,8 @@ floors as sums of those passes (an iteration of Algorithm 1 is one student step 
 
 Memory (--memory): ``fdistill.memory`` (the model ``fdistill distill`` checks a run against before it loads the
 teacher) on each model's published config, built on the meta device, with its preset's settings (batch, precision,
-head, R1, EMA) at 512 and 1024 px (the UNets at their own size), with and without gradient checkpointing, in the
+head, R1, EMA) at 512 and 1024 px (the UNets at their own size; Wan at 81 frames of 480 x 832 px, WanPipeline's
+default video), with and without gradient checkpointing, in the
 modes that can run it (full fine-tuning replicated or FSDP; shared-base LoRA with an fp32 base, as fdistill loads
 teachers, or a bf16 one): the states, the activation peaks of the student and critic steps at micro_batch 1 and
 the largest micro_batch that fits 80 GB and 141 GB GPUs, then what each pass saves for backward. The text encoders
@@ -339,15 +342,28 @@ QWEN_IMAGE_DIT = dict(
 # encoder only), CLIP ViT-L/14 text model, OpenCLIP ViT-bigG/14 text model (with its text projection).
 # Gemma-2-2B (SANA's, the decoder without its LM head) and Qwen2.5-VL-7B (Qwen-Image's, loaded whole: language
 # model 7,070,619,136, vision tower 676,550,144, LM head), counted here on the meta device from their hub configs.
+# umT5-XXL (Wan's, google/umt5-xxl's encoder: d_model 4096, 24 layers, 64 heads, d_ff 10240, vocabulary 256,384)
+# counted on the meta device from that config.
 TEXT_ENCODERS = {"T5-XXL": 4_762_310_656, "CLIP-L": 123_650_304, "CLIP-bigG": 694_659_840,
-                 "Gemma-2-2B": 2_614_341_888, "Qwen2.5-VL-7B": 8_292_166_656}
+                 "Gemma-2-2B": 2_614_341_888, "Qwen2.5-VL-7B": 8_292_166_656, "umT5-XXL": 5_680_910_336}
 
 # VAE parameters (frozen, loaded in fp32 by fdistill): diffusers' AutoencoderKL with SD's layout, 4 latent channels
 # (SD1.5, SDXL: 83,653,863) or 16 without quant convs (SD3.5, FLUX.1: 83,819,683); SANA's DC-AE and Qwen-Image's VAE
 # as diffusers' AutoencoderDC and AutoencoderKLQwenImage default configs (362,893,923 and 126,892,531; not checked
-# against the hub files).
+# against the hub files); Wan2.1's AutoencoderKLWan as its default config (base_dim 96, z_dim 16: 126,892,531).
 VAES = {"sd15": 83_653_863, "sdxl": 83_653_863, "sd3": 83_819_683, "flux": 83_819_683, "sana": 362_893_923,
-        "qwen_image": 126_892_531}
+        "qwen_image": 126_892_531, "wan": 126_892_531}
+
+# Wan2.1 text-to-video DiTs (WanTransformer3DModel, patches 1 x 2 x 2 on 16-channel latents, umT5 text of width
+# 4096, head dim 128): Wan-AI/Wan2.1-T2V-1.3B-Diffusers (30 layers, 12 heads: width 1536, ffn 8960) and
+# Wan-AI/Wan2.1-T2V-14B-Diffusers (40 layers, 40 heads: 5120, ffn 13824; diffusers' class defaults), 1,418,996,800
+# and 14,288,491,584 parameters on the meta device.
+WAN_1_3B_DIT = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024)
+WAN_14B_DIT = {**WAN_1_3B_DIT, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+WAN_VIDEO = (81, 480, 832)  # WanPipeline.__call__'s defaults: frames, height, width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +378,7 @@ class Model:
     pixels: tuple[int, ...]
     gpus: int
     expected_params: int
+    video: tuple[int, int, int] | None = None  # a video model's (frames, height, width); pixels then unused
 
     def text_encoder_bytes(self) -> int:
         """The text encoders as stored (half precision; transformers loads with dtype="auto")."""
@@ -388,6 +405,10 @@ FLOW_MODELS = {
     "sana": Model("SANA-1600M", "sana", SANA_1600M_DIT, ("Gemma-2-2B",), "sana", (1024,), N_GPUS, 1_604_462_752),
     "qwen_image": Model("Qwen-Image", "qwen_image", QWEN_IMAGE_DIT, ("Qwen2.5-VL-7B",), "qwen_image", (1024,), 1,
                         20_430_401_088),
+}
+VIDEO_MODELS = {
+    "wan13b": Model("Wan2.1-1.3B", "wan", WAN_1_3B_DIT, ("umT5-XXL",), "wan", (0,), N_GPUS, 1_418_996_800, WAN_VIDEO),
+    "wan14b": Model("Wan2.1-14B", "wan", WAN_14B_DIT, ("umT5-XXL",), "wan", (0,), N_GPUS, 14_288_491_584, WAN_VIDEO),
 }
 
 
@@ -436,24 +457,27 @@ def memory_report(models: dict[str, Model], args) -> None:
         for pixels in model.pixels:
             for label, overrides, dtype in modes(model, args):
                 gpus = N_GPUS if "FSDP" in label else model.gpus
-                cfg = images.load_config(model.preset, [f"text.resolution={pixels}", *overrides, *args.set])
-                subject = memory.meta_subject(model.kind, dict(model.config), pixels, dtype=dtype,
-                                              frozen_bytes=model.frozen_bytes(text), name=model.name)
+                size = [] if model.video else [f"text.resolution={pixels}"]
+                cfg = images.load_config(model.preset, [*size, *overrides, *args.set])
+                subject = memory.meta_subject(model.kind, dict(model.config), pixels or None, dtype=dtype,
+                                              frozen_bytes=model.frozen_bytes(text), name=model.name,
+                                              video=model.video)
                 n = subject.parameters()
                 if n != model.expected_params:
                     raise SystemExit(f"{model.name}: {n:,} parameters on the meta device, expected "
                                      f"{model.expected_params:,}")
                 run = dataclasses.replace(memory.Run.of_config(cfg, gpus), gan_attention=args.gan_attention)
                 prof = memory.profile(subject, run)
-                passes.append((model.name, pixels, label, prof))
+                shown = "{} x {} x {}".format(*model.video) if model.video else pixels
+                passes.append((model.name, shown, label, prof))
                 for ckpt in (False, True):
                     r = dataclasses.replace(run, checkpointing=ckpt, micro_batch=1)
                     e = memory.estimate(prof, r)
                     fit = [memory.largest_batch(prof, r, gb * GB) for gb in GPUS_GB]
-                    rows.append((model.name, pixels, label, gpus, ckpt, e, fit))
+                    rows.append((model.name, shown, label, gpus, ckpt, e, fit))
     print(f"\n## Per-GPU memory (fdistill.memory on the meta device, {time.perf_counter() - t0:.0f} s)\n")
-    print("| model | px | mode | GPUs | checkpointing | states GB | activations GB at micro_batch 1 "
-          "(student / critic step) | total GB at 1 | largest micro_batch, 80 GB | 141 GB |")
+    print("| model | px (video: frames x H x W) | mode | GPUs | checkpointing | states GB | activations GB at "
+          "micro_batch 1 (student / critic step) | total GB at 1 | largest micro_batch, 80 GB | 141 GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, pixels, label, gpus, ckpt, e, fit in rows:
         cells = [str(b) if b else "does not fit" for b in fit]
@@ -545,7 +569,9 @@ def main() -> None:
                    help="gradient checkpointing for the passes with grad: both (default), off or on")
     p.add_argument("--flow", action="store_true",
                    help="with --memory: the flow transformers (SD3.5, FLUX.1, SANA, Qwen-Image) instead of the UNets")
-    p.add_argument("--family", action="append", choices=[*UNET_MODELS, *FLOW_MODELS],
+    p.add_argument("--video", action="store_true",
+                   help="with --memory: the video transformers (Wan2.1 1.3B / 14B at 81 x 480 x 832)")
+    p.add_argument("--family", action="append", choices=[*UNET_MODELS, *FLOW_MODELS, *VIDEO_MODELS],
                    help="with --memory: only these models (repeatable)")
     p.add_argument("--lora-rank", type=int, default=64, help="with --memory --flow: LoRA rank (default 64)")
     data = p.add_mutually_exclusive_group()
@@ -577,12 +603,13 @@ def main() -> None:
         return
     if args.lora_rank < 1:
         p.error(f"--lora-rank must be a positive integer, got {args.lora_rank}")
-    if args.flow and not args.memory:
-        p.error("--flow goes with --memory (the transformers are only sized, not timed)")
+    if (args.flow or args.video) and not args.memory:
+        p.error("--flow and --video go with --memory (the transformers are only sized, not timed)")
     if args.memory:
         if args.tiny:
             p.error("--tiny goes with --model (the memory model is checked by tests/test_memory_model.py)")
-        models = {**UNET_MODELS, **FLOW_MODELS} if args.family else FLOW_MODELS if args.flow else UNET_MODELS
+        models = {**UNET_MODELS, **FLOW_MODELS, **VIDEO_MODELS} if args.family else \
+            {**(FLOW_MODELS if args.flow else {}), **(VIDEO_MODELS if args.video else {})} or UNET_MODELS
         if args.model:
             models = {args.model: UNET_MODELS[args.model]}
         memory_report({k: m for k, m in models.items() if not args.family or k in args.family}, args)

@@ -61,11 +61,17 @@ MARGIN = 0.1  # the stated uncertainty of a GPU prediction (see docs/text-to-ima
 
 class FusedAttention(torch.autograd.Function):
     """Stands in for ``scaled_dot_product_attention``: saves what a fused (flash / memory-efficient) kernel saves for
-    backward (q, k, v, the output, an fp32 log-sum-exp, the mask if any), never the L x L matrix."""
+    backward (q, k, v, the output, an fp32 log-sum-exp, the mask if any), never the L x L matrix. The output of
+    [B, heads, L, D] is laid out [B, L, heads, D] in memory as the kernels write it (CPU's flash kernel, CUDA's
+    flash and memory-efficient ones), so that a network's transpose back to [B, L, heads x D] is a view, not a copy
+    (Wan's attention output, flattened before ``to_out``: tests/test_wan_cli.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, *mask):
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        if q.dim() == 4:
+            out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
+        else:
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse, *mask)
         return out
@@ -295,6 +301,14 @@ class Subject:
     lora_targets: list[str]
     frozen_bytes: int = 0
     resolution: int = 0
+    video: tuple[int, int, int] | None = None  # a video teacher's (frames, height, width) in pixels
+    feature_grid: tuple[int, ...] | None = None  # the tapped features' grid beyond channels (None: r x r)
+
+    @property
+    def size(self) -> str:
+        """The sample's size in words: "512 px", or "81 frames of 480 x 832 px"."""
+        return f"{self.video[0]} frames of {self.video[1]} x {self.video[2]} px" if self.video else \
+            f"{self.resolution} px"
 
     @property
     def network(self) -> nn.Module:
@@ -309,19 +323,20 @@ def _network_class(kind: str):
 
     return {"sd15": diffusers.UNet2DConditionModel, "sdxl": diffusers.UNet2DConditionModel,
             "sd3": diffusers.SD3Transformer2DModel, "flux": diffusers.FluxTransformer2DModel,
-            "sana": diffusers.SanaTransformer2DModel, "qwen_image": diffusers.QwenImageTransformer2DModel}[kind]
+            "sana": diffusers.SanaTransformer2DModel, "qwen_image": diffusers.QwenImageTransformer2DModel,
+            "wan": diffusers.WanTransformer3DModel}[kind]
 
 
-KINDS = ("sd15", "sdxl", "sd3", "flux", "sana", "qwen_image")
+KINDS = ("sd15", "sdxl", "sd3", "flux", "sana", "qwen_image", "wan")
 
 
 def default_tokens(kind: str, max_sequence_length: int | None = None) -> int:
     """The text condition's length for ``kind`` (``max_sequence_length``: ``teacher_options``'s, None: the family's)."""
-    from fdistill.teachers.families import flux, qwen_image, sana, sd3
+    from fdistill.teachers.families import flux, qwen_image, sana, sd3, wan
 
     if kind in ("sd15", "sdxl"):
         return 77
-    default = {"sd3": sd3, "flux": flux, "sana": sana, "qwen_image": qwen_image}[kind].MAX_SEQUENCE_LENGTH
+    default = {"sd3": sd3, "flux": flux, "sana": sana, "qwen_image": qwen_image, "wan": wan}[kind].MAX_SEQUENCE_LENGTH
     return (77 if kind == "sd3" else 0) + (max_sequence_length or default)
 
 
@@ -335,15 +350,20 @@ def default_resolution(kind: str, config: dict, downsample: int) -> int:
 
 def meta_subject(kind: str, config: dict, resolution: int | None = None, *, tokens: int | None = None,
                  tap_block: int | None = None, guidance: float | None = None, downsample: int | None = None,
-                 dtype: torch.dtype = torch.float32, frozen_bytes: int = 0, name: str | None = None) -> Subject:
+                 dtype: torch.dtype = torch.float32, frozen_bytes: int = 0, name: str | None = None,
+                 video: tuple[int, int, int] | None = None, expand_timesteps: bool = False) -> Subject:
     """The teacher of family ``kind`` whose network has diffusers config ``config``, on the meta device in
     ``dtype`` (fdistill loads teachers in fp32), at ``resolution`` pixels (None: the family's default) with
-    ``tokens`` text tokens (None: the family's default)."""
+    ``tokens`` text tokens (None: the family's default). Wan (``kind`` "wan", a video teacher): ``video`` is
+    (frames, height, width) in pixels (None: WanPipeline's 81 x 480 x 832), ``resolution`` unused, latents
+    [C, (frames - 1) / 4 + 1, height / downsample, width / downsample] (``families.wan``'s sample shape)."""
     from fdistill.data.conditions import TextCondition
     from fdistill.teachers.families import flux, qwen_image, sana, sd3, stable_diffusion
 
     if kind not in KINDS:
         raise ValueError(f"the memory model knows the families {', '.join(KINDS)}, not {kind!r}")
+    if kind == "wan":
+        return _wan_subject(config, video, tokens, tap_block, downsample, dtype, frozen_bytes, name, expand_timesteps)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     downsample = downsample or (32 if kind == "sana" else 8)
     resolution = resolution or default_resolution(kind, config, downsample)
@@ -406,6 +426,42 @@ def meta_subject(kind: str, config: dict, resolution: int | None = None, *, toke
                    frozen_bytes, resolution)
 
 
+def _wan_subject(config: dict, video: tuple[int, int, int] | None, tokens: int | None, tap_block: int | None,
+                 downsample: int | None, dtype: torch.dtype, frozen_bytes: int, name: str | None,
+                 expand_timesteps: bool) -> Subject:
+    """``meta_subject`` for Wan: ``WanTransformer3DModel`` on the meta device in ``families.wan.WanDenoiser`` on
+    latents of a (frames, height, width) video, umT5 states [B, tokens, text_dim] without a mask (WanPipeline's)."""
+    from fdistill.data.conditions import TextCondition
+    from fdistill.data.video import check_frame_count
+    from fdistill.teachers.families import wan
+    from fdistill.teachers.pipeline_folders import quiet
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    frames, height, width = video or (wan.NUM_FRAMES, wan.HEIGHT, wan.WIDTH)
+    downsample = downsample or 8  # AutoencoderKLWan's scale_factor_spatial (Wan2.2-TI2V's VAE: 16)
+    check_frame_count(frames)
+    if height % (2 * downsample) or width % (2 * downsample):
+        raise ValueError(f"a Wan video's height and width are multiples of {2 * downsample} pixels, got "
+                         f"{height} x {width}")
+    latent = ((frames - 1) // 4 + 1, height // downsample, width // downsample)
+    with torch.device("meta"), quiet():
+        network = _network_class("wan").from_config(config).to(dtype)
+    c = network.config
+    width_ = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+    channels = int(c["in_channels"])
+    denoiser = wan.WanDenoiser(network, latent, channels, width_, None, tap_block, 1.0, expand_timesteps).to("meta")
+    denoiser.feature_resolutions = [min(denoiser.encoder_resolutions)]  # the wan preset's disc_resolutions: [mid]
+    tokens = tokens or default_tokens("wan")
+    pt, ph, pw = denoiser.patch_size
+
+    def condition(batch: int) -> TextCondition:
+        return TextCondition(torch.empty(batch, tokens, int(c["text_dim"]), device="meta"))
+
+    return Subject(name or "wan", "wan", denoiser, "transformer", (channels, *latent), condition,
+                   list(wan.WanTeacher.lora_targets), frozen_bytes, 0, (frames, height, width),
+                   (latent[0] // pt, latent[1] // ph, latent[2] // pw))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A pipeline folder's teacher, before its weights load
 
@@ -449,9 +505,13 @@ def folder_subject(path: str | Path, resolution: int | None = None, options: dic
         return None
     opts = family.parse_options(options)
     index = read_json_object(path / "model_index.json")
+    if family.kind == "wan" and index.get("boundary_ratio") is not None:
+        return None  # Wan2.2-A14B's two experts: its students are not built (``families.wan``)
     config = read_json_object(path / family.backbone / "config.json")
     vae = read_json_object(path / "vae" / "config.json")
-    ratio = vae.get("spatial_compression_ratio")
+    ratio = vae.get("spatial_compression_ratio") or vae.get("scale_factor_spatial")  # AutoencoderKLWan's (8; 16)
+    if family.kind == "wan":
+        ratio = ratio or 8
     blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0]
     downsample = int(ratio or 2 ** (len(blocks) - 1))
     frozen = 0
@@ -462,9 +522,13 @@ def folder_subject(path: str | Path, resolution: int | None = None, options: dic
         if library == "diffusers" or library == "transformers" and text_encoders:
             frozen += component_bytes(path / name, as_stored=library == "transformers")
     msl = getattr(opts, "max_sequence_length", None)
+    video = {}
+    if family.kind == "wan":  # AutoencoderKLWan: scale_factor_spatial (default 8); the video's size in options
+        video = {"video": (opts.num_frames, opts.height, opts.width),
+                 "expand_timesteps": bool(index.get("expand_timesteps", False))}
     return meta_subject(family.kind, config, resolution, tokens=default_tokens(family.kind, msl),
                         tap_block=getattr(opts, "tap_block", None), guidance=getattr(opts, "guidance", None),
-                        downsample=downsample, frozen_bytes=frozen, name=path.name)
+                        downsample=downsample, frozen_bytes=frozen, name=path.name, **video)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -565,7 +629,7 @@ def profile(subject: Subject, run: Run) -> Profile:
         return count_pass(lambda: den(x, s, c), [den], autocast=autocast, backbone=net)
 
     def head_pass(batch: int) -> PassCount:
-        feats = {r: torch.empty(batch, ch, r, r, device="meta").requires_grad_(True)
+        feats = {r: torch.empty(batch, ch, *(subject.feature_grid or (r, r)), device="meta").requires_grad_(True)
                  for r, ch in den.feature_channels().items()}
         return count_pass(lambda: head.head_logits(feats), [head], autocast=autocast)
 
@@ -780,7 +844,7 @@ def check_distill(cfg, teacher_path: str | Path, device: torch.device, ranks: in
             ways.append(f"disc_head=fdistill (the FastGen head's states are {head:.1f} GB)")
         advice = (f"nothing fits this GPU by micro_batch and checkpointing (the states alone are {states_gb:.1f} GB): "
                   f"try {', '.join(ways + ['a larger GPU'])}")
-    raise ValueError(f"{subject.name} at {subject.resolution} px with {run.settings()} is predicted to need "
+    raise ValueError(f"{subject.name} at {subject.size} with {run.settings()} is predicted to need "
                      f"{est.total / GB:.1f} GB per GPU (states {states_gb:.1f} + activations "
                      f"{est.activations / GB:.1f}), more than {HEADROOM:.0%} of this GPU's {have / GB:.1f} GB; "
                      f"{advice}; distill.memory_check=false runs it anyway (docs/text-to-image.md, What fits)")

@@ -9,6 +9,7 @@ train-teacher and distill write) is accepted wherever a run is expected. Details
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -178,11 +179,15 @@ def _export(args: argparse.Namespace) -> None:
 def _prepare_latents(args: argparse.Namespace) -> None:
     from fdistill.apps import t2i
 
+    _check_options(args, {"--batch": ("batch", 1, None), "--shard-size": ("shard_size", 1, None)})
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise ValueError(f"--fps must be a positive number of frames per second (Wan's: 16), got {args.fps:g}")
     cfg = _image_config(args)
     if args.print_config:
         return _print_config(cfg)
     print(t2i.prepare_latents_as_configured(cfg, args.teacher, args.data, args.out, args.resolution, args.batch,
-                                            args.shard_size, args.device, args.on_bad_data, not args.no_progress))
+                                            args.shard_size, args.device, args.on_bad_data, not args.no_progress,
+                                            args.fps))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -271,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     configured(s, DIGITS_PRESET)
     s.add_argument("--teacher", help="a train-teacher run folder or its teacher.safetensors, an NVlabs/edm .pkl "
                    "snapshot, a diffusers pixel UNet folder, or a text-to-image pipeline folder (SD1.5 / SDXL, SD3, "
-                   "FLUX.1, SANA, Qwen-Image); with --resume: the run's own teacher")
+                   "FLUX.1, SANA, Qwen-Image) or text-to-video one (Wan2.1 / 2.2, from latent shards: --config wan); "
+                   "with --resume: the run's own teacher")
     run_folder(s, "runs/distill")
     s.add_argument("--init-from", metavar="PATH", help="warm start: the generator, fake score and discriminator of "
                    "another run (e.g. a reverse-KL run before switching divergence); or the generator (and its EMA) "
@@ -283,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime(s, "distill.seed")
 
     m = command("sample", "sample a distilled student or a teacher into <out>/samples.npz and <out>/grid.png "
-                "(by PNG shards in <out>/images/, resumable; under torchrun each process makes its share)", _sample)
+                "(by PNG shards in <out>/images/, resumable; under torchrun each process makes its share); "
+                "text-to-image: one PNG per prompt; text-to-video: one MP4 per prompt and a PNG strip of its frames",
+                _sample)
     m.add_argument("--checkpoint", help="a distill run folder (its newest checkpoint) or a checkpoint folder: "
                    "the student's own steps (1 for a one-step generator)")
     m.add_argument("--student-steps", type=int, default=None, metavar="J",
@@ -299,15 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "resuming a stopped run and of splitting the work over torchrun processes)")
     m.add_argument("--out", default=None,
                    help="output folder (default: <run folder>/samples, or runs/samples for --teacher)")
-    m.add_argument("--seed", type=int, default=0, help="seed of the latents (text-to-image: prompt i uses seed + i)")
-    m.add_argument("--prompt", action="append", metavar="TEXT", help="text-to-image: a prompt; repeatable")
-    m.add_argument("--prompts", metavar="FILE", help="text-to-image: a file of prompts, one per line")
+    m.add_argument("--seed", type=int, default=0, help="seed of the latents (text-to-image / -video: prompt i uses "
+                   "seed + i)")
+    m.add_argument("--prompt", action="append", metavar="TEXT", help="text-to-image / -video: a prompt; repeatable")
+    m.add_argument("--prompts", metavar="FILE", help="text-to-image / -video: a file of prompts, one per line")
     configured(m, DIGITS_PRESET, "teacher_options.max_sequence_length=64 (--teacher only)")
     runtime(m, None)
 
-    x = command("export", "write a text-to-image student as a diffusers pipeline folder or a LoRA file (its k-step "
-                "sampling)", _export)
-    x.add_argument("--checkpoint", required=True, help="a text-to-image distill run folder or one of its checkpoints")
+    x = command("export", "write a text-to-image or text-to-video student as a diffusers pipeline folder or a LoRA "
+                "file (its k-step sampling)", _export)
+    x.add_argument("--checkpoint", required=True, help="a text-to-image or text-to-video distill run folder or one of "
+                   "its checkpoints")
     x.add_argument("--diffusers", metavar="OUT", help="the new pipeline folder (the teacher's, with the student's "
                    "network and scheduler)")
     x.add_argument("--lora", metavar="OUT", help="instead: a new folder with the EMA generator's adapter as "
@@ -341,20 +351,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="PATH", help="also write the metrics here")
     runtime(ev, None)
 
-    pl = command("prepare-latents", "encode captioned images once into latent shards (VAE latents, text "
-                 "embeddings) for text-to-image training", _prepare_latents)
+    pl = command("prepare-latents", "encode captioned images (or clips, for a text-to-video teacher) once into "
+                 "latent shards (VAE latents, text embeddings) for text-to-image / text-to-video training",
+                 _prepare_latents)
     pl.add_argument("--teacher", required=True, help="the text-to-image pipeline folder (SD1.5 / SDXL, SD3, FLUX.1, "
-                    "SANA, Qwen-Image) whose VAE and text encoders encode the data")
+                    "SANA, Qwen-Image) or text-to-video one (Wan2.1 / 2.2) whose VAE and text encoders encode the "
+                    "data")
     pl.add_argument("--data", required=True, help="WebDataset .tar shards (a folder, a file or shard-{000..009}.tar) "
-                    "or a folder of images with same-named .txt captions")
+                    "or a folder of images with same-named .txt captions; for a text-to-video teacher the same of "
+                    "clips (.mp4, .m4v, .mov, .webm, .mkv), each read at teacher_options.num_frames frames (4n + 1) "
+                    "from its start at --fps, resized and center-cropped to teacher_options.height x width")
     pl.add_argument("--out", required=True, help="the latent-shards folder; an interrupted run continues there")
     pl.add_argument("--resolution", type=int, default=None, help="pixels (default: text.resolution, else the "
                     "teacher's)")
-    pl.add_argument("--batch", type=int, default=16, help="images per encoder call")
+    pl.add_argument("--batch", type=int, default=16, help="images (or clips) per encoder call")
+    pl.add_argument("--fps", type=float, default=None, help="text-to-video: the frame rate clips are sampled at "
+                    "(default: the family's, Wan's 16)")
     pl.add_argument("--shard-size", type=int, default=1024, help="samples per shard")
     pl.add_argument("--on-bad-data", choices=("skip", "error"), default="skip",
-                    help="a corrupt image or a missing caption: skip it with a warning, or stop")
-    configured(pl, DIGITS_PRESET, "teacher_options.max_sequence_length=64 text.resolution=512")
+                    help="a corrupt image or clip (or one too short for the frames), or a missing caption: skip it "
+                    "with a warning, or stop")
+    configured(pl, DIGITS_PRESET, "teacher_options.max_sequence_length=64 text.resolution=512 (Wan: "
+               "teacher_options.num_frames=81 teacher_options.height=480 teacher_options.width=832)")
     runtime(pl, None)
 
     e = command("evaluate", "FID / precision / recall (and class accuracy) of samples", _evaluate)

@@ -1,6 +1,7 @@
 """``fdistill sample``: images from a distillation run's (one- or few-step) generator or from a teacher's multi-step
 sampler, for any teacher family. Class-conditional (and unconditional) models write resumable PNG shards, a
-``samples.npz`` and a grid, on any number of processes; text-to-image models one PNG per prompt and a grid."""
+``samples.npz`` and a grid, on any number of processes; text-to-image models one PNG per prompt and a grid;
+text-to-video models (Wan) one MP4 per prompt, a PNG strip of its frames and a grid of the strips."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def sample(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, o
         if teacher.text_to_image:
             return _prompted(make, teacher, prompts, out, seed, grid_size, progress, t0, nfe)
         if prompts:
-            raise ValueError("--prompt/--prompts apply to text-to-image models (a Stable Diffusion teacher or its run)")
+            raise ValueError("--prompt/--prompts apply to text-to-image and text-to-video models (a pipeline teacher "
+                             "or its run)")
         classes = images.sample_classes(num, teacher.label_dim)
         rank = distributed.rank()
         folder = png_shards.claim(out / "images", {**record, "seed": seed, "shard": shard}, classes)
@@ -106,16 +108,28 @@ def sample(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, o
 
 def _prompted(make, teacher, prompts: list[str], out: Path, seed: int, grid_size: int, progress: bool, t0: float,
               nfe: int) -> str:
+    """Text-to-image: one PNG per prompt and a grid; text-to-video (``teacher.video``): one MP4 per prompt at the
+    family's frame rate, a PNG strip of its frames (every k-th, ``t2i.strip_every``) and a grid of the strips."""
     from fdistill.apps import t2i
 
+    what = "text-to-video" if teacher.video else "text-to-image"
     if not prompts:
-        raise ValueError("a text-to-image model needs --prompt TEXT (repeatable) or --prompts FILE")
+        raise ValueError(f"a {what} model needs --prompt TEXT (repeatable) or --prompts FILE")
     if distributed.world_size() > 1:
-        raise ValueError("text-to-image sample runs in one process; for many prompts on several GPUs, "
+        raise ValueError(f"{what} sample runs in one process; for many prompts on several GPUs, "
                          "torchrun ... evaluate-t2i writes the images in shards")
     x = t2i.generate(make, prompts, seed, progress)
+    calls = "one generator call" if nfe == 1 else f"{nfe} network calls"
+    if teacher.video:
+        from fdistill.data.video import save_clip_grid
+
+        paths, every = t2i.write_videos(x, prompts, out, seed, teacher.video_fps)
+        grid = save_clip_grid(x[:max(grid_size, 1)], out / "grid.png", every=every, layout="CFHW", label_frames=True)
+        return (f"wrote {len(paths)} MP4s ({x.shape[2]} frames of {x.shape[3]} x {x.shape[4]} at "
+                f"{teacher.video_fps} fps), their PNG frame strips (every {every} frame{'s' if every > 1 else ''}), "
+                f"prompts.txt and {grid.name} in {out}: {calls} and one VAE decode each, "
+                f"{time.perf_counter() - t0:.1f} s")
     paths = t2i.write_pngs(x, prompts, out, seed)
     grid = images.write_grid(x, 0, out / "grid.png", grid_size)
-    calls = "one generator call" if nfe == 1 else f"{nfe} network calls"
     return (f"wrote {len(paths)} PNGs, prompts.txt and {grid.name} in {out}: {calls} and one VAE decode each, "
             f"{time.perf_counter() - t0:.1f} s")

@@ -57,6 +57,7 @@ class Teacher:
     Options: ClassVar[type | None] = None  # the family's options (a dataclass), from ``teacher_options:``
     order: ClassVar[int] = 50  # families are asked in this order whether they recognise a path (catch-alls last)
     preset: ClassVar[str | None] = None  # the family's config preset (fdistill/configs/<preset>.yaml), named in errors
+    video_fps: ClassVar[int | None] = None  # a text-to-video family's frame rate: its samples decode to clips
 
     @classmethod
     def recognises(cls, path: str | Path) -> bool:
@@ -92,6 +93,11 @@ class Teacher:
     @property
     def text_to_image(self) -> bool:
         return self.text is not None
+
+    @property
+    def video(self) -> bool:
+        """Whether samples decode to clips [3, F, H, W] (at ``video_fps``) rather than images [C, H, W]."""
+        return self.video_fps is not None
 
     def condition(self, items: list, device: str | torch.device = "cpu"):
         """The condition of samples ``items``: class indices (one-hot labels; None when unconditional) or prompts."""

@@ -58,7 +58,10 @@ from fdistill.teachers.flow_matching import (
     FlowOptions,
     FlowTextEncoder,
     FlowTransformerDenoiser,
+    flow_times,
     scheduler_shift,
+    steps_scheduler_config,
+    t_of_sigma,
 )
 from fdistill.teachers.latent_t2i import LatentCodec, LatentPipeline
 
@@ -67,6 +70,9 @@ LAYOUT = ("a diffusers WanPipeline folder: model_index.json, transformer/, vae/,
           "scheduler/ (Wan2.2-A14B: also transformer_2/), as save_pretrained writes")
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 NUM_FRAMES, HEIGHT, WIDTH = 81, 480, 832  # WanPipeline.__call__'s defaults
+# frames per second: WanPipeline's example writes export_to_video(output, "output.mp4", fps=16)
+# (diffusers/pipelines/wan/pipeline_wan.py, EXAMPLE_DOC_STRING)
+FPS = 16
 TIMESTEPS = 1000  # the transformer is trained on t in [0, 1000] (the schedulers' num_train_timesteps)
 # The Wan authors' English negative prompt: NVlabs/FastGen's PRESET_CONSTANTS["neg_prompt_wan"]
 # (fastgen/datasets/wds_dataloaders.py), the same text as the negative_prompt of diffusers' WanPipeline example
@@ -289,6 +295,7 @@ class WanTeacher(FlowMatchingTeacher):
     pipeline_classes = ("WanPipeline",)
     Options = WanOptions
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]  # WanAttention's projections (self- and cross-attention)
+    video_fps = FPS
 
     @classmethod
     def options_of(cls, record: dict) -> WanOptions:
@@ -385,18 +392,68 @@ class WanTeacher(FlowMatchingTeacher):
         return super().open_data(cfg, device, dataset)
 
     def export(self, generator: nn.Module, out, student=None) -> str:
-        """A one-step student as a WanPipeline folder (``FlowMatchingTeacher.export``: the student's transformer and
-        a one-step FlowMatchEulerDiscreteScheduler at t_gen); the pipeline's one-step call with guidance_scale=1
-        returns the student's latents for the same seed (tests/test_wan.py). A k-step student is refused:
-        WanPipeline's call takes no ``sigmas=``, so its scheduler cannot be handed the student's levels."""
+        """The student as a WanPipeline folder (``FlowMatchingTeacher.export``: its transformer and a
+        FlowMatchEulerDiscreteScheduler). One step: at t_gen; the pipeline's one-step call with guidance_scale=1
+        returns the student's latents for the same seed (tests/test_wan.py, tests/test_wan_cli.py). k steps: an
+        ode student where a scheduler config alone gives its levels (``steps_config``), since WanPipeline's call
+        takes no ``sigmas=``; an sde student is refused, since WanPipeline calls ``scheduler.step`` without its
+        generator (pipeline_wan.py, the denoising loop): the steps' fresh noise would not be fdistill's."""
         student = self.export_steps(generator, student)
         if self.experts > 1:
             raise ValueError(f"{self.source} is a two-expert Wan2.2 pipeline: its students are not built yet")
+        if student.steps > 1 and student.sampler != "ode":
+            raise ValueError(f"a {student.steps}-step Wan student cannot be exported yet with its {student.sampler} "
+                             "sampler: WanPipeline calls scheduler.step without its generator, so the fresh noise of "
+                             "each step would come from torch's global RNG, not fdistill sample's; an ode student "
+                             "(distill.student_sampler=ode) exports where its levels allow")
         if student.steps > 1:
-            raise ValueError(f"a {student.steps}-step Wan student cannot be exported yet: WanPipeline's call takes no "
-                             "sigmas=, so its scheduler cannot be given the student's levels; export a one-step "
-                             "student")
+            self.steps_config(student)  # refuses levels no config reproduces, before anything is written
         return super().export(generator, out, student)
+
+    def steps_config(self, student) -> dict:
+        """A FlowMatchEulerDiscreteScheduler config (``flow_matching.steps_scheduler_config``'s steps) whose
+        ``set_timesteps(k)``, WanPipeline's only call of it (pipeline_wan.py, "Prepare timesteps"), gives the
+        student's t_1 > ... > t_k: with sigma_max = t_1 and sigma_min = t_k in the config, the Karras (rho 7),
+        exponential or beta (0.6, 0.6) conversion (diffusers 0.42, scheduling_flow_match_euler_discrete.py) puts k
+        levels between them; any two levels are the ends of each, more must be spaced as one of them (to 1e-6).
+        None fits: a ValueError in one line."""
+        diffusers, _ = pf.libraries()
+        times = flow_times(student)
+        base = {**steps_scheduler_config({"num_train_timesteps": TIMESTEPS}, student.sampler),
+                "sigma_max": times[0], "sigma_min": times[-1]}
+        for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            config = {**base, name: True}
+            with pf.quiet():  # "sigma_max / sigma_min are not expected": the conversions read them
+                scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+            scheduler.set_timesteps(student.steps)
+            got = scheduler.sigmas[:-1].double()
+            if torch.allclose(got, torch.tensor(times, dtype=torch.float64), rtol=1e-6, atol=0):
+                return config
+        raise ValueError(f"a {student.steps}-step Wan student cannot be exported yet: WanPipeline's call takes no "
+                         f"sigmas=, and no FlowMatchEulerDiscreteScheduler config reproduces its levels t = {times} "
+                         "(any two levels, or more in Karras / exponential / beta spacing); export a one- or two-step "
+                         "student, or sample it with fdistill sample")
+
+    def student_scheduler(self, teacher_folder: Path, student):
+        if student.steps == 1:
+            return super().student_scheduler(teacher_folder, student)
+        diffusers, _ = pf.libraries()
+        with pf.quiet():
+            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.steps_config(student))
+
+    def pipeline_call(self, folder: Path, student) -> str:
+        """WanPipeline's call that gives ``fdistill sample``'s video (frames [F, H, W, 3] in [0, 1]; MP4 at 16 fps:
+        ``diffusers.utils.export_to_video(frames, fps=16)``) for the same seed."""
+        name, video = self.pipeline_classes[0], f"fdistill sample's video for the same seed (export_to_video(frames, " \
+            f"fps={FPS}) writes it as sample's MP4)"
+        args = ", ".join(["prompt", f"num_inference_steps={student.steps}", *self.call_arguments()])
+        call = f"{name}.from_pretrained('{folder}')({args})"
+        if student.steps == 1:
+            return (f"{call} evaluates the student once at t = {float(t_of_sigma(student.sigmas[0])):.6g} and gives "
+                    f"{video} (diffusers' warning that the scheduler's sigma_max is ignored is wrong: its Karras "
+                    "conversion reads it)")
+        return (f"{call} runs the student's t = {flow_times(student)} (set by the scheduler config alone; Euler "
+                f"steps, its ode sampler) and gives {video}")
 
     def export_scheduler(self, teacher_folder: Path) -> dict:
         """A FlowMatchEulerDiscreteScheduler config with the teacher's shift (WanPipeline takes one; the folder's
