@@ -548,8 +548,8 @@ MEMORY_ASSUMPTIONS = """Assumptions (fdistill/memory.py; its docstring has the d
   kernel; --gan-attention math puts the student step's GAN-term teacher pass on it too, as fdistill ran it
   before), plus twice the largest tensor an op makes; student step = generator + teacher pass (in full at the
   end of its forward, to the tap afterwards) + head; critic step = fake score + heads on fake and real features
-  (+ R1). Checkpointing: with the shared base every pass through the one network (the teacher's too); with
-  separate networks only the students.
+  (+ R1). Checkpointing: every pass with grad, the teacher's GAN-term pass included (with the shared base, the
+  one network; with separate networks, each of the three); exact R1 is counted in full either way.
 - A GPU fits what is below {headroom:.0%} of its memory (80 GB = 80e9 bytes, 141 GB = 141e9; 1 GB = 1e9
   bytes); the rest is for what the count cannot see: the CUDA context, NCCL buffers, attention and cuBLAS
   workspaces, the caching allocator's fragmentation. Checked on the CPU against a real network

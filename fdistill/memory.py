@@ -17,8 +17,10 @@ batch (``Affine``). What is counted:
   attention blocks) are recorded by a checkpointing function that runs them in place, so one forward gives both
   answers: without checkpointing, everything saved; with it, what is saved outside the units plus the units'
   inputs (which ``torch.utils.checkpoint`` keeps), plus the largest unit's saved tensors, recomputed in backward
-  one unit at a time. With ``text.shared_base`` the teacher's passes run on the same checkpointed network; with
-  separate networks only the students are checkpointed.
+  one unit at a time. The teacher's passes with grad are checkpointed too: with ``text.shared_base`` they run on
+  the same checkpointed network; with separate networks the teacher's own network is checkpointed
+  (``LatentTextToImageTeacher.prepare_students``). Exact R1 is counted in full either way: the gradient taken
+  with ``create_graph`` keeps each unit's recomputed tensors for the second differentiation.
 - **bf16 autocast** (``distill.precision: bf16``) is CUDA's policy emulated on meta tensors (``MetaAutocast``):
   matmuls and convolutions in bf16 (a frozen fp32 weight's bf16 copy is saved where the input needs grad), norms
   and softmax in fp32. Attention is a fused kernel (flash / memory-efficient: q, k, v, output, fp32 log-sum-exp),
@@ -742,7 +744,6 @@ def pass_peak(p: Profile, name: str, batch: int, checkpointed: bool) -> float:
 def estimate(p: Profile, run: Run) -> Estimate:
     """The per-GPU peak of ``run`` from a ``Profile`` counted with the same precision, LoRA rank and head."""
     b, ck = run.micro_batch, run.checkpointing
-    teacher_ck = ck and run.shared_base  # separate networks: only the students are checkpointed
 
     def get(name: str, field: str) -> float:
         return p.passes[name, field].at(b)
@@ -764,8 +765,9 @@ def estimate(p: Profile, run: Run) -> Estimate:
     head = get("head", "total")
     heads = head + p.passes["head", "total"].per_sample * b  # fake and real features; one autocast copy of weights
     if run.gan:
-        end_of_teacher = gen + saved(gan, teacher_ck) + cache
-        backward = gen + saved(gan + "_tap", teacher_ck) + head + max(unit("student", ck), unit(gan, teacher_ck))
+        # the teacher's network is checkpointed with the students' (shared base or not)
+        end_of_teacher = gen + saved(gan, ck) + cache
+        backward = gen + saved(gan + "_tap", ck) + head + max(unit("student", ck), unit(gan, ck))
         student = max(end_of_teacher, backward) + transient
     else:
         student = gen + cache + unit("student", ck) + transient

@@ -2,6 +2,7 @@
 the meta device equal what autograd saves in the real forward, and its predicted peak of a forward + backward
 brackets the peak the profiler measures; and ``distill``'s refusal of a run predicted not to fit a (faked) GPU."""
 
+import dataclasses
 import json
 
 import pytest
@@ -67,7 +68,9 @@ def _passes(generator, teacher):
     return {"student": student, "teacher_fused": gan, "teacher_math": r1}
 
 
-def _saved_bytes(forward, params) -> int:
+def _saved_bytes(forward, params, held=()) -> int:
+    """The distinct storages ``forward`` saves for backward (and those of ``held``, filled as it runs), parameters
+    excluded."""
     keys = {p.untyped_storage()._cdata for p in params}
     sizes, keep = {}, []
 
@@ -80,6 +83,8 @@ def _saved_bytes(forward, params) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
+    for t in held:
+        pack(t)
     return sum(sizes.values())
 
 
@@ -104,6 +109,34 @@ def test_meta_count_equals_what_autograd_saves_on_cpu(case):
     for name, forward in _passes(generator, teacher).items():
         got = _saved_bytes(forward, shared.denoiser.parameters())
         assert got == pytest.approx(profile.passes[name, "total"].at(BATCH), rel=1e-6), name
+
+
+@pytest.mark.parametrize("function", ["SharedBase.checkpoint", "attention.checkpoint"])
+def test_meta_count_with_checkpointing_equals_what_autograd_keeps_on_cpu(case, function):
+    """With checkpointing a forward keeps what is saved outside the checkpointed units and the units' inputs (the
+    count's ``kept``), the teacher's passes included: checkpointed on the shared base (``SharedBase.checkpoint``) or as
+    a separate network (``networks.attention.checkpoint``, what ``prepare_students`` gives the teacher). So the
+    activation peaks of the two modes are the same; only their states differ."""
+    from fdistill.networks import attention
+
+    profile, shared, generator, teacher = case
+    function = shared.checkpoint if function == "SharedBase.checkpoint" else attention.checkpoint
+    held = []  # tensors a unit's checkpoint holds as plain objects (inside tuples, kwargs), not by saving them
+
+    def holding(module, *args, **kwargs):
+        held.extend(t for a in (*args, kwargs) if not isinstance(a, torch.Tensor) for t in memory._tensors(a))
+        return function(module, *args, **kwargs)
+
+    shared.backbone.enable_gradient_checkpointing(holding)
+    for name, forward in _passes(generator, teacher).items():
+        held.clear()
+        got = _saved_bytes(forward, shared.denoiser.parameters(), held)
+        assert got == pytest.approx(profile.passes[name, "kept"].at(BATCH), rel=1e-6), name
+    run = memory.Run(micro_batch=BATCH, precision="fp32", lora_rank=RANK, disc_head="fdistill", r1="exact",
+                     checkpointing=True)
+    one, separate = (memory.estimate(profile, dataclasses.replace(run, shared_base=s)) for s in (True, False))
+    assert (one.student, one.critic) == (separate.student, separate.critic)
+    assert separate.student < memory.estimate(profile, dataclasses.replace(run, checkpointing=False)).student
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

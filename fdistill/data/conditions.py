@@ -63,7 +63,7 @@ class TextConfig:
     prompts: str | None = None  # a prompts file (one per line) for the generator; None: the data's captions
     resolution: int | None = None  # image size in pixels; None: the teacher's (512 for SD1.5, 1024 for SDXL)
     on_bad_data: str = "skip"  # a corrupt image or missing caption: "skip" (with a warning) or "error"
-    gradient_checkpointing: bool = False  # recompute the generator's and fake score's activations in backward
+    gradient_checkpointing: bool = False  # recompute every pass's activations in backward (the teacher's too)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) on generator and fake score, not all weights
     decode_threads: int = 0  # threads decoding each minibatch's images (0: in the training thread)
     # with lora_rank: generator and fake score are two LoRA adapters on one frozen base that is also the teacher

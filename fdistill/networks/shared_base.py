@@ -24,9 +24,9 @@ import contextlib
 import re
 import warnings
 
-import torch
-import torch.utils.checkpoint
 from torch import nn
+
+from fdistill.networks import attention
 
 LORA_PARAM = re.compile(r"\.(lora_[AB])\.([^.]+)\.")  # peft's parameter names: <layer>.lora_A.<adapter>.weight
 
@@ -140,54 +140,28 @@ class SharedBase:
         self.active = name
 
     def checkpoint(self, module: nn.Module, *args, **kwargs):
-        """diffusers' ``gradient_checkpointing_func`` for the shared network: non-reentrant
-        ``torch.utils.checkpoint`` of ``module``, whose recomputation in backward runs with the adapter, train/eval
-        mode and scaled-dot-product-attention kernels that were in force when the unit ran forward (the exact R1 pass
-        runs on the math kernel: ``networks.attention.double_backward``)."""
-        state = (self.active, self.denoiser.training, _sdpa_backends())
-
-        def run(*a, **k):
-            with self._restored(state):
-                return module(*a, **k)
-
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        """diffusers' ``gradient_checkpointing_func`` for the shared network: ``networks.attention.checkpoint`` (whose
+        recomputation in backward runs on the attention kernels of the forward: exact R1's math kernel), recomputed
+        with the adapter and train/eval mode that were in force when the unit ran forward."""
+        state = (self.active, self.denoiser.training)
+        return attention.checkpoint(module, *args, context=lambda: self._restored(state), **kwargs)
 
     @contextlib.contextmanager
     def _restored(self, state):
         """The base as it was in ``state`` for the block (a no-op in the forward itself); switched back afterwards."""
-        adapter, training, backends = state
+        adapter, training = state
         now = (self.active, self.denoiser.training)
         switch = (adapter, training) != now and adapter != "?"
         if switch:
             self.activate(adapter, training)
         try:
-            with _sdpa_kernels(backends):
-                yield
+            yield
         finally:
             if switch and now[0] != "?":
                 self.activate(*now)
 
 
-def _sdpa_backends() -> tuple | None:
-    """The scaled-dot-product-attention kernels now enabled (None where torch cannot say)."""
-    try:
-        from torch.nn.attention import SDPBackend
-    except ImportError:
-        return None
-    cuda = torch.backends.cuda
-    flags = ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
-             (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
-             (SDPBackend.MATH, cuda.math_sdp_enabled()), (SDPBackend.CUDNN_ATTENTION, cuda.cudnn_sdp_enabled()))
-    return tuple(backend for backend, on in flags if on)
-
-
-def _sdpa_kernels(backends: tuple | None):
-    """A context with exactly ``backends`` enabled (nothing changed when they are the current ones)."""
-    if backends is None or backends == _sdpa_backends():
-        return contextlib.nullcontext()
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(list(backends))
+_sdpa_backends, _sdpa_kernels = attention.sdpa_backends, attention.sdpa_kernels  # their former names here
 
 
 class AdapterView(nn.Module):

@@ -1,7 +1,8 @@
 """What every latent text-to-image family shares (Stable Diffusion v1.5 / SDXL, SD3, FLUX.1, SANA, Qwen-Image): the
 frozen VAE as a codec, the real data in latent space, and ``LatentTextToImageTeacher``, the base of their
-``Teacher`` classes: opening a pipeline folder and rebuilding it from a checkpoint's record, LoRA and gradient
-checkpointing of the students, the shared-base mode, reloading a student and exporting it as a pipeline folder.
+``Teacher`` classes: opening a pipeline folder and rebuilding it from a checkpoint's record, LoRA of the students,
+gradient checkpointing (of the students and the teacher), the shared-base mode, reloading a student and exporting it
+as a pipeline folder.
 A family says how its folder loads (``load``), how its network is adapted (``lora_targets``, ``backbone``) and how
 its export is written (``export_pipeline``, ``pipeline_call``: the student's k steps as the pipeline's scheduler)."""
 
@@ -240,12 +241,24 @@ class LatentTextToImageTeacher(Teacher):
         are made."""
 
     def prepare_students(self, students: list[nn.Module], cfg) -> None:
+        """Separate networks: LoRA of ``text.lora_rank`` on each student; with ``text.gradient_checkpointing`` the
+        generator's, the fake score's and the frozen teacher's networks are checkpointed (``networks.attention
+        .checkpoint``, recomputing on the attention kernels of the forward). Of the teacher's passes only those with
+        grad are: the GAN term's (differentiated through its input into the generator) and exact R1's (a double
+        backward); diffusers' UNets and transformers checkpoint only when grad is enabled, so its no-grad passes
+        (the f-divergence term's, approximate R1's) run as before."""
+        from fdistill.networks import attention
+
         self.check_config(cfg)
         for m in students:
             if cfg.text.lora_rank:
                 self.lora(m, cfg.text.lora_rank)
+        for m in (*students, self.denoiser):  # set either way: the teacher's network outlives one distiller
+            backbone = getattr(m, self.backbone)
             if cfg.text.gradient_checkpointing:
-                getattr(m, self.backbone).enable_gradient_checkpointing()
+                backbone.enable_gradient_checkpointing(attention.checkpoint)
+            else:
+                backbone.disable_gradient_checkpointing()
 
     def shared_students(self, cfg) -> tuple[nn.Module, list[nn.Module]]:
         """``text.shared_base``: the teacher and the two students as views of this teacher's one denoiser
@@ -262,6 +275,8 @@ class LatentTextToImageTeacher(Teacher):
         shared = SharedBase(self.denoiser, self.backbone, self.lora, cfg.text.lora_rank)
         if cfg.text.gradient_checkpointing:
             shared.backbone.enable_gradient_checkpointing(shared.checkpoint)
+        else:  # a separate-network distiller may have checkpointed the teacher's network before
+            shared.backbone.disable_gradient_checkpointing()
         return shared.teacher(), [shared.add("generator").train(), shared.add("fake_score").train()]
 
     def student_info(self, cfg) -> dict:
