@@ -173,3 +173,28 @@ def test_recomputation_needs_the_kernels_of_the_forward(family):
     d.iteration = 1
     with pytest.raises(torch.utils.checkpoint.CheckpointError, match="different metadata"):
         d.step()
+
+
+@pytest.mark.parametrize("family", ["sd3"], indirect=True)
+@pytest.mark.parametrize("features", ["fake_score", "dmd2"])
+def test_fake_score_features_with_checkpointing(family, features):
+    """The head on the fake score's features (``distill.disc_features``): a student step and a critic step with
+    exact R1 (a double backward through the checkpointed fake score) give the gradients of the run without
+    checkpointing."""
+    _, folder, config = family
+    runs = {}
+    for ck in (False, True):
+        cfg = config(ck)
+        cfg.distill = dataclasses.replace(cfg.distill, disc_features=features)
+        runs[ck] = distill.make_distiller(cfg, folder)
+    for role in ("generator", "fake_score", "discriminator"):
+        getattr(runs[True], role).load_state_dict(getattr(runs[False], role).state_dict())
+    for roles in (("generator",), ("fake_score", "discriminator")):
+        for d in runs.values():
+            torch.manual_seed(0)
+            d.step()
+        for role in roles:
+            got, want = (_grads(getattr(runs[ck], role)) for ck in (True, False))
+            assert got.keys() == want.keys() and got
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=RTOL, atol=ATOL)
