@@ -290,6 +290,20 @@ def student_kinds(steps: str, inputs: str, samplers: str = "sde") -> list[tuple[
                                             for sampler in samplers.split(",")]
 
 
+def add_student_arguments(p: argparse.ArgumentParser, levels: str) -> None:
+    """The options every digits benchmark's students share: --seeds, --guidance and the k-step students' --student-
+    steps (``levels``: what a k > 1 student's levels are), --student-input and --student-sampler."""
+    p.add_argument("--seeds", type=int, default=1,
+                   help="students per divergence (distill.seed 0..N-1, the teacher shared); rows give mean ± std")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="the teacher's CFG scale (sampled and distilled)")
+    p.add_argument("--student-steps", default="1", metavar="K,...",
+                   help=f"students of k steps for each k (k > 1: {levels})")
+    p.add_argument("--student-input", default="backward", metavar="MODE,...",
+                   help="the k > 1 students' training input: backward, forward or both")
+    p.add_argument("--student-sampler", default="sde", metavar="SAMPLER,...",
+                   help="the k > 1 students' sampler: sde, ode or both (ode run folders end in -ode)")
+
+
 def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: list, tag: str, prompts: list[str],
                       digits: torch.Tensor, rows: dict, strips: dict, say, extra: list[str] = (),
                       score_fn=score) -> list[str]:
@@ -336,16 +350,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-t2i-digits")
     p.add_argument("--evaluate-t2i", type=int, default=250, metavar="N",
                    help="then run fdistill evaluate-t2i on each model with N prompts x 4 images (0: skip)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="students per divergence (distill.seed 0..N-1, the teacher shared); rows give mean ± std")
-    p.add_argument("--guidance", type=float, default=GUIDANCE, help="the teacher's CFG scale (sampled and distilled)")
-    p.add_argument("--student-steps", default="1", metavar="K,...",
-                   help="students of k steps for each k (k > 1: levels from t = 500 down, run folders "
-                        "<run>-k<k>-<input>); with k > 1 the teacher's few-step baselines are added")
-    p.add_argument("--student-input", default="backward", metavar="MODE,...",
-                   help="the k > 1 students' training input: backward, forward or both")
-    p.add_argument("--student-sampler", default="sde", metavar="SAMPLER,...",
-                   help="the k > 1 students' sampler: sde, ode or both (ode run folders end in -ode)")
+    add_student_arguments(p, "levels from t = 500 down, run folders <run>-k<k>-<input>; with k > 1 the teacher's "
+                             "few-step baselines are added")
     p.add_argument("--no-analyze-run", dest="analyze_run", action="store_false",
                    help="skip fdistill analyze-run (Fig. 6) on the students")
     p.add_argument("--no-train", action="store_true",

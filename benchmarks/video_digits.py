@@ -544,16 +544,7 @@ def main() -> None:
     p.add_argument("--num", type=int, default=2000, help="clips per model for the metrics")
     p.add_argument("--clips", type=int, default=0, help="train on this many of the 7,188 clips (0: all; smoke runs)")
     p.add_argument("--out", default="runs/bench-video-digits")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="students per divergence (distill.seed 0..N-1, the teacher shared); rows give mean ± std")
-    p.add_argument("--guidance", type=float, default=bench.GUIDANCE,
-                   help="the teacher's CFG scale (sampled and distilled)")
-    p.add_argument("--student-steps", default="1", metavar="K,...",
-                   help="students of k steps for each k (k > 1: flow times linspace(t, 0, k + 1) from --generator-t)")
-    p.add_argument("--student-input", default="backward", metavar="MODE,...",
-                   help="the k > 1 students' training input: backward, forward or both")
-    p.add_argument("--student-sampler", default="sde", metavar="SAMPLER,...",
-                   help="the k > 1 students' sampler: sde, ode or both (ode run folders end in -ode)")
+    bench.add_student_arguments(p, "flow times linspace(t, 0, k + 1) from --generator-t")
     p.add_argument("--via", default="cli", choices=("cli", "python"),
                    help="cli: fdistill prepare-latents on the MP4 folder, fdistill sample and export per student; "
                         "python: encode_clips instead, no sample/export (students are distilled by the CLI either way)")
