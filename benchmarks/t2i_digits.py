@@ -282,7 +282,7 @@ def mean_std(seeds: list[dict]) -> dict:
             for k in seeds[0] if isinstance(seeds[0][k], float)}
 
 
-def student_kinds(steps: str, inputs: str, samplers: str = "sde") -> list[tuple[int, str | None, str | None]]:
+def student_kinds(steps: str, inputs: str, samplers: str = "ode") -> list[tuple[int, str | None, str | None]]:
     """(k, training input, sampler) of each student kind of ``--student-steps``, ``--student-input`` and
     ``--student-sampler`` (None, None for k = 1)."""
     ks = [int(k) for k in steps.split(",")]
@@ -300,8 +300,9 @@ def add_student_arguments(p: argparse.ArgumentParser, levels: str) -> None:
                    help=f"students of k steps for each k (k > 1: {levels})")
     p.add_argument("--student-input", default="backward", metavar="MODE,...",
                    help="the k > 1 students' training input: backward, forward or both")
-    p.add_argument("--student-sampler", default="sde", metavar="SAMPLER,...",
-                   help="the k > 1 students' sampler: sde, ode or both (ode run folders end in -ode)")
+    p.add_argument("--student-sampler", default="ode", metavar="SAMPLER,...",
+                   help="the k > 1 students' sampler: ode (the package's default), sde or both (ode run folders end "
+                        "in -ode)")
 
 
 def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: list, tag: str, prompts: list[str],

@@ -31,7 +31,7 @@ def build(batch: int, micro: int | None, iterations: int, divergence: str, fsdp:
     k, mode = student.split(":") if student else (1, "backward")
     cfg = DistillConfig(divergence=divergence, iterations=iterations, batch_size=batch, micro_batch=micro, lr=1e-3,
                         tau=3, sigmas=SigmaSampler(sigma_max=20.0), log_every=1, gan_weight=0.1, fsdp=fsdp,
-                        student_steps=int(k), student_input=mode)
+                        student_steps=int(k), student_input=mode, student_sampler="sde")
     real = torch.Generator().manual_seed(1)
     return Distiller(cfg, MIX, copy.deepcopy(net), copy.deepcopy(net), Discriminator.mlp(MIX.feature_channels(), 16),
                      real_data=lambda n, part: (MIX.sample(n, generator=real)[part], None), sample_shape=(2,))

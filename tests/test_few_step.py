@@ -175,7 +175,7 @@ def test_one_step_config_is_todays_student():
 
 
 def test_k_step_training_reduces_the_loss_and_samples_in_k_calls():
-    d = make(small(student_steps=4, iterations=30))
+    d = make(small(student_steps=4, iterations=30, student_sampler="sde"))
     training_loop(d, progress=False)
     calls = []
     d.generator_ema.register_forward_hook(lambda *a: calls.append(1))

@@ -66,7 +66,8 @@ def _grads(net):
     return {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
 
 
-K_STEP = {"1": [], "3-backward": ["distill.student_steps=3", "distill.student_input=backward"],
+K_STEP = {"1": [],
+          "3-backward": ["distill.student_steps=3", "distill.student_input=backward", "distill.student_sampler=sde"],
           "2-forward": ["distill.student_steps=2", "distill.student_input=forward", "distill.student_sampler=ode"]}
 
 

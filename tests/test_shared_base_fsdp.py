@@ -76,7 +76,8 @@ def test_sharded_shared_base_matches_one_process_and_resumes_on_any_ranks(pipeli
 def test_sharded_shared_base_with_checkpointing_and_a_k_step_student(pipelines, tmp_path):
     """FLUX with gradient checkpointing (each unit recomputed in backward, its adapter switched on gathered
     parameters) and a 2-step student's backward simulation: 2 sharded ranks end where 1 process ends."""
-    overrides = ("text.gradient_checkpointing=true", "distill.student_steps=2", "distill.student_input=backward")
+    overrides = ("text.gradient_checkpointing=true", "distill.student_steps=2", "distill.student_input=backward",
+                 "distill.student_sampler=sde")
     sharded = _worker(tmp_path / "two", "flux", pipelines, 3, "1", "-", *overrides)
     single = build(*pipelines["flux"], 3, False, *overrides)
     training_loop(single, progress=False)
