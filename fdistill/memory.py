@@ -507,8 +507,9 @@ def folder_subject(path: str | Path, resolution: int | None = None, options: dic
         return None
     opts = family.parse_options(options)
     index = read_json_object(path / "model_index.json")
-    if family.kind == "wan" and index.get("boundary_ratio") is not None:
-        return None  # Wan2.2-A14B's two experts: its students are not built (``families.wan``)
+    if family.kind == "wan" and index.get("boundary_ratio") is not None and getattr(opts, "expert", None) is None:
+        return None  # Wan2.2-A14B's routed pair is not distilled, one expert at a time is (``families.wan``)
+    # an A14B expert's run holds that expert alone; transformer and transformer_2 share one architecture
     config = read_json_object(path / family.backbone / "config.json")
     vae = read_json_object(path / "vae" / "config.json")
     ratio = vae.get("spatial_compression_ratio") or vae.get("scale_factor_spatial")  # AutoencoderKLWan's (8; 16)
@@ -516,9 +517,9 @@ def folder_subject(path: str | Path, resolution: int | None = None, options: dic
         ratio = ratio or 8
     blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0]
     downsample = int(ratio or 2 ** (len(blocks) - 1))
-    frozen = 0
+    frozen, networks = 0, {family.backbone, "transformer_2"}  # an A14B expert's run loads one of the two
     for name, entry in index.items():
-        if name.startswith("_") or name == family.backbone or not (path / name).is_dir():
+        if name.startswith("_") or name in networks or not (path / name).is_dir():
             continue
         library = entry[0] if isinstance(entry, list) and entry else ""
         if library == "diffusers" or library == "transformers" and text_encoders:

@@ -91,4 +91,17 @@ def wan22_a14b(folder, seed: int = 0):
                  boundary_ratio=BOUNDARY)
 
 
-__all__ = ["BOUNDARY", "FRAMES", "HEIGHT", "WIDTH", "wan21", "wan22_a14b", "wan22_ti2v"]
+def latent_shards(folder, teacher, n: int = 4, seed: int = 0):
+    """``n`` random video latents of ``teacher``'s sample shape with its encoded captions "a clip number i", as
+    latent shards (``fdistill prepare-latents``' layout) in ``folder``."""
+    from fdistill.data.latent_shards import LatentShardWriter
+
+    captions = [f"a clip number {i}" for i in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    with LatentShardWriter(folder, shard_size=2) as w:
+        w.add_batch([f"v{i}" for i in range(n)], torch.randn(n, *teacher.sample_shape, generator=g),
+                    teacher.text(captions).tensors(), captions)
+    return folder
+
+
+__all__ = ["BOUNDARY", "FRAMES", "HEIGHT", "WIDTH", "latent_shards", "wan21", "wan22_a14b", "wan22_ti2v"]

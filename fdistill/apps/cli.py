@@ -139,7 +139,7 @@ def _sample(args: argparse.Namespace) -> None:
         return _print_config(cfg)
     line = sample(args.checkpoint, args.teacher, args.out, args.num, read_prompts(args.prompt, args.prompts),
                   args.seed, args.shard, args.batch, args.steps, args.guidance, args.grid_size, args.device,
-                  not args.no_progress, cfg, args.student_steps)
+                  not args.no_progress, cfg, args.student_steps, args.checkpoint_low)
     if line:
         print(line)
 
@@ -166,13 +166,22 @@ def _export(args: argparse.Namespace) -> None:
     _check_options(args, {"--lora-rank": ("lora_rank", 1, None)})
     if args.lora is not None:
         from fdistill.teachers.lora_files import export_lora
+        from fdistill.training import checkpoint
+
+        if args.checkpoint_low is not None or checkpoint.read_meta(args.checkpoint)["info"].get(
+                "network", {}).get("expert"):
+            raise ValueError("--lora writes one network's adapter; a Wan2.2-A14B expert pair exports as a pipeline: "
+                             "--checkpoint HIGH_RUN --checkpoint-low LOW_RUN --diffusers OUT")
 
         for line in export_lora(args.checkpoint, args.lora, args.lora_rank):
             print(line)
         return
-    from fdistill.apps.distill import load_generator
+    from fdistill.apps.distill import load_expert_pair, load_generator
 
-    generator, student, teacher = load_generator(args.checkpoint)
+    if args.checkpoint_low is not None:
+        generator, student, teacher = load_expert_pair(args.checkpoint, args.checkpoint_low)
+    else:
+        generator, student, teacher = load_generator(args.checkpoint, alone=False)  # the family refuses a lone expert
     print(teacher.export(generator, args.diffusers, student))
 
 
@@ -294,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                 _sample)
     m.add_argument("--checkpoint", help="a distill run folder (its newest checkpoint) or a checkpoint folder: "
                    "the student's own steps (1 for a one-step generator)")
+    m.add_argument("--checkpoint-low", metavar="RUN", help="Wan2.2-A14B: the low-noise expert's distill run "
+                   "(teacher_options.expert=low), sampled after the high-noise expert's --checkpoint (its "
+                   "k_high + k_low steps, each by its expert's student)")
     m.add_argument("--student-steps", type=int, default=None, metavar="J",
                    help="run a k-step --checkpoint in J steps (J divides k: every k/J-th of its levels)")
     m.add_argument("--teacher", help="a teacher (as for distill): multi-step EDM Heun sampling")
@@ -318,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "file (its k-step sampling)", _export)
     x.add_argument("--checkpoint", required=True, help="a text-to-image or text-to-video distill run folder or one of "
                    "its checkpoints")
+    x.add_argument("--checkpoint-low", metavar="RUN", help="Wan2.2-A14B: the low-noise expert's distill run "
+                   "(teacher_options.expert=low); --checkpoint is then the high-noise expert's, and the pipeline "
+                   "holds both students (transformer, transformer_2) with the boundary_ratio that routes each step")
     x.add_argument("--diffusers", metavar="OUT", help="the new pipeline folder (the teacher's, with the student's "
                    "network and scheduler)")
     x.add_argument("--lora", metavar="OUT", help="instead: a new folder with the EMA generator's adapter as "

@@ -31,6 +31,9 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
 (``networks.shared_base``). ``dataset`` replaces ``cfg.data`` (an opened ImageDataset)."""
     device = torch.device(device)
     data = teacher.open_data(cfg, device, dataset)  # first: a run from latent shards releases the text encoders
+    # a family may fix the run's levels and the student's first input (Wan2.2-A14B's experts: families.wan)
+    settings = getattr(teacher, "distill_settings", None)
+    distill_cfg, first_input = settings(cfg.distill) if settings else (cfg.distill, "noise")
     teacher.to(device)
     net = teacher.denoiser
     try:
@@ -52,8 +55,9 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
         net.feature_resolutions = taps  # the generator's own taps are never read
         students[1].feature_resolutions = taps  # the fake score's are with distill.disc_features != teacher
     disc = Discriminator.conv(net.feature_channels(), cfg.disc_hidden, cfg.disc_head)
-    d = Distiller(cfg.distill, teacher.guided(net, cfg.guidance), *students, disc, real_data=data,
-                  sample_shape=teacher.sample_shape, sample_cond=data.sample_cond, device=device)
+    d = Distiller(distill_cfg, teacher.guided(net, cfg.guidance), *students, disc, real_data=data,
+                  sample_shape=teacher.sample_shape, sample_cond=data.sample_cond, device=device,
+                  first_input=first_input)
     d.info = {**teacher.info, "data": cfg.data, **teacher.student_info(cfg)}
     return d
 
@@ -86,11 +90,17 @@ def read_run(run: str | Path, ema: bool = True) -> tuple[Teacher, dict, StudentS
     return teacher, info, student_steps(cfg), weights
 
 
-def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True
+def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True, alone: bool = True
                    ) -> tuple[nn.Module, StudentSteps, Teacher]:
     """A distillation run's generator (from its newest checkpoint, or a checkpoint folder): (network in eval mode,
-    its levels and sampler, the teacher it was distilled from: its sample shape, classes, text encoder, codec)."""
+    its levels and sampler, the teacher it was distilled from: its sample shape, classes, text encoder, codec).
+    ``alone``: refuse the student of Wan2.2-A14B's low-noise expert, which only continues the high expert's sampling
+    (``load_expert_pair``)."""
     teacher, info, student, weights = read_run(run, ema)
+    if alone and info.get("network", {}).get("expert") == "low":
+        raise ValueError(f"{run} is the student of Wan2.2-A14B's low-noise expert: it continues the high-noise "
+                         "expert's sampling, never from pure noise; expected the pair: --checkpoint HIGH_RUN "
+                         f"--checkpoint-low {run}")
     try:
         net = teacher.load_student(weights, info)
     except RuntimeError as e:
@@ -98,6 +108,28 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: boo
                          f"describes ({' '.join(str(e).split())[:300]})") from None
     device = torch.device(device)
     return net.eval().requires_grad_(False).to(device), student, teacher.to(device)
+
+
+def load_expert_pair(high: str | Path, low: str | Path, device: str | torch.device = "cpu", ema: bool = True
+                     ) -> tuple[nn.Module, StudentSteps, Teacher]:
+    """The students of a Wan2.2-A14B folder's two experts (``high``: the run with ``teacher_options.expert=high``,
+    ``low``: with ``low``) as ``load_generator`` gives one generator: (the two networks routed at boundary_ratio as
+    WanPipeline routes transformer / transformer_2, the concatenated levels k_high + k_low, the high run's teacher),
+    checked to be a pair by ``WanTeacher.expert_pair``. ``run_steps`` then samples the two stages: the low student's
+    first input is the high stage's output moved to its level by the sampler's step (ode: the implied noise)."""
+    nets, students, teachers, sigmas = [], [], [], []
+    for run in (high, low):
+        meta = checkpoint.read_meta(run)
+        if meta["info"].get("family") != "wan":
+            raise ValueError(f"--checkpoint-low pairs the students of Wan2.2-A14B's two experts; {run} is not a Wan "
+                             "run (expected two distill runs with teacher_options.expert=high and low)")
+        net, student, teacher = load_generator(run, device, ema, alone=False)
+        nets.append(net)
+        students.append(student)
+        teachers.append(teacher)
+        sigmas.append(from_dict(DistillConfig, meta["config"]).sigmas)
+    pair, student = teachers[0].expert_pair(teachers[1], *nets, *students, *sigmas, (str(high), str(low)))
+    return pair.eval().requires_grad_(False).to(device), student, teachers[0]
 
 
 def sample_maker(net: nn.Module, teacher: Teacher, student: StudentSteps | float | None = None, steps: int = 18,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fdistill.apps import images, png_shards
-from fdistill.apps.distill import load_generator, sample_maker
+from fdistill.apps.distill import load_expert_pair, load_generator, sample_maker
 from fdistill.data.captions import open_captions
 from fdistill.data.datasets import to_float
 from fdistill.teachers.open import open_teacher
@@ -35,11 +35,19 @@ def read_prompts(prompts: list[str] | None, file: str | Path | None) -> list[str
 
 def open_model(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, steps: int | None,
                guidance: float | None, device: torch.device, teacher_config: images.ImageConfig | None = None,
-               student_steps: int | None = None):
+               student_steps: int | None = None, checkpoint_low: str | Path | None = None):
     """(network, the student's StudentSteps or None, its Teacher, steps, guidance, the record of what was sampled).
     ``teacher_config`` (what ``--config`` and the overrides resolve to; None: neither was given) opens the teacher
     at its ``text.resolution`` with its ``teacher_options``; a checkpoint's teacher is the one it records.
-    ``student_steps``: run a k-step student in fewer steps (``StudentSteps.fewer``)."""
+    ``student_steps``: run a k-step student in fewer steps (``StudentSteps.fewer``). ``checkpoint_low``: the
+    low-noise expert's run of a Wan2.2-A14B pair, ``checkpoint_dir`` the high one's (``load_expert_pair``)."""
+    if checkpoint_low is not None:
+        if checkpoint_dir is None:
+            raise ValueError("--checkpoint-low is the low-noise expert's run of a Wan2.2-A14B pair: it goes with "
+                             "--checkpoint HIGH_RUN (the high-noise expert's run)")
+        if student_steps is not None:
+            raise ValueError("--student-steps runs one student in fewer steps; a Wan2.2-A14B pair (--checkpoint-low) "
+                             "samples in its two students' own steps")
     if checkpoint_dir is not None:
         if teacher_config is not None:
             raise ValueError("--config, --print-config and key=value overrides set a --teacher's options "
@@ -48,8 +56,13 @@ def open_model(checkpoint_dir: str | Path | None, teacher_path: str | Path | Non
             given = " and ".join(n for n, v in (("--steps", steps), ("--guidance", guidance)) if v is not None)
             raise ValueError(f"{given} apply to --teacher sampling; a distilled student (--checkpoint) samples in its "
                              "own steps, unguided (--student-steps runs it in fewer)")
-        net, student, teacher = load_generator(checkpoint_dir, device)
+        if checkpoint_low is not None:
+            net, student, teacher = load_expert_pair(checkpoint_dir, checkpoint_low, device)
+        else:
+            net, student, teacher = load_generator(checkpoint_dir, device)
         record = {"checkpoint": str(checkpoint.resolve(checkpoint_dir).resolve())}
+        if checkpoint_low is not None:
+            record["checkpoint_low"] = str(checkpoint.resolve(checkpoint_low).resolve())
         if student_steps is not None:
             student = student.fewer(student_steps)
             record["student_steps"] = student_steps
@@ -59,6 +72,10 @@ def open_model(checkpoint_dir: str | Path | None, teacher_path: str | Path | Non
                          "--steps Heun steps")
     resolution, options = (None, None) if teacher_config is None else \
         (teacher_config.text.resolution, teacher_config.teacher_options)
+    if (options or {}).get("expert") is not None:
+        raise ValueError(f"teacher_options.expert={options['expert']} picks the expert a distill run's student "
+                         "copies; a Wan2.2-A14B --teacher samples with both experts, routed by t (expected no "
+                         "teacher_options.expert)")
     teacher = open_teacher(teacher_path, resolution, options).to(device)
     steps, guidance = 18 if steps is None else steps, 1.0 if guidance is None else guidance
     record = {"teacher": str(Path(teacher_path).resolve()), "steps": steps, "guidance": guidance}
@@ -71,10 +88,11 @@ def sample(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, o
            num: int, prompts: list[str], seed: int = 0, shard: int = 1000, batch: int = 256,
            steps: int | None = None, guidance: float | None = None, grid_size: int = 100,
            device: torch.device | str = "cpu", progress: bool = True,
-           teacher_config: images.ImageConfig | None = None, student_steps: int | None = None) -> str | None:
+           teacher_config: images.ImageConfig | None = None, student_steps: int | None = None,
+           checkpoint_low: str | Path | None = None) -> str | None:
     """Sample and write the files, in this process or, under torchrun, each process of the job its share;
-    returns the line to print (None on ranks other than 0). ``teacher_config``, ``student_steps``: see
-    ``open_model``."""
+    returns the line to print (None on ranks other than 0). ``teacher_config``, ``student_steps``,
+    ``checkpoint_low``: see ``open_model``."""
     if (checkpoint_dir is None) == (teacher_path is None):
         raise ValueError("give exactly one of --checkpoint (a distilled student: a distill run folder or one of its "
                          "checkpoints) or --teacher (multi-step sampling)")
@@ -83,7 +101,8 @@ def sample(checkpoint_dir: str | Path | None, teacher_path: str | Path | None, o
     with distributed.process_group(str(device)) as device:  # under torchrun: one process of the job
         t0 = time.perf_counter()
         net, student, teacher, steps, guidance, record = open_model(checkpoint_dir, teacher_path, steps, guidance,
-                                                                    device, teacher_config, student_steps)
+                                                                    device, teacher_config, student_steps,
+                                                                    checkpoint_low)
         make = sample_maker(net, teacher, student, steps, guidance, device)
         nfe = make.nfe
         if teacher.text_to_image:

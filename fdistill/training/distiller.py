@@ -211,6 +211,9 @@ class DistillConfig:
 
 
 DISC_FEATURES = ("teacher", "fake_score", "dmd2")
+# The student's input at its first level: "noise", pure noise (Alg. 1's G(z)); "forward", a real sample noised to
+# sigma_1 (a student continuing another's sampling; ``Distiller(first_input=...)``, set by ``apps.distill``)
+FIRST_INPUTS = ("noise", "forward")
 R1_NOISE = 0.1  # the approximate R1's perturbation of the real input (FastGen's gan_r1_reg_alpha)
 
 
@@ -238,6 +241,7 @@ class Distiller:
         sample_shape: tuple[int, ...],
         sample_cond: Callable[[int, slice], Tensor | None] = lambda n, part: None,
         device: str | torch.device = "cpu",
+        first_input: str = "noise",
     ) -> None:
         defaults = getattr(teacher, "default_sigmas", dict)()  # the teacher's own noise levels (Denoiser contract)
         cfg = dataclasses.replace(cfg, sigmas=cfg.sigmas.resolve(defaults))
@@ -247,6 +251,9 @@ class Distiller:
         self.sigmas = cfg.sigmas
         self.student = student_steps(cfg)
         self.sigma_gen = self.student.sigmas[0]
+        if first_input not in FIRST_INPUTS:
+            raise ValueError(f"first_input must be one of {FIRST_INPUTS}, got {first_input!r:.40}")
+        self.first_input = first_input
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} ranks")
@@ -351,26 +358,30 @@ class Distiller:
         step i of each sample (uniform in 0..k-1), and the sde noise of the backward simulation, or the real
         samples (with their conditions) and noise of the forward input."""
         cfg, k = self.cfg, self.student.steps
-        if k == 1:
+        if k == 1 and self.first_input == "noise":
             return None
         step = torch.randint(0, k, (cfg.batch_size,), generator=self.rng, device=self.device)
         draws = {"step": step[self.local], "until": int(step.max())}
-        if cfg.student_input == "forward":
+        if cfg.student_input == "forward" or self.first_input == "forward":
             x_real, cond_real = self.real_data(cfg.batch_size, self.local)
             draws.update(x_real=x_real.to(self.device), cond=self._mine(cond_real), eps=self._randn())
-        elif self.student.sampler == "sde":
+        if cfg.student_input != "forward" and self.student.sampler == "sde":
             draws["noises"] = [self._randn() for _ in range(draws["until"])]
         return draws
 
     def _student_output(self, z: Tensor, cond, draws: dict | None, sl: slice) -> Tensor:
         """x0_i = G_theta(x_i; sigma_i) at each sample's step i (Alg. 1 line 4 for a k-step student): x_1 is
-        pure noise, x_i for i > 1 the backward simulation or the forward-noised real sample (``few_step``)."""
+        pure noise, x_i for i > 1 the backward simulation or the forward-noised real sample (``few_step``). With
+        ``first_input="forward"`` (a student that continues another's sampling: Wan2.2-A14B's low-noise expert,
+        ``teachers.families.wan``) x_1 is the real sample noised to sigma_1 too."""
         if draws is None:
             return self.generate(z, cond)
         levels = torch.tensor(self.student.sigmas, device=self.device)
         step = draws["step"][sl]
         x = z * self.generator.prior_std(self.sigma_gen)
-        if "x_real" in draws:
+        if self.first_input == "forward":
+            x = few_step.forward_noised(draws["x_real"][sl], levels[0].expand(len(step)), draws["eps"][sl])
+        if self.cfg.student_input == "forward":
             noised = few_step.forward_noised(draws["x_real"][sl], levels[step], draws["eps"][sl])
             x = torch.where(append_dims(step, x.ndim) == 0, x, noised)
         else:

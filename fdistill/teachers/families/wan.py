@@ -6,11 +6,47 @@ The denoiser (``WanDenoiser``): D(x; sigma) = x_t - t v(x_t, 1000 t) with t = si
 x_t = x / (1 + sigma), the transformer given 1000 t as the pipeline gives it (its scheduler's timesteps,
 sigma_sched x num_train_timesteps) and no text mask (pipeline_wan.py, the denoising loop). Wan2.2-TI2V-5B's folder
 sets ``expand_timesteps``: the pipeline then gives one timestep per latent token (``mask[0][0][:, ::2, ::2] * t``
-flattened), all equal for text-to-video; the denoiser does the same, so that its D is the pipeline's. Wan2.2-T2V-A14B
-has two experts, ``transformer`` for high noise and ``transformer_2`` for low noise: the pipeline uses
-``transformer`` while its timestep t_sched >= ``boundary_ratio`` x num_train_timesteps (0.875 x 1000), else
-``transformer_2``; the denoiser routes each sample by its own 1000 t the same way (the batch split between the two
-and put back in order, features included). Its per-expert students are not built yet (``check_config``).
+flattened), all equal for text-to-video; the denoiser does the same, so that its D is the pipeline's.
+
+Wan2.2-T2V-A14B has two experts, ``transformer`` for high noise and ``transformer_2`` for low noise: the pipeline
+uses ``transformer`` while its timestep t_sched >= ``boundary_ratio`` x num_train_timesteps (0.875 x 1000), else
+``transformer_2`` (pipeline_wan.py, the denoising loop); loaded as a teacher, the denoiser routes each sample by its
+own 1000 t the same way (the batch split between the two and put back in order, features included). It is distilled
+one student per expert, one run each (NVlabs/FastGen issue #22: its maintainer advises distilling the two
+separately "by adjusting the time sampling", with noised data rather than backward simulation from noise),
+``teacher_options.expert: high | low`` (required for an A14B folder, refused for a one-transformer one;
+``distill_settings``):
+
+* the teacher of the run is that expert alone (``transformer`` or ``transformer_2``, loaded without the other): every
+  t of the run lies in its range, where the routed pair would call it anyway, so it is the same D at half the
+  weights; a t outside the range is refused in one line (``WanDenoiser._check_range``). Generator and fake score are
+  copies of it (LoRA and ``text.shared_base`` as for any Wan), the discriminator reads its taps;
+* the expert's range: high t >= boundary_ratio (up to t_max 0.999), low t < boundary_ratio (from t_min 0.001), t
+  computed in float32 as the denoiser computes it (``in_expert_range``). ``distill.sigmas`` is clipped to it: its
+  ``index_range`` cut to the grid levels inside the range (the preset's t grid on [0.001, 0.999] becomes indices
+  875..999 for high, 0..874 for low); clipping rather than refusing, so that one preset serves both runs. A range
+  left empty is refused;
+* the student's levels: explicit ``distill.student_sigmas`` must lie in the range (else one line); by default k
+  equal steps of the schedule's unshifted t (as ``few_step.default_levels`` for a flow teacher) from the top down
+  towards the range's far end, that end left out (``expert_levels``): high from t_max (or ``generator_sigma``) towards
+  the boundary (0.999 / 0.958 / 0.916 for k = 3), low from the last grid level below the boundary (0.874) towards 0.
+  ``generator_sigma`` caps the top from above (the preset's 999 is the high top and leaves the low top alone); one
+  below the high range is refused. The levels are written into the run's saved config (``student_sigmas``), so that
+  ``read_run`` gives them back;
+* the low expert's student never starts from pure noise: at sampling its first input is the high stage's output
+  moved to its first level. The cheapest correct training input is real latents noised to that level (forward
+  noising, FastGen's ``student_input: forward``; the backward simulation's pure-noise start does not exist for it),
+  so its first level always gets that (``Distiller(first_input="forward")``), whatever ``distill.student_input``,
+  which then picks the input of its later levels as for any k-step student (backward: its own steps from there);
+* the pair: ``fdistill export --checkpoint HIGH --checkpoint-low LOW --diffusers OUT`` (``apps.distill
+  .load_expert_pair``, ``expert_pair``) checks that the two runs are the high and the low expert of the same folder
+  and options with the same sampler, and that their distillation ranges meet at the boundary; it writes one
+  WanPipeline with ``transformer`` the high student, ``transformer_2`` the low one, the scheduler config whose
+  ``set_timesteps(k_high + k_low)`` gives the concatenated levels (``steps_config``: one level each always, more on
+  one Karras / exponential / beta ramp) and a ``boundary_ratio`` that routes each step to its student (the teacher's
+  own when the scheduler's float32 timesteps allow, else the midpoint between the two students' levels:
+  ``pair_boundary``). ``fdistill sample --checkpoint HIGH --checkpoint-low LOW`` runs the same two stages
+  (``few_step.run_steps`` on the routed pair), the pipeline's video for the same seed (tests/test_wan_experts.py).
 
 Noise levels: WanPipeline's UniPCMultistepScheduler (``use_flow_sigmas``, ``flow_shift`` 3.0 for 480p, 5.0 for
 720p per diffusers' Wan docs) shifts t -> s t / (1 + (s - 1) t), i.e. sigma -> s sigma; the teacher's own schedule
@@ -40,6 +76,7 @@ that their final kernel fits both sides.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import re
@@ -66,6 +103,8 @@ from fdistill.teachers.flow_matching import (
 from fdistill.teachers.latent_t2i import LatentCodec, LatentPipeline
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+EXPERTS = ("high", "low")  # teacher_options.expert: Wan2.2-A14B's high-noise or low-noise expert
+EXPERT_COMPONENTS = {"high": "transformer", "low": "transformer_2"}  # WanPipeline's names of the two
 LAYOUT = ("a diffusers WanPipeline folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, "
           "scheduler/ (Wan2.2-A14B: also transformer_2/), as save_pretrained writes")
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
@@ -94,6 +133,25 @@ def clean_prompt(text: str) -> str:
     else:
         text = ftfy.fix_text(text)
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+def in_expert_range(sigma: Tensor, expert: str, boundary: float) -> Tensor:
+    """Whether each EDM level ``sigma`` lies in A14B expert ``expert``'s range: the high-noise expert's where
+    1000 t >= boundary_ratio x 1000, the low-noise expert's below, with t = sigma / (1 + sigma) computed in float32
+    exactly as ``WanDenoiser`` computes it (so that the clipped levels are the ones it routes to that expert)."""
+    s = torch.as_tensor(sigma).to(torch.float32)
+    high = TIMESTEPS * t_of_sigma(s) >= boundary * TIMESTEPS
+    return high if expert == "high" else ~high
+
+
+def expert_levels(schedule, k: int, top: float, bottom: float) -> list[float]:
+    """An A14B expert student's default k levels (module docstring): from ``top`` down, k equal steps of the
+    schedule's unshifted t (t_u = sigma / (shift + sigma); shift 1 outside ``flow`` schedules) towards ``bottom``
+    (the boundary's sigma for the high expert, 0 for the low one), the last step's end left out, as
+    ``few_step.default_levels`` does for a flow teacher: linspace(t_u(top), t_u(bottom), k + 1)[:k]."""
+    shift = float(schedule.shift) if schedule.schedule == "flow" else 1.0
+    ut = torch.linspace(top / (shift + top), bottom / (shift + bottom), k + 1, dtype=torch.float64)[1:k]
+    return [float(top), *(float(u) for u in shift * ut / (1 - ut))]
 
 
 def wan_shift(config: dict, where: str) -> float:
@@ -197,7 +255,8 @@ class WanDenoiser(FlowTransformerDenoiser):
     def __init__(self, transformer: nn.Module, latent_size: tuple[int, int, int], channels: int, width: int,
                  null: TextCondition | None = None, tap_block: int | None = None, shift: float = 1.0,
                  expand_timesteps: bool = False, transformer_2: nn.Module | None = None,
-                 boundary: float | None = None) -> None:
+                 boundary: float | None = None, expert: str | None = None,
+                 expert_boundary: float | None = None) -> None:
         frames, h, w = (int(n) for n in latent_size)
         patch = tuple(int(p) for p in transformer.config["patch_size"])
         super().__init__(transformer, h, channels, width, null, tap_block, shift, patch=patch[1])
@@ -211,6 +270,11 @@ class WanDenoiser(FlowTransformerDenoiser):
             raise ValueError("a second expert (transformer_2) needs its boundary (boundary_ratio), and a boundary its "
                              "expert")
         self.transformer_2, self.boundary = transformer_2, boundary
+        if (expert is None) != (expert_boundary is None) or expert not in (None, *EXPERTS) or (
+                expert is not None and transformer_2 is not None):
+            raise ValueError("one expert alone (expert: high or low) needs its boundary (boundary_ratio) and no "
+                             "second transformer")
+        self.expert, self.expert_boundary = expert, expert_boundary
         key = min(h // ph, w // pw)  # the token grid's shorter spatial side (module docstring)
         self._taps = {key: self.block_names[self.tap_block]}
         self._tap_channels = {key: int(width)}
@@ -239,12 +303,33 @@ class WanDenoiser(FlowTransformerDenoiser):
         return expert(hidden_states=x_t.to(dtype), timestep=timestep, encoder_hidden_states=cond.embeds.to(dtype),
                       return_dict=False)[0]
 
+    def _check_range(self, t: Tensor) -> None:
+        """Refuse, in one line, a t outside the range of the one expert this denoiser holds (the pipeline would
+        give it to the other expert)."""
+        high = self.timestep(t) >= self.expert_boundary * TIMESTEPS
+        wrong = high != (self.expert == "high")
+        if bool(wrong.any()):
+            side = ">=" if self.expert == "high" else "<"
+            raise ValueError(f"this Wan denoiser is Wan2.2-A14B's {self.expert}-noise expert alone "
+                             f"(teacher_options.expert={self.expert}): it takes t {side} {self.expert_boundary:g} "
+                             f"(boundary_ratio), got t = {float(t[wrong][0]):.6g}")
+
+    def paired(self, low: WanDenoiser, boundary: float) -> WanDenoiser:
+        """This (high-noise) network and ``low``'s as one two-expert denoiser routed at ``boundary`` (as the
+        pipeline routes ``transformer`` / ``transformer_2``): the two students of an A14B pair."""
+        null = TextCondition(self.null_embeds) if hasattr(self, "null_embeds") else None
+        return WanDenoiser(self.transformer, (self.latent_frames, self.img_resolution, self.latent_width),
+                           self.img_channels, next(iter(self._tap_channels.values())), null, self.tap_block,
+                           self.shift, self.expand_timesteps, low.transformer, boundary)
+
     def _velocity(self, x_t: Tensor, t: Tensor, cond, x: Tensor, return_features: bool | str
                   ) -> tuple[Tensor | None, dict]:
         """One expert's v and features, or with two experts each sample's from the expert WanPipeline would use at
         its timestep: ``transformer`` while 1000 t >= boundary_ratio x 1000, else ``transformer_2``; a mixed batch
         is split, run as two calls and put back in order."""
         if self.transformer_2 is None:
+            if self.expert is not None:
+                self._check_range(t)
             return super()._velocity(x_t, t, cond, x, return_features)
         self._dtype(cond)
         high = self.timestep(t) >= self.boundary * TIMESTEPS
@@ -269,9 +354,13 @@ class WanOptions(FlowOptions):
     num_frames: int = NUM_FRAMES  # frames of a video: 4n + 1 (the pipeline's 81: 21 latent frames)
     height: int = HEIGHT  # pixels, a multiple of the VAE's factor x 2 (16; Wan2.2-TI2V: 32)
     width: int = WIDTH
+    expert: str | None = None  # Wan2.2-A14B: the expert whose student is distilled, high or low (module docstring)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.expert is not None and self.expert not in EXPERTS:
+            raise ValueError(f"teacher_options.expert must be null, high or low (Wan2.2-A14B's transformer or "
+                             f"transformer_2), got {self.expert!r:.40}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"teacher_options.negative_prompt must be a string (\"\" for the pipeline's empty "
                              f"prompt), got {self.negative_prompt!r:.40}")
@@ -300,7 +389,7 @@ class WanTeacher(FlowMatchingTeacher):
     @classmethod
     def options_of(cls, record: dict) -> WanOptions:
         return WanOptions(record["max_sequence_length"], record["tap_block"], None, record["negative_prompt"],
-                          record["num_frames"], record["height"], record["width"])
+                          record["num_frames"], record["height"], record["width"], record.get("expert"))
 
     @classmethod
     def load(cls, folder: str | Path, resolution: int | None = None, options: WanOptions | None = None,
@@ -325,6 +414,10 @@ class WanTeacher(FlowMatchingTeacher):
             raise ValueError(f"{where}: expand_timesteps must be true or false, got {expand!r:.40}")
         if boundary is not None:  # Wan2.2-A14B: the low-noise expert is required
             pf.open_folder(folder, cls.pipeline_classes, ("transformer_2",), LAYOUT)
+        elif options.expert is not None:
+            raise ValueError(f"teacher_options.expert={options.expert}: {folder} has one transformer (no "
+                             "transformer_2, boundary_ratio null); the option picks one of Wan2.2-A14B's two experts, "
+                             "expected null here")
         shift = wan_shift(*cls.scheduler_config(folder))
         _check_class(folder / "vae", "AutoencoderKLWan")
         codec = WanLatentCodec.load(diffusers.AutoencoderKLWan, folder)
@@ -337,6 +430,8 @@ class WanTeacher(FlowMatchingTeacher):
         size = (frames, options.height // codec.downsample, options.width // codec.downsample)
         tokenizer = pf.load_tokenizer(transformers.T5Tokenizer, folder / "tokenizer")
         experts = ["transformer"] + (["transformer_2"] if boundary is not None else [])
+        if options.expert is not None:  # one expert alone: the teacher of its student's run (module docstring)
+            experts = [EXPERT_COMPONENTS[options.expert]]
         for name in experts:
             _check_class(folder / name, "WanTransformer3DModel")
             config_file = folder / name / "config.json"
@@ -352,28 +447,125 @@ class WanTeacher(FlowMatchingTeacher):
         networks = [pf.load_network(diffusers.WanTransformer3DModel, folder / name, dtype) for name in experts]
         config = networks[0].config
         text = WanTextEncoder(tokenizer, encoder, msl)
+        routed = boundary is not None and options.expert is None
         denoiser = WanDenoiser(networks[0], size, codec.channels,
                                int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
                                text([options.negative_prompt]), options.tap_block, shift, expand,
-                               networks[1] if boundary is not None else None, boundary)
+                               networks[1] if routed else None, boundary if routed else None, options.expert,
+                               boundary if options.expert else None)
         record = {**cls.record(folder, cls.kind, None, msl, denoiser, networks[0]),
                   "num_frames": options.num_frames, "height": options.height, "width": options.width,
                   "negative_prompt": options.negative_prompt, "expand_timesteps": expand, "boundary_ratio": boundary,
-                  "shift": shift}
+                  "shift": shift, "expert": options.expert}
         return WanPipelineParts(denoiser.eval(), text, codec, record, (codec.channels, *size))
 
     @property
     def experts(self) -> int:
-        """The transformers of the teacher: 2 for Wan2.2-A14B, else 1."""
+        """The transformers of the teacher's folder: 2 for Wan2.2-A14B, else 1."""
         return 1 if self.info["network"]["boundary_ratio"] is None else 2
 
+    @property
+    def expert(self) -> str | None:
+        """``teacher_options.expert``: the A14B expert this teacher is (high or low), None for the routed pair and
+        one-transformer folders."""
+        return self.info["network"].get("expert")
+
     def check_config(self, cfg) -> None:
-        if self.experts > 1:
-            raise ValueError(f"{self.source} is a two-expert Wan2.2 pipeline (transformer and transformer_2, switched "
-                             f"at boundary_ratio {self.info['network']['boundary_ratio']}): it loads as a teacher, but "
-                             "its per-expert students are not built yet; distill a one-transformer Wan (2.1 or "
-                             "2.2-TI2V)")
+        self._require_expert()
         super().check_config(cfg)
+
+    def _require_expert(self) -> None:
+        """Refuse distilling an A14B folder without ``teacher_options.expert``, in one line."""
+        if self.experts > 1 and self.expert is None:
+            raise ValueError(f"{self.source} is a two-expert Wan2.2 pipeline (transformer for high noise, "
+                             f"transformer_2 for low, switched at boundary_ratio "
+                             f"{self.info['network']['boundary_ratio']}): it is distilled one student per expert; "
+                             "expected teacher_options.expert=high or teacher_options.expert=low")
+
+    def distill_settings(self, distill):
+        """(the DistillConfig of a run of this teacher, the student's first input: ``Distiller(first_input=)``).
+        One transformer: ``distill`` as it is, pure noise. An A14B expert (module docstring, "Wan2.2-A14B"): the
+        distillation levels clipped to the expert's range of t, the student's levels written out (its default split
+        or its checked ``student_sigmas``), and for the low expert a first input of real latents noised to its first
+        level. Mistakes are refused in one line."""
+        if self.experts == 1:
+            return distill, "noise"
+        self._require_expert()
+        expert, b = self.expert, float(self.info["network"]["boundary_ratio"])
+        side = f"t {'>=' if expert == 'high' else '<'} {b:g}"
+        where = f"the {expert}-noise expert's range, {side} (teacher_options.expert={expert}, boundary_ratio {b:g})"
+        sigmas = distill.sigmas.resolve(self.denoiser.default_sigmas())
+        grid = sigmas.grid
+        lo, hi = sigmas.index_range
+        index = torch.arange(len(grid))
+        keep = in_expert_range(grid, expert, b) & (index >= lo) & (index <= hi)
+        if not keep.any():
+            ends = sorted(float(t_of_sigma(grid[i])) for i in (lo, hi))
+            raise ValueError(f"distill.sigmas: its levels (index_range [{lo}, {hi}], t in [{ends[0]:.6g}, "
+                             f"{ends[1]:.6g}]) have none in {where}; expected an index_range reaching it")
+        kept = index[keep]
+        sigmas = dataclasses.replace(sigmas, index_range=(int(kept.min()), int(kept.max())))  # contiguous: monotone
+        if distill.student_sigmas:
+            levels = [float(x) for x in distill.student_sigmas]
+            bad = [x for x, ok in zip(levels, in_expert_range(torch.tensor(levels), expert, b)) if not ok]
+            if bad:
+                raise ValueError(f"distill.student_sigmas={levels}: {bad[0]:.6g} (t = {t_of_sigma(bad[0]):.6g}) is "
+                                 f"outside {where}; expected levels in it")
+        else:
+            largest = float(sigmas.support.max())
+            g = distill.generator_sigma
+            top = largest if g is None else min(float(g), largest)
+            if not bool(in_expert_range(torch.tensor([top]), expert, b)[0]):
+                raise ValueError(f"distill.generator_sigma={g:g} (t = {t_of_sigma(g):.6g}) is below {where}; "
+                                 "expected null (its largest level) or a level in it")
+            levels = expert_levels(sigmas, distill.student_steps or 1, top, b / (1 - b) if expert == "high" else 0)
+        distill = dataclasses.replace(distill, sigmas=sigmas, student_sigmas=levels, student_steps=None,
+                                      generator_sigma=None)
+        return distill, "forward" if expert == "low" else "noise"
+
+    def expert_pair(self, low: WanTeacher, high_net: nn.Module, low_net: nn.Module, high_student, low_student,
+                    high_sigmas, low_sigmas, runs: tuple[str, str]):
+        """(the two-expert student: ``high_net`` and ``low_net`` routed at boundary_ratio, the concatenated
+        StudentSteps) of this high-expert run's teacher and ``low``'s. Refused in one line: runs of other teachers
+        or teacher options, not the high and the low expert, samplers that differ, or training ranges that do not
+        meet at the boundary (each run's distillation levels must reach the boundary from its side)."""
+        from fdistill.core.few_step import StudentSteps
+
+        mine, theirs = self.info["network"], low.info["network"]
+        if low.kind != self.kind or mine.get("expert") is None or theirs.get("expert") is None:
+            run = runs[0] if mine.get("expert") is None else runs[1]
+            raise ValueError(f"--checkpoint-low pairs the students of Wan2.2-A14B's two experts; {run} is not an "
+                             "expert's run (expected a distill run with teacher_options.expert=high or low)")
+        if (mine["expert"], theirs["expert"]) != ("high", "low"):
+            raise ValueError(f"--checkpoint {runs[0]} is the {mine['expert']}-noise expert's run and --checkpoint-low "
+                             f"{runs[1]} the {theirs['expert']}-noise expert's; expected the high expert's run, then "
+                             "the low expert's")
+        for key in ("folder", "boundary_ratio", "num_frames", "height", "width", "max_sequence_length",
+                    "negative_prompt", "shift", "expand_timesteps"):
+            if mine.get(key) != theirs.get(key):
+                raise ValueError(f"{runs[0]} and {runs[1]} were distilled from different teachers ({key} "
+                                 f"{str(mine.get(key))[:80]!r} against {str(theirs.get(key))[:80]!r}); expected the "
+                                 "same Wan2.2-A14B folder and teacher_options but the expert")
+        if high_student.sampler != low_student.sampler:
+            raise ValueError(f"{runs[0]}'s student steps with the {high_student.sampler} sampler and {runs[1]}'s with "
+                             f"the {low_student.sampler}; expected the same distill.student_sampler")
+        b = float(mine["boundary_ratio"])
+        for run, expert, student, sigmas in ((runs[0], "high", high_student, high_sigmas),
+                                             (runs[1], "low", low_student, low_sigmas)):
+            if not bool(in_expert_range(torch.tensor(student.sigmas), expert, b).all()):
+                raise ValueError(f"{run}'s student levels {list(student.sigmas)} leave the {expert}-noise expert's "
+                                 f"range of t (boundary_ratio {b:g}); expected a run distilled by this fdistill")
+            inside = in_expert_range(sigmas.grid, expert, b).nonzero().flatten()
+            t = t_of_sigma(sigmas.grid.double())
+            nearest = int(inside[t[inside].argmin() if expert == "high" else t[inside].argmax()])
+            lo, hi = sigmas.index_range
+            if not lo <= nearest <= hi:
+                edge = t[lo:hi + 1].min() if expert == "high" else t[lo:hi + 1].max()
+                raise ValueError(f"{run}'s distillation levels stop at t = {float(edge):.6g}, short of the boundary "
+                                 f"{b:g} (its distill.sigmas.index_range {[lo, hi]}): the two experts' ranges do not "
+                                 "meet; expected each run's levels to reach the boundary")
+        pair = high_net.paired(low_net, b)
+        return pair, StudentSteps(tuple(high_student.sigmas) + tuple(low_student.sigmas), high_student.sampler)
 
     def open_data(self, cfg, device: torch.device, dataset=None):
         """Latent shards of videos (``fdistill prepare-latents`` layout: per-sample latents of this teacher's
@@ -397,18 +589,97 @@ class WanTeacher(FlowMatchingTeacher):
         returns the student's latents for the same seed (tests/test_wan.py, tests/test_wan_cli.py). k steps: an
         ode student where a scheduler config alone gives its levels (``steps_config``), since WanPipeline's call
         takes no ``sigmas=``; an sde student is refused, since WanPipeline calls ``scheduler.step`` without its
-        generator (pipeline_wan.py, the denoising loop): the steps' fresh noise would not be fdistill's."""
+        generator (pipeline_wan.py, the denoising loop): the steps' fresh noise would not be fdistill's.
+        Wan2.2-A14B: the two experts' students together (``generator``: ``apps.distill.load_expert_pair``'s routed
+        pair; ``export_pair``); one expert's alone is refused."""
         student = self.export_steps(generator, student)
-        if self.experts > 1:
-            raise ValueError(f"{self.source} is a two-expert Wan2.2 pipeline: its students are not built yet")
+        if self.experts > 1 and getattr(generator, "transformer_2", None) is None:
+            raise ValueError(f"a Wan2.2-A14B {self.expert or ''}-noise expert's student exports with the other "
+                             "expert's, as one WanPipeline: fdistill export --checkpoint HIGH_RUN --checkpoint-low "
+                             "LOW_RUN --diffusers OUT (expected both runs)")
         if student.steps > 1 and student.sampler != "ode":
             raise ValueError(f"a {student.steps}-step Wan student cannot be exported yet with its {student.sampler} "
                              "sampler: WanPipeline calls scheduler.step without its generator, so the fresh noise of "
                              "each step would come from torch's global RNG, not fdistill sample's; an ode student "
                              "(distill.student_sampler=ode) exports where its levels allow")
+        if self.experts > 1:
+            return self.export_pair(generator, Path(out), student)
         if student.steps > 1:
             self.steps_config(student)  # refuses levels no config reproduces, before anything is written
         return super().export(generator, out, student)
+
+    def pair_boundary(self, student, config: dict) -> float:
+        """A boundary_ratio at which WanPipeline's call of the exported scheduler (``config``) routes each of the
+        pair's steps to its student: its timesteps (float32, as ``set_timesteps`` makes them) >= boundary_ratio x
+        1000 for the high student's levels, below it for the low student's (pipeline_wan.py, the denoising loop).
+        The teacher's own boundary_ratio when it does, else the midpoint between the two students' levels; one
+        line when neither does."""
+        diffusers, _ = pf.libraries()
+        b = float(self.info["network"]["boundary_ratio"])
+        high = int(in_expert_range(torch.tensor(student.sigmas), "high", b).sum())
+        with pf.quiet():
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        scheduler.set_timesteps(student.steps)
+        times = flow_times(student)
+        want = torch.arange(student.steps) < high
+        for ratio in (b, (times[high - 1] + times[high]) / 2):
+            if all(bool(t >= ratio * TIMESTEPS) == bool(w) for t, w in zip(scheduler.timesteps, want)):
+                return ratio
+        raise ValueError(f"the exported scheduler's timesteps {[round(float(t), 4) for t in scheduler.timesteps]} "
+                         f"cannot be split at one boundary_ratio into the high student's {high} steps and the low "
+                         f"student's {student.steps - high}; expected levels further from the boundary {b:g}")
+
+    def export_pair(self, pair: WanDenoiser, out: Path, student) -> str:
+        """The two experts' students as one WanPipeline folder: ``transformer`` the high-noise student,
+        ``transformer_2`` the low-noise one, the FlowMatchEulerDiscreteScheduler whose ``set_timesteps(k)`` gives
+        the concatenated levels (``steps_config``), ``boundary_ratio`` routing each step to its student
+        (``pair_boundary``); written whole or not at all (``pipeline_folders.write_pipeline``, then the index)."""
+        import json
+        import os
+        import shutil
+
+        from fdistill.io import temp_name
+
+        try:
+            config = self.steps_config(student)
+        except ValueError:
+            high = int(in_expert_range(torch.tensor(student.sigmas), "high",
+                                       float(self.info["network"]["boundary_ratio"])).sum())
+            raise ValueError(f"the pair's {student.steps} levels t = {flow_times(student)} ({high} of the high "
+                             f"student, {student.steps - high} of the low) cannot be exported: WanPipeline's call "
+                             "takes no sigmas=, and no FlowMatchEulerDiscreteScheduler config reproduces them (any "
+                             "two levels, or more in Karras / exponential / beta spacing); expected one level each, "
+                             "or distill.student_sigmas of both runs on one such ramp (or sample the pair with "
+                             "fdistill sample --checkpoint-low)") from None
+        ratio = self.pair_boundary(student, config)
+        diffusers, _ = pf.libraries()
+        with pf.quiet():
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty; give a new folder for the exported pipeline")
+        tmp = temp_name(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        pf.write_pipeline(self.info["network"]["folder"], tmp, {"transformer": pair.transformer,
+                                                                "transformer_2": pair.transformer_2}, scheduler)
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["boundary_ratio"] = ratio
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+        return f"wrote {out}: {self.pair_call(out, student, ratio)}"
+
+    def pair_call(self, folder: Path, student, ratio: float) -> str:
+        """The exported pair's WanPipeline call and what it runs."""
+        times = flow_times(student)
+        high = int(in_expert_range(torch.tensor(student.sigmas), "high",
+                                   float(self.info["network"]["boundary_ratio"])).sum())
+        args = ", ".join(["prompt", f"num_inference_steps={student.steps}", *self.call_arguments()])
+        return (f"{self.pipeline_classes[0]}.from_pretrained('{folder}')({args}) runs the high-noise student "
+                f"(transformer) at t = {times[:high]} and the low-noise student (transformer_2) at t = {times[high:]} "
+                f"(boundary_ratio {ratio:.9g}; levels set by the scheduler config alone, Euler steps) and gives "
+                "fdistill sample's video for the same seed (fdistill sample --checkpoint HIGH_RUN --checkpoint-low "
+                f"LOW_RUN; export_to_video(frames, fps={FPS}) writes it as sample's MP4)")
 
     def steps_config(self, student) -> dict:
         """A FlowMatchEulerDiscreteScheduler config (``flow_matching.steps_scheduler_config``'s steps) whose
