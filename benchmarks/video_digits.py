@@ -181,10 +181,11 @@ def option_overrides(frames: int = FRAMES) -> list[str]:
     return [f"teacher_options.{k}={json.dumps(v)}" for k, v in options(frames).items()]
 
 
-def train_vae(clips: torch.Tensor, steps: int, batch: int = 32, seed: int = 0):
+def train_vae(clips: torch.Tensor, steps: int, batch: int = 32, seed: int = 0, say=lambda text: None):
     """A tiny AutoencoderKLWan (3 x F x 32 x 32 <-> 8 x ((F - 1) / 4 + 1) x 8 x 8) trained on L1 + MSE + 1e-6 KL
     (``t2i_digits.train_vae``'s loss) with Adam at 1e-3; latents_mean / latents_std measured per channel on
-    the posterior means of 512 clips (the codec maps z to (z - mean) / std). Returns (vae, final loss)."""
+    the posterior means of 512 clips (the codec maps z to (z - mean) / std); ``say`` gets the loss every 200 steps.
+    Returns (vae, final loss)."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
@@ -197,7 +198,7 @@ def train_vae(clips: torch.Tensor, steps: int, batch: int = 32, seed: int = 0):
     # the decoder's own outputs, one per latent frame: AutoencoderKLWan.decode clamps to [-1, 1], which passes no
     # gradient to a pixel predicted below -1 (every pixel, once the black background is learnt: the ink is lost)
     hook = vae.decoder.register_forward_hook(lambda module, args, output: chunks.append(output))
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         x = clips[torch.randint(len(clips), (batch,))]
         post = vae.encode(x).latent_dist
         chunks.clear()
@@ -207,6 +208,8 @@ def train_vae(clips: torch.Tensor, steps: int, batch: int = 32, seed: int = 0):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step % 200 == 0:
+            say(f"VAE step {step}/{steps}: loss {loss.item():.4f}")
     hook.remove()
     with torch.no_grad():
         mu = torch.cat([vae.encode(clips[i:i + 64]).latent_dist.mode() for i in range(0, 512, 64)])
@@ -575,7 +578,7 @@ def main() -> None:
     say(f"{len(clips)} clips in {data}; MP4 round trip: mean absolute error {mae:.2f} / 255")
     if not (teacher / "vae-trained").is_file():
         t0 = time.perf_counter()
-        vae, loss = train_vae(clips_float(clips), args.vae_steps)
+        vae, loss = train_vae(clips_float(clips), args.vae_steps, say=say)
         shutil.rmtree(teacher, ignore_errors=True)
         shutil.rmtree(latents, ignore_errors=True)  # encoded by another VAE
         save_wan_pipeline(teacher, vae, heads=args.teacher_heads, layers=args.teacher_layers)

@@ -68,7 +68,7 @@ def _passes(generator, teacher):
     return {"student": student, "teacher_fused": gan, "teacher_math": r1}
 
 
-def _saved_bytes(forward, params, held=()) -> int:
+def saved_bytes(forward, params, held=()) -> int:
     """The distinct storages ``forward`` saves for backward (and those of ``held``, filled as it runs), parameters
     excluded."""
     keys = {p.untyped_storage()._cdata for p in params}
@@ -107,7 +107,7 @@ def test_meta_count_equals_what_autograd_saves_on_cpu(case):
     profile, shared, generator, teacher = case
     shared.backbone.disable_gradient_checkpointing()
     for name, forward in _passes(generator, teacher).items():
-        got = _saved_bytes(forward, shared.denoiser.parameters())
+        got = saved_bytes(forward, shared.denoiser.parameters())
         assert got == pytest.approx(profile.passes[name, "total"].at(BATCH), rel=1e-6), name
 
 
@@ -130,7 +130,7 @@ def test_meta_count_with_checkpointing_equals_what_autograd_keeps_on_cpu(case, f
     shared.backbone.enable_gradient_checkpointing(holding)
     for name, forward in _passes(generator, teacher).items():
         held.clear()
-        got = _saved_bytes(forward, shared.denoiser.parameters(), held)
+        got = saved_bytes(forward, shared.denoiser.parameters(), held)
         assert got == pytest.approx(profile.passes[name, "kept"].at(BATCH), rel=1e-6), name
     run = memory.Run(micro_batch=BATCH, precision="fp32", lora_rank=RANK, disc_head="fdistill", r1="exact",
                      checkpointing=True)

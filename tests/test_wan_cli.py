@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import wan_pipelines as wp  # noqa: E402
+from test_memory_model import saved_bytes  # noqa: E402
 
 from fdistill import memory  # noqa: E402
 from fdistill.apps import cli  # noqa: E402
@@ -241,20 +242,6 @@ def test_bad_inputs_are_refused_in_one_line(folder, clips, prepared, run, tmp_pa
 
 
 # -- the memory model on a real WanTransformer3DModel -----------------------------------------------------------------
-def _saved_bytes(forward, params) -> int:
-    keys = {p.untyped_storage()._cdata for p in params}
-    sizes, keep = {}, []
-
-    def pack(t):
-        key = t.untyped_storage()._cdata
-        if key not in keys:
-            sizes.setdefault(key, t.untyped_storage().nbytes())
-            keep.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(sizes.values())
 
 
 def test_memory_model_counts_what_autograd_saves_for_a_wan_transformer(folder):
@@ -286,7 +273,7 @@ def test_memory_model_counts_what_autograd_saves_for_a_wan_transformer(folder):
         return den(torch.randn(batch, 16, 2, 4, 6), sigma, cond)
 
     for name, forward in (("teacher_fused", teacher), ("student", student)):
-        got = _saved_bytes(forward, den.parameters())
+        got = saved_bytes(forward, den.parameters())
         assert got == pytest.approx(profile.passes[name, "total"].at(batch), rel=1e-6), name
     sized = memory.folder_subject(folder, None, {"num_frames": 5, "height": 32, "width": 48,
                                                  "max_sequence_length": L})

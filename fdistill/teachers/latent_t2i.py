@@ -30,6 +30,8 @@ class LatentCodec(nn.Module):
     Encoding samples the posterior as FastGen does (a DC-AE's, SANA's, is deterministic); the VAE always runs in
     fp32 (SDXL's needs it)."""
 
+    per_channel_statistics = False  # the VAE must give latents_mean / latents_std of its channels (Qwen-Image, Wan)
+
     def __init__(self, vae: nn.Module, default_scaling: float = 0.18215, where: str = "the VAE config") -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
@@ -42,18 +44,25 @@ class LatentCodec(nn.Module):
             if not (math.isfinite(value) and (value > 0 or not positive)):
                 raise ValueError(f"{where}: {name} must be a finite{' positive' if positive else ''} number, "
                                  f"got {value!r}")
-        mean, std = config.get("latents_mean"), config.get("latents_std")
-        self.per_channel = mean is not None and std is not None
-        if self.per_channel:  # [C] broadcast over [B, C, (T,) H, W]
-            mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-            if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
-                raise ValueError(f"{where}: latents_mean and latents_std must be finite and std positive")
-            self.register_buffer("latents_mean", mean, persistent=False)
-            self.register_buffer("latents_std", std, persistent=False)
         ratio = config.get("spatial_compression_ratio") or getattr(vae, "spatial_compression_ratio", None)
         blocks = config.get("block_out_channels") or config.get("encoder_block_out_channels")  # AutoencoderDC's
         self.downsample = int(ratio or 2 ** (len(blocks) - 1))
         self.channels = int(config.get("latent_channels") or config.get("z_dim"))
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        self.per_channel = mean is not None and std is not None
+        if self.per_channel_statistics and not self.per_channel:
+            raise ValueError(f"{where}: latents_mean and latents_std must be lists of the {self.channels} latent "
+                             "channels' statistics")
+        if self.per_channel:  # [C] broadcast over [B, C, (T,) H, W]
+            mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+                raise ValueError(f"{where}: latents_mean and latents_std must be finite and std positive")
+            if self.per_channel_statistics and not mean.shape == std.shape == (self.channels,):
+                bad = "latents_mean" if mean.shape != (self.channels,) else "latents_std"
+                raise ValueError(f"{where}: {bad} must hold {self.channels} numbers (z_dim), got "
+                                 f"{(mean if bad == 'latents_mean' else std).numel()}")
+            self.register_buffer("latents_mean", mean, persistent=False)
+            self.register_buffer("latents_std", std, persistent=False)
 
     @classmethod
     def load(cls, vae_class, folder: Path, default_scaling: float = 1.0) -> LatentCodec:

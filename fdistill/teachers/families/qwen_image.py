@@ -118,15 +118,7 @@ class QwenLatentCodec(LatentCodec):
     img2img encoding). The downsampling is the VAE's ``spatial_compression_ratio``, 2 ** len(temperal_downsample)
     = 8, as the pipeline's ``vae_scale_factor``."""
 
-    def __init__(self, vae: nn.Module, default_scaling: float = 1.0, where: str = "the VAE config") -> None:
-        super().__init__(vae, default_scaling, where)
-        if not self.per_channel:
-            raise ValueError(f"{where}: latents_mean and latents_std must be lists of the {self.channels} latent "
-                             "channels' statistics")
-        for name in ("latents_mean", "latents_std"):
-            if getattr(self, name).shape != (self.channels,):
-                raise ValueError(f"{where}: {name} must hold {self.channels} numbers (z_dim), got "
-                                 f"{getattr(self, name).numel()}")
+    per_channel_statistics = True
 
     def _encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.vae.encode(images.unsqueeze(2)).latent_dist.sample(generator).squeeze(2)

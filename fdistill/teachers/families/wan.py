@@ -180,15 +180,10 @@ class WanLatentCodec(LatentCodec):
     (WanPipeline's decoding). ``temporal``: the VAE's ``scale_factor_temporal`` (4; the first frame is its own
     latent frame, so F must be 4n + 1); ``downsample``: its ``scale_factor_spatial`` (8; Wan2.2-TI2V's 16)."""
 
+    per_channel_statistics = True
+
     def __init__(self, vae: nn.Module, default_scaling: float = 1.0, where: str = "the VAE config") -> None:
         super().__init__(vae, default_scaling, where)
-        if not self.per_channel:
-            raise ValueError(f"{where}: latents_mean and latents_std must be lists of the {self.channels} latent "
-                             "channels' statistics")
-        for name in ("latents_mean", "latents_std"):
-            if getattr(self, name).shape != (self.channels,):
-                raise ValueError(f"{where}: {name} must hold {self.channels} numbers (z_dim), got "
-                                 f"{getattr(self, name).numel()}")
         temporal = vae.config.get("scale_factor_temporal") or 4
         if not (isinstance(temporal, int) and not isinstance(temporal, bool) and temporal >= 1):
             raise ValueError(f"{where}: scale_factor_temporal must be a positive integer, got {temporal!r:.40}")
