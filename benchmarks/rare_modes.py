@@ -63,6 +63,7 @@ from fdistill.evaluation.coverage import (
     coverage_metrics,
     predict_classes,
     rarest_classes,
+    separation,
 )
 from fdistill.evaluation.digits_classifier import load_digits_classifier
 from fdistill.evaluation.evaluate import evaluate_samples
@@ -165,6 +166,31 @@ def table(rows: dict[str, list[dict]], columns=COLUMNS) -> str:
     for name, results in rows.items():
         cells = [cell([r.get(key) for r in results], fmt) for key, _, fmt in columns]
         lines.append(f"| {name} | {len(results)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SEPARATED = 3.0  # the study's bar: seed means this many pooled seed standard deviations apart
+
+
+def separations(rows: dict[str, list[dict]], columns=COLUMNS[:-1]) -> str:
+    """Per metric, the pair of students whose seed means are furthest apart in pooled seed standard deviations
+    (``coverage.separation``), and how many pairs pass ``SEPARATED``: the study's test. Empty below 2 seeds."""
+    runs = [name for name, got in rows.items() if len(got) >= 2 and not name.startswith(("data", "teacher"))]
+    pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
+    if not pairs:
+        return ""
+    lines = [f"| metric | furthest pair | their means | separation | pairs above {SEPARATED:g} of {len(pairs)} |",
+             "|---|---|---|---|---|"]
+    for key, name, fmt in columns:
+        seps = {(a, b): separation([r[key] for r in rows[a]], [r[key] for r in rows[b]]) for a, b in pairs}
+        seps = {pair: v for pair, v in seps.items() if not math.isnan(v)}
+        if not seps:
+            continue
+        (a, b), top = max(seps.items(), key=lambda kv: kv[1])
+        means = " / ".join(fmt.format(float(np.mean([r[key] for r in rows[x]]))) for x in (a, b))
+        above = sorted(f"{x} – {y}" for (x, y), v in seps.items() if v > SEPARATED)
+        lines.append(f"| {name} | {a} – {b} | {means} | {top:.2f} | {len(above)}"
+                     + (f": {', '.join(above)}" if above else "") + " |")
     return "\n".join(lines)
 
 
@@ -327,6 +353,10 @@ def main() -> None:
     text = (head + "\n\n" + table(rows) + "\n\nThe head's ratio estimate (last quarter of training) and Fig. 6 "
             f"({DIAG_SAMPLES} samples per student, sigma at the 10/50/90% quantiles of the training levels):\n\n"
             + table(diag_rows, DIAG_COLUMNS) + "\n")
+    seps = separations(rows)
+    if seps:
+        text += ("\nDo two students differ? Per metric, the seed means' gap in pooled seed standard deviations "
+                 "(|mean_a - mean_b| / sqrt((s_a^2 + s_b^2) / 2)):\n\n" + seps + "\n")
     write_text(out / "table.md", text)
     plot(out / "class_histogram.png", hists, order.tolist(),
          f"class histograms (classifier), {cfg.distill.iterations} student iterations, {args.seeds} seed(s)")

@@ -13,6 +13,7 @@ from fdistill.evaluation.coverage import (
     coverage_metrics,
     rare_class_recall,
     rarest_classes,
+    separation,
     tv_distance,
 )
 
@@ -101,3 +102,11 @@ def test_coverage_metrics():
     assert m["rare_recall"] == 0 and m["rare_recall_data"] == 0 and m["rare_share"] == 0
     m = coverage_metrics([0.6, 0.3, 0.1], teacher, data, [2])
     assert m["rare_recall"] == pytest.approx(0.5) and m["rare_recall_data"] == pytest.approx(1.0)
+
+
+def test_separation_is_the_gap_in_pooled_standard_deviations():
+    a, b = [1.0, 2.0, 3.0], [4.0, 6.0, 8.0]  # means 2 and 6, sample variances 1 and 4
+    assert separation(a, b) == pytest.approx(4 / math.sqrt(2.5))
+    assert separation(b, a) == separation(a, b)
+    assert separation([1.0, 1.0], [2.0, 2.0]) == math.inf
+    assert math.isnan(separation([1.0, 1.0], [1.0, 1.0])) and math.isnan(separation([1.0], [2.0, 3.0]))

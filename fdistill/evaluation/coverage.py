@@ -10,6 +10,10 @@ samples or the training data) are compared by
   reference's mass on R that p reproduces: 1 when p gives every rare class at least its reference share,
   0 when p has none of them; overshooting one rare class does not make up for missing another. Undefined
   (nan) when the reference has no mass on R.
+
+Whether two models differ on a metric over seeds is read as the separation of their seed means in units of the
+pooled seed standard deviation, |mean_a - mean_b| / sqrt((s_a^2 + s_b^2) / 2) (sample standard deviations; the
+study's bar: 3).
 """
 
 from __future__ import annotations
@@ -82,3 +86,15 @@ def coverage_metrics(p, teacher, data, rare: Sequence[int]) -> dict:
     return {"tv_teacher": tv_distance(p, teacher), "tv_data": tv_distance(p, data),
             "rare_recall": rare_class_recall(p, teacher, rare), "rare_recall_data": rare_class_recall(p, data, rare),
             "rare_share": float(p[torch.tensor(list(rare), dtype=torch.long)].sum())}
+
+
+def separation(a: Sequence[float], b: Sequence[float]) -> float:
+    """|mean(a) - mean(b)| / sqrt((s_a^2 + s_b^2) / 2), s the sample standard deviation of each model's seeds
+    (module docstring); inf when both are constant and differ, nan when they are equal or a side has one seed."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    gap, pooled = float((a.mean() - b.mean()).abs()), float(((a.var() + b.var()) / 2).sqrt())
+    if pooled == 0:
+        return math.inf if gap > 0 else math.nan
+    return gap / pooled
