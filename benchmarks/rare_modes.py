@@ -18,6 +18,9 @@ and without it (``<divergence>-nogan``: distill.gan_weight=0). Without the GAN t
 still trains: ``Distiller.critic_step`` computes the head's GAN loss (+ R1) on real vs generated noisy
 samples and steps its optimizer whatever gan_weight is, and ``student_step`` reads r = exp(logit) from it
 for the weights h(r); gan_weight only scales the generator's own GAN loss, which is then left out.
+A run name may end in ``-fake`` or ``-dmd2`` (``js-fake``, ``js-nogan-dmd2``): the head reads the fake score's
+features instead of the frozen teacher's (distill.disc_features = fake_score: the head's loss reaches the head only;
+dmd2: it also trains the fake score, as DMD2 does).
 
 Metrics per model (``--num`` samples, sampled from fixed seeds): digits-FID, precision and recall (k = 3)
 in the digits classifier's feature space against the 707 training images (``evaluate_samples(real=...)``),
@@ -32,7 +35,9 @@ Seeds: ``--seeds N`` distills every run with distill.seed = 0..N-1 (the teacher 
 mean ± std (sample std) over seeds. Each (run, seed)'s metrics are cached in
 <out>/students-<hash>/results.json (the hash covers the teacher, the distill config after overrides and
 --num) as soon as it is scored, so an interrupted study continues where it stopped. Writes the markdown
-table to <out>/table.md, the grouped class-histogram bars (data, teacher, each student) to
+table to <out>/table.md (with two more tables: the head's diagnostics per student, its loss against 2 ln 2, its
+accuracy, the spread of log r, Fig. 6's std h̄ and Spearman correlation per sigma; and, with 2 or more seeds, per
+metric the pair of students furthest apart in pooled seed standard deviations and the pairs above 3), the grouped class-histogram bars (data, teacher, each student) to
 <out>/class_histogram.png and sample grids to <out>/students-<hash>/.
 """
 
@@ -122,23 +127,29 @@ def score(net, n: int, shape, student, steps: int, real: torch.Tensor, clf) -> t
     return x, {**evaluate_samples(x, real=real), "hist": hist.tolist(), "s_per_1000": 1000 * seconds / n}
 
 
+def head_statistics(run_dir: Path, iterations: int) -> dict:
+    """From <run>/log.jsonl, over the last quarter of training: the head's loss (2 ln 2 when it cannot tell real
+    from generated) and balanced accuracy, and the std of log r over the student steps' batches. Every logged line
+    carries the latest critic step's values (the loop logs on the student steps of preset's tau and log_every),
+    so the means are over all late lines that have the key."""
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    late = [r for r in lines if r["iteration"] >= 0.75 * iterations]
+    out = {}
+    for key in ("loss_gan_d", "disc_accuracy", "log_r_std"):
+        values = [r[key] for r in late if key in r]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
 def diagnostics(d, run_dir: Path) -> dict:
-    """How well the head estimates r, and Fig. 6 (Sec. 5.2) for the trained student ``d``: from <run>/log.jsonl,
-    over the last quarter of training, the critic steps' head loss (2 ln 2 when it cannot tell real from
-    generated) and balanced accuracy, the student steps' std of log r; from ``DIAG_SAMPLES`` generated samples at
-    the 10/30/50/70/90% quantiles of the training sigmas (``analyze_run.weights_and_score_differences``), the std
-    of h_bar and its Spearman correlation with ||s_teacher - s_fake|` per sigma (the paper: negative)."""
+    """How well the head estimates r (``head_statistics``), and Fig. 6 (Sec. 5.2) for the trained student ``d``:
+    from ``DIAG_SAMPLES`` generated samples at the 10/30/50/70/90% quantiles of the training sigmas
+    (``analyze_run.weights_and_score_differences``), the std of h_bar and its Spearman correlation with
+    ||s_teacher - s_fake|| per sigma (the paper: negative)."""
     from scipy.stats import spearmanr
 
     from fdistill.apps.analyze_run import weights_and_score_differences
 
-    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    late = [r for r in lines if r["iteration"] >= 0.75 * d.cfg.iterations]
-    out = {}
-    for kind, keys in (("critic", ("loss_gan_d", "disc_accuracy")), ("student", ("log_r_std",))):
-        for key in keys:
-            values = [r[key] for r in late if r.get("kind") == kind and key in r]
-            out[key] = float(np.mean(values)) if values else None
     support = d.sigmas.support
     sigmas = sorted(float(support.quantile(q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9))
     _, stats = weights_and_score_differences(d, DIAG_SAMPLES, sigmas)
@@ -148,9 +159,9 @@ def diagnostics(d, run_dir: Path) -> dict:
         rho = float(spearmanr(h, diff).statistic) if h.std() > 0 else float("nan")
         per_sigma[sigma] = {"h_std": float(h.std()), "spearman": rho}
     mid = sigmas[2]
-    return {**out, "per_sigma": {str(k): v for k, v in per_sigma.items()}, "h_std_mid": per_sigma[mid]["h_std"],
-            "spearman_mid": per_sigma[mid]["spearman"], "spearman_min": per_sigma[sigmas[0]]["spearman"],
-            "spearman_max": per_sigma[sigmas[-1]]["spearman"]}
+    return {**head_statistics(run_dir, d.cfg.iterations), "per_sigma": {str(k): v for k, v in per_sigma.items()},
+            "h_std_mid": per_sigma[mid]["h_std"], "spearman_mid": per_sigma[mid]["spearman"],
+            "spearman_min": per_sigma[sigmas[0]]["spearman"], "spearman_max": per_sigma[sigmas[-1]]["spearman"]}
 
 
 def cell(values: list, fmt: str) -> str:
@@ -349,6 +360,10 @@ def main() -> None:
             f"teacher ({cfg.teacher.iterations} iterations); students: {cfg.distill.iterations} iterations, batch "
             f"{cfg.distill.batch_size}, gan_weight {cfg.distill.gan_weight:g} (-nogan: 0); {args.num} samples "
             f"per model; {args.seeds} seed(s), mean ± std; {torch.get_num_threads()} CPU thread(s)")
+    for key, r in results.items():  # the log's part read afresh: results cached before it read every line
+        log_dir = study / key.replace("/", "-")
+        if "diag" in r and (log_dir / "log.jsonl").is_file():
+            r["diag"].update(head_statistics(log_dir, cfg.distill.iterations))
     diag_rows = {name: [r["diag"] for r in got if "diag" in r] for name, got in rows.items() if name in runs}
     text = (head + "\n\n" + table(rows) + "\n\nThe head's ratio estimate (last quarter of training) and Fig. 6 "
             f"({DIAG_SAMPLES} samples per student, sigma at the 10/50/90% quantiles of the training levels):\n\n"

@@ -351,8 +351,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-t2i-digits")
     p.add_argument("--evaluate-t2i", type=int, default=250, metavar="N",
                    help="then run fdistill evaluate-t2i on each model with N prompts x 4 images (0: skip)")
-    add_student_arguments(p, "levels from t = 500 down, run folders <run>-k<k>-<input>; with k > 1 the teacher's "
-                             "few-step baselines are added")
+    add_student_arguments(p, "levels from t = 500 down, run folders <run>-k<k>-<input>[-ode]; with k > 1 the "
+                             "teacher's few-step baselines are added")
     p.add_argument("--no-analyze-run", dest="analyze_run", action="store_false",
                    help="skip fdistill analyze-run (Fig. 6) on the students")
     p.add_argument("--no-train", action="store_true",

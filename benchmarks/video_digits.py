@@ -29,7 +29,7 @@ Stages, each skipped when its output is in --out:
    ``TeacherTrainer`` on the rectified-flow loss (``noise="flow"``, logit-normal t, 10% empty prompts), the EMA
    written back into ``teacher/transformer``.
 5. Students: ``fdistill distill`` (``apps.cli.main``) per --runs x --student-steps x --seeds into
-   ``<out>/<run>[-k<k>-<input>][-seed<s>]``, with ``flow_digits``' settings (generator at t = 0.999, lr 5e-5,
+   ``<out>/<run>[-k<k>-<input>[-ode]][-seed<s>]``, with ``flow_digits``' settings (generator at t = 0.999, lr 5e-5,
    w_GAN 0.2, batch 64, tau 5; heads on the 4 x 4 token grid). With ``--via cli`` each one-step student is also
    exported (``fdistill export --diffusers`` into ``<out>/export/<run>``, its WanPipeline's one call drawn as
    ``<run>-pipeline.png``) and ``fdistill sample`` writes its clips for ``SHOWN`` prompts into
@@ -159,6 +159,7 @@ def mp4_round_trip(folder: Path, clips: np.ndarray, n: int = 64) -> float:
     from fdistill.data.video import open_videos
 
     data = open_videos(folder, frames=clips.shape[1], fps=FPS, size=(CANVAS, CANVAS), on_error="raise")
+    n = min(n, len(data))  # a smoke run's --clips may hold fewer
     read = torch.stack([data[i][0] for i in range(n)])  # [n, 3, F, H, W] in [-1, 1]
     return float(((read + 1) * 127.5 - torch.from_numpy(clips[:n]).float()[:, None]).abs().mean())
 

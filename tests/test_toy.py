@@ -91,11 +91,14 @@ def test_demo_reads_a_users_mixture_over_the_preset(tmp_path, capsys):
     assert "stds (K,)" in capsys.readouterr().err
 
 
-def test_fig3_map_shows_the_trainers_weights():
+@pytest.mark.parametrize("features", ["teacher", "fake_score"])
+def test_fig3_map_shows_the_trainers_weights(features):
     """The Fig. 3 weight map is Alg. 1 lines 6-8 as the trainer computes them (the ratio clipped, divided
-    by the trainer's stored bin mean, then h), divided by the mean of h over noisy generator samples."""
+    by the trainer's stored bin mean, then h), divided by the mean of h over noisy generator samples; the head
+    reads the network distill.disc_features names (the GMM teacher's features or the MLP fake score's)."""
     cfg = toy.load_toy_config(overrides=["teacher.hidden=32", "teacher.steps=30", "distill.iterations=10",
-                                     "distill.batch_size=128", "distill.divergence=forward_kl"])
+                                     "distill.batch_size=128", "distill.divergence=forward_kl",
+                                     f"distill.disc_features={features}"])
     mixture = toy.build_mixture(cfg)
     d = toy.toy_distiller("forward_kl", mixture, toy.train_mlp_teacher(mixture, cfg.teacher, progress=False), cfg, 0)
     toy.training_loop(d, progress=False)
@@ -106,7 +109,8 @@ def test_fig3_map_shows_the_trainers_weights():
 
     def h(x):  # forward-KL: h(r) = r
         s = torch.full((len(x),), sigma)
-        r = d.discriminator(d.teacher.features(x, s, None)).clamp(-10, 10).exp().clamp(0.1, 20)
+        net = d.teacher if features == "teacher" else d.fake_score
+        r = d.discriminator(net.features(x, s, None)).clamp(-10, 10).exp().clamp(0.1, 20)
         return r / before[d.ratio_norm.bin_index(s)]
 
     with torch.no_grad():

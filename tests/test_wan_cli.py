@@ -319,3 +319,5 @@ def test_two_step_students_export_through_the_scheduler_config_and_others_are_re
         with pytest.raises(ValueError, match=match) as e:
             teacher.export(student, tmp_path / sampler, StudentSteps(levels, sampler))
         assert "\n" not in str(e.value) and not (tmp_path / sampler).exists()
+        with pytest.raises(ValueError, match=match):  # the scheduler a LoRA file's folder would carry
+            teacher.student_scheduler(folder, StudentSteps(levels, sampler))

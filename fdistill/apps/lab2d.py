@@ -141,7 +141,7 @@ def toy_distiller(run: str, mixture: GaussianMixture, mlp: MLPDenoiser, cfg: Toy
     teacher = mlp if cfg.teacher.kind == "mlp" else mixture
     generator = copy.deepcopy(mlp).requires_grad_(True).train()
     fake_score = copy.deepcopy(mlp).requires_grad_(True).train()
-    disc = Discriminator.mlp(teacher.feature_channels())
+    disc = Discriminator.mlp((teacher if dcfg.disc_features == "teacher" else fake_score).feature_channels())
     real = torch.Generator().manual_seed(seed)
     return Distiller(dcfg, teacher, generator, fake_score, disc, sample_shape=(mixture.dim,),
                      real_data=lambda n, part: (mixture.sample(n, generator=real)[part], None))
@@ -212,7 +212,7 @@ def ratio_check(d: Distiller, mixture: GaussianMixture, sigmas=(0.1, 0.5, 2.0, 8
         log_q = (-0.5 * torch.cdist(x_t, ref).square() / sigma**2).logsumexp(1) - math.log(n_kde) \
             - 0.5 * mixture.dim * math.log(2 * math.pi * sigma**2)
         true = mixture.log_prob(x_t, sigma) - log_q
-        est = d.discriminator(d.teacher(x_t, s, None, return_features=True)[1])
+        est = d.discriminator(d.disc_net.features(x_t, s, None))
         corr = torch.corrcoef(torch.stack([true, est]))[0, 1]
         out[sigma] = {"corr": float(corr), "mae": float((true - est).abs().mean()), "true_std": float(true.std())}
     return out
@@ -234,7 +234,7 @@ def score_and_weight_maps(d: Distiller, mixture: GaussianMixture, sigma: float, 
     trainer last used, h divided by its mean over generator samples noised to this sigma (line 9)."""
     pts, extent, n = _grid(mixture)
     s = torch.full((len(pts),), sigma)
-    x0_t, feats = d.teacher(pts, s, None, return_features=True)
+    x0_t = d.teacher(pts, s, None)
     x0_f = d.fake_score(pts, s, None)
     diff = (score_from_denoiser(x0_t, pts, s) - score_from_denoiser(x0_f, pts, s)).norm(dim=1)
     x_gen = d.sample(n_gen) + sigma * torch.randn(n_gen, mixture.dim)
@@ -243,7 +243,7 @@ def score_and_weight_maps(d: Distiller, mixture: GaussianMixture, sigma: float, 
     cfg = d.cfg
 
     def weights(x: Tensor, sig: Tensor):
-        logits = d.discriminator(d.teacher.features(x, sig, None))
+        logits = d.discriminator(d.disc_net.features(x, sig, None))
         return fdistill_weights(logits, sig, d.divergence.h, norm, cfg.logit_clip, cfg.r_min, cfg.r_max)
 
     h_bar = weights(pts, s).h / weights(x_gen, s_gen).h.mean()

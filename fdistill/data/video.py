@@ -69,11 +69,12 @@ def import_av():
     return av
 
 
-def check_frame_count(frames: int, temporal: int = 4) -> int:
-    """``frames`` if it is ``temporal`` n + 1 (Wan's VAE: 4n + 1, e.g. 81), else a ValueError."""
+def check_frame_count(frames: int, temporal: int = 4, what: str = "frames") -> int:
+    """``frames`` if it is ``temporal`` n + 1 (Wan's VAE: 4n + 1, e.g. 81), else a ValueError naming ``what``."""
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % temporal:
-        raise ValueError(f"frames={frames!r}; expected {temporal}n + 1 frames (1, {temporal + 1}, {2 * temporal + 1}, "
-                         f"...): the video VAE keeps the first frame and compresses the others by {temporal} in time")
+        raise ValueError(f"{what}={frames!r:.40}; expected {temporal}n + 1 frames (1, {temporal + 1}, "
+                         f"{2 * temporal + 1}, ...): the video VAE keeps the first frame and compresses the others by "
+                         f"{temporal} in time")
     return frames
 
 
@@ -474,9 +475,3 @@ def save_clip_grid(clips: Sequence[Tensor | np.ndarray] | Tensor | np.ndarray, p
     labels = [str(k * every) for k in range(n)] if label_frames else None
     return save_image_grid(cells.reshape(-1, *cells.shape[2:]), path, nrow=n, scale=scale, gap=gap,
                            column_labels=labels)
-
-
-def clip_seconds(frames: int, fps: float) -> float:
-    """The time span that ``frames`` frames sampled at ``fps`` need: the clip must last more than this."""
-    return (check_positive("frames", frames) - 1) / float(_fps(fps))
-

@@ -61,8 +61,8 @@ Guidance: true classifier-free guidance, v_neg + w (v_c - v_neg) (the pipeline's
 ``teachers.guidance.GuidedDenoiser`` in x0 space (D is affine in v), the null condition being the encoded negative
 prompt: by default the Wan authors' English negative prompt (``NEGATIVE_PROMPT``, which NVlabs/FastGen's Wan
 recipes use, ``neg_prompt_wan``); ``teacher_options.negative_prompt: ""`` gives the pipeline's default (its
-``negative_prompt or ""``). A14B's separate ``guidance_scale_2`` for the low-noise expert is not modelled: one
-scale for both.
+``negative_prompt or ""``). A14B's separate ``guidance_scale_2`` for the low-noise expert: a routed A14B teacher
+(``fdistill sample --teacher``) uses one scale for both; distilled, each expert's run has its own ``guidance``.
 
 Video size: ``teacher_options.num_frames`` (81, the pipeline's), ``height`` and ``width`` (480 x 832); the sample
 shape is (C, (frames - 1) / 4 + 1, H / s, W / s) with the VAE's temporal factor 4 and spatial factor s (8; 16 for
@@ -87,6 +87,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.data.conditions import TextCondition
+from fdistill.data.video import WAN_FPS, WAN_FRAMES, check_frame_count
 from fdistill.io import read_json_object
 from fdistill.teachers import pipeline_folders as pf
 from fdistill.teachers.base import register
@@ -108,10 +109,10 @@ EXPERT_COMPONENTS = {"high": "transformer", "low": "transformer_2"}  # WanPipeli
 LAYOUT = ("a diffusers WanPipeline folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, "
           "scheduler/ (Wan2.2-A14B: also transformer_2/), as save_pretrained writes")
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
-NUM_FRAMES, HEIGHT, WIDTH = 81, 480, 832  # WanPipeline.__call__'s defaults
+NUM_FRAMES, HEIGHT, WIDTH = WAN_FRAMES, 480, 832  # WanPipeline.__call__'s defaults
 # frames per second: WanPipeline's example writes export_to_video(output, "output.mp4", fps=16)
 # (diffusers/pipelines/wan/pipeline_wan.py, EXAMPLE_DOC_STRING)
-FPS = 16
+FPS = WAN_FPS
 TIMESTEPS = 1000  # the transformer is trained on t in [0, 1000] (the schedulers' num_train_timesteps)
 # The Wan authors' English negative prompt: NVlabs/FastGen's PRESET_CONSTANTS["neg_prompt_wan"]
 # (fastgen/datasets/wds_dataloaders.py), the same text as the negative_prompt of diffusers' WanPipeline example
@@ -191,11 +192,7 @@ class WanLatentCodec(LatentCodec):
 
     def latent_frames(self, frames: int, what: str = "num_frames") -> int:
         """(frames - 1) / temporal + 1, or one line refusing a frame count that is not temporal n + 1."""
-        if not (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1
-                and (frames - 1) % self.temporal == 0):
-            raise ValueError(f"{what}={frames!r:.40}: the Wan VAE compresses {self.temporal} frames into one latent "
-                             f"frame after the first, so it takes {self.temporal}n + 1 frames (e.g. 81, 17, 5, 1)")
-        return (frames - 1) // self.temporal + 1
+        return (check_frame_count(frames, self.temporal, what) - 1) // self.temporal + 1
 
     def _encode(self, videos: Tensor, generator: torch.Generator | None) -> Tensor:
         if videos.dim() != 5:
@@ -592,11 +589,7 @@ class WanTeacher(FlowMatchingTeacher):
             raise ValueError(f"a Wan2.2-A14B {self.expert or ''}-noise expert's student exports with the other "
                              "expert's, as one WanPipeline: fdistill export --checkpoint HIGH_RUN --checkpoint-low "
                              "LOW_RUN --diffusers OUT (expected both runs)")
-        if student.steps > 1 and student.sampler != "ode":
-            raise ValueError(f"a {student.steps}-step Wan student cannot be exported yet with its {student.sampler} "
-                             "sampler: WanPipeline calls scheduler.step without its generator, so the fresh noise of "
-                             "each step would come from torch's global RNG, not fdistill sample's; an ode student "
-                             "(distill.student_sampler=ode) exports where its levels allow")
+        self._refuse_sde(student)
         if self.experts > 1:
             return self.export_pair(generator, Path(out), student)
         if student.steps > 1:
@@ -700,9 +693,19 @@ class WanTeacher(FlowMatchingTeacher):
                          "(any two levels, or more in Karras / exponential / beta spacing); export a one- or two-step "
                          "student, or sample it with fdistill sample")
 
+    @staticmethod
+    def _refuse_sde(student) -> None:
+        """One line refusing a k-step sde student's export (``export``; also its LoRA file's scheduler)."""
+        if student.steps > 1 and student.sampler != "ode":
+            raise ValueError(f"a {student.steps}-step Wan student cannot be exported yet with its {student.sampler} "
+                             "sampler: WanPipeline calls scheduler.step without its generator, so the fresh noise of "
+                             "each step would come from torch's global RNG, not fdistill sample's; an ode student "
+                             "(distill.student_sampler=ode) exports where its levels allow")
+
     def student_scheduler(self, teacher_folder: Path, student):
         if student.steps == 1:
             return super().student_scheduler(teacher_folder, student)
+        self._refuse_sde(student)
         diffusers, _ = pf.libraries()
         with pf.quiet():
             return diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.steps_config(student))
