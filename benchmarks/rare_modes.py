@@ -37,8 +37,9 @@ mean ± std (sample std) over seeds. Each (run, seed)'s metrics are cached in
 --num) as soon as it is scored, so an interrupted study continues where it stopped. Writes the markdown
 table to <out>/table.md (with two more tables: the head's diagnostics per student, its loss against 2 ln 2, its
 accuracy, the spread of log r, Fig. 6's std h̄ and Spearman correlation per sigma; and, with 2 or more seeds, per
-metric the pair of students furthest apart in pooled seed standard deviations and the pairs above 3), the grouped class-histogram bars (data, teacher, each student) to
-<out>/class_histogram.png and sample grids to <out>/students-<hash>/.
+metric the pair of students furthest apart in pooled seed standard deviations and the pairs above 3), the grouped
+class-histogram bars (data, teacher, each student) to <out>/class_histogram.png and sample grids to
+<out>/students-<hash>/.
 """
 
 from __future__ import annotations
