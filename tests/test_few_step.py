@@ -85,6 +85,12 @@ def test_default_levels_follow_the_published_lists():
     for schedule in (ddpm, flow, karras):  # k = 1 is today's generator sigma, exactly
         assert few_step.default_levels(schedule, 1) == [schedule.largest]
         assert few_step.default_levels(schedule, 3, top=1.5)[0] == 1.5
+    # ending above 0 (an expert's boundary): k equal steps of unshifted t from the top to that end, end left out
+    end = 5.0 * 0.5 / (1 - 0.5)  # unshifted t = 0.5
+    t_u = [s / (5.0 + s) for s in few_step.default_levels(flow, 4, bottom=end)]
+    assert t_u == pytest.approx(torch.linspace(t_u[0], 0.5, 5, dtype=torch.float64)[:4].tolist())
+    with pytest.raises(ValueError, match="defined for a flow schedule, not distill.sigmas.schedule=karras"):
+        few_step.default_levels(karras, 2, bottom=1.0)
 
 
 def test_fewer_steps_take_every_other_level():

@@ -51,9 +51,10 @@ class StudentSteps:
         return StudentSteps(self.sigmas[:: k // j], self.sampler)
 
 
-def default_levels(schedule: SigmaSampler, k: int, top: float | None = None) -> list[float]:
+def default_levels(schedule: SigmaSampler, k: int, top: float | None = None, bottom: float = 0.0) -> list[float]:
     """The k levels a student takes by default on the teacher's (resolved) ``schedule``, from ``top`` (default the
-    schedule's largest sigma, where the one-step generator is evaluated) down, sigma_1 = top exactly:
+    schedule's largest sigma, where the one-step generator is evaluated) down, sigma_1 = top exactly (``bottom``:
+    where a flow teacher's steps would end instead of 0, e.g. an expert's boundary; other schedules take none):
 
     * a DDPM teacher's timesteps in trailing spacing, t_i = round((t_1 + 1)(1 - i/k)) - 1: 999/749/499/249 for
       k = 4 (DMD2's 4-step SDXL), 999/499 for k = 2;
@@ -64,13 +65,17 @@ def default_levels(schedule: SigmaSampler, k: int, top: float | None = None) -> 
       pay most (80/17.5/2.52/0.17 for k = 4 on [0.002, 80], rho 7).
     """
     top = float(schedule.largest if top is None else top)
+    if bottom and schedule.schedule != "flow":
+        raise ValueError(f"levels ending above 0 (at sigma {bottom:g}) are defined for a flow schedule, not "
+                         f"distill.sigmas.schedule={schedule.schedule}; expected the flow schedule or explicit "
+                         "distill.student_sigmas")
     if k == 1:
         return [top]
     if schedule.schedule == "karras":
         rest = karras_sigmas(k + 1, schedule.sigma_min, top, schedule.rho)[1:k]
     elif schedule.schedule == "flow":
-        t_top = top / (schedule.shift + top)  # unshifted t of sigma = shift t / (1 - t)
-        t = torch.linspace(t_top, 0, k + 1, dtype=torch.float64)[1:k]
+        t_top, t_bottom = (s / (schedule.shift + s) for s in (top, bottom))  # unshifted t: sigma = shift t / (1 - t)
+        t = torch.linspace(t_top, t_bottom, k + 1, dtype=torch.float64)[1:k]
         rest = schedule.shift * t / (1 - t)
     else:  # DDPM timesteps on the ascending grid
         grid = schedule.grid.double()

@@ -276,9 +276,11 @@ def copy_regular_files(src: str | Path, dst: str | Path, leave_out: set[str] = f
     return dst
 
 
-def write_pipeline(teacher_folder: str | Path, out: str | Path, networks: dict[str, nn.Module], scheduler) -> Path:
+def write_pipeline(teacher_folder: str | Path, out: str | Path, networks: dict[str, nn.Module], scheduler,
+                   index_entries: dict | None = None) -> Path:
     """The teacher's pipeline folder copied to the new folder ``out`` with ``networks`` ({component: a diffusers
-    model}) and ``scheduler`` (a diffusers scheduler) in place of the teacher's, written whole or not at all."""
+    model}) and ``scheduler`` (a diffusers scheduler) in place of the teacher's, and ``index_entries`` set in its
+    model_index.json (e.g. Wan2.2's boundary_ratio), written whole or not at all."""
     teacher_folder, out = Path(teacher_folder), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; give a new folder for the exported pipeline")
@@ -289,7 +291,7 @@ def write_pipeline(teacher_folder: str | Path, out: str | Path, networks: dict[s
         net.save_pretrained(tmp / name, safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
     index = json.loads((tmp / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    index.update({**(index_entries or {}), "scheduler": ["diffusers", type(scheduler).__name__]})
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():

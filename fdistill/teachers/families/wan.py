@@ -27,9 +27,9 @@ separately "by adjusting the time sampling", with noised data rather than backwa
   875..999 for high, 0..874 for low); clipping rather than refusing, so that one preset serves both runs. A range
   left empty is refused;
 * the student's levels: explicit ``distill.student_sigmas`` must lie in the range (else one line); by default k
-  equal steps of the schedule's unshifted t (as ``few_step.default_levels`` for a flow teacher) from the top down
-  towards the range's far end, that end left out (``expert_levels``): high from t_max (or ``generator_sigma``) towards
-  the boundary (0.999 / 0.958 / 0.916 for k = 3), low from the last grid level below the boundary (0.874) towards 0.
+  equal steps of the schedule's unshifted t from the top down towards the range's far end, that end left out
+  (``few_step.default_levels`` ending there): high from t_max (or ``generator_sigma``) towards the boundary
+  (0.999 / 0.958 / 0.916 for k = 3), low from the last grid level below the boundary (0.874) towards 0.
   ``generator_sigma`` caps the top from above (the preset's 999 is the high top and leaves the low top alone); one
   below the high range is refused. The levels are written into the run's saved config (``student_sigmas``), so that
   ``read_run`` gives them back;
@@ -86,6 +86,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fdistill.core import few_step
 from fdistill.data.conditions import TextCondition
 from fdistill.data.video import WAN_FPS, WAN_FRAMES, check_frame_count
 from fdistill.io import read_json_object
@@ -143,16 +144,6 @@ def in_expert_range(sigma: Tensor, expert: str, boundary: float) -> Tensor:
     s = torch.as_tensor(sigma).to(torch.float32)
     high = TIMESTEPS * t_of_sigma(s) >= boundary * TIMESTEPS
     return high if expert == "high" else ~high
-
-
-def expert_levels(schedule, k: int, top: float, bottom: float) -> list[float]:
-    """An A14B expert student's default k levels (module docstring): from ``top`` down, k equal steps of the
-    schedule's unshifted t (t_u = sigma / (shift + sigma); shift 1 outside ``flow`` schedules) towards ``bottom``
-    (the boundary's sigma for the high expert, 0 for the low one), the last step's end left out, as
-    ``few_step.default_levels`` does for a flow teacher: linspace(t_u(top), t_u(bottom), k + 1)[:k]."""
-    shift = float(schedule.shift) if schedule.schedule == "flow" else 1.0
-    ut = torch.linspace(top / (shift + top), bottom / (shift + bottom), k + 1, dtype=torch.float64)[1:k]
-    return [float(top), *(float(u) for u in shift * ut / (1 - ut))]
 
 
 def wan_shift(config: dict, where: str) -> float:
@@ -510,7 +501,8 @@ class WanTeacher(FlowMatchingTeacher):
             if not bool(in_expert_range(torch.tensor([top]), expert, b)[0]):
                 raise ValueError(f"distill.generator_sigma={g:g} (t = {t_of_sigma(g):.6g}) is below {where}; "
                                  "expected null (its largest level) or a level in it")
-            levels = expert_levels(sigmas, distill.student_steps or 1, top, b / (1 - b) if expert == "high" else 0)
+            end = b / (1 - b) if expert == "high" else 0.0  # the boundary's sigma, or 0
+            levels = few_step.default_levels(sigmas, distill.student_steps or 1, top, end)
         distill = dataclasses.replace(distill, sigmas=sigmas, student_sigmas=levels, student_steps=None,
                                       generator_sigma=None)
         return distill, "forward" if expert == "low" else "noise"
@@ -521,8 +513,6 @@ class WanTeacher(FlowMatchingTeacher):
         StudentSteps) of this high-expert run's teacher and ``low``'s. Refused in one line: runs of other teachers
         or teacher options, not the high and the low expert, samplers that differ, or training ranges that do not
         meet at the boundary (each run's distillation levels must reach the boundary from its side)."""
-        from fdistill.core.few_step import StudentSteps
-
         mine, theirs = self.info["network"], low.info["network"]
         if low.kind != self.kind or mine.get("expert") is None or theirs.get("expert") is None:
             run = runs[0] if mine.get("expert") is None else runs[1]
@@ -557,7 +547,7 @@ class WanTeacher(FlowMatchingTeacher):
                                  f"{b:g} (its distill.sigmas.index_range {[lo, hi]}): the two experts' ranges do not "
                                  "meet; expected each run's levels to reach the boundary")
         pair = high_net.paired(low_net, b)
-        return pair, StudentSteps(tuple(high_student.sigmas) + tuple(low_student.sigmas), high_student.sampler)
+        return pair, few_step.StudentSteps(tuple(high_student.sigmas) + tuple(low_student.sigmas), high_student.sampler)
 
     def open_data(self, cfg, device: torch.device, dataset=None):
         """Latent shards of videos (``fdistill prepare-latents`` layout: per-sample latents of this teacher's
@@ -596,6 +586,11 @@ class WanTeacher(FlowMatchingTeacher):
             self.steps_config(student)  # refuses levels no config reproduces, before anything is written
         return super().export(generator, out, student)
 
+    def high_steps(self, student) -> int:
+        """How many of a pair's levels are the high-noise student's (those in its range of t)."""
+        b = float(self.info["network"]["boundary_ratio"])
+        return int(in_expert_range(torch.tensor(student.sigmas), "high", b).sum())
+
     def pair_boundary(self, student, config: dict) -> float:
         """A boundary_ratio at which WanPipeline's call of the exported scheduler (``config``) routes each of the
         pair's steps to its student: its timesteps (float32, as ``set_timesteps`` makes them) >= boundary_ratio x
@@ -603,8 +598,7 @@ class WanTeacher(FlowMatchingTeacher):
         The teacher's own boundary_ratio when it does, else the midpoint between the two students' levels; one
         line when neither does."""
         diffusers, _ = pf.libraries()
-        b = float(self.info["network"]["boundary_ratio"])
-        high = int(in_expert_range(torch.tensor(student.sigmas), "high", b).sum())
+        b, high = float(self.info["network"]["boundary_ratio"]), self.high_steps(student)
         with pf.quiet():
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
         scheduler.set_timesteps(student.steps)
@@ -621,18 +615,11 @@ class WanTeacher(FlowMatchingTeacher):
         """The two experts' students as one WanPipeline folder: ``transformer`` the high-noise student,
         ``transformer_2`` the low-noise one, the FlowMatchEulerDiscreteScheduler whose ``set_timesteps(k)`` gives
         the concatenated levels (``steps_config``), ``boundary_ratio`` routing each step to its student
-        (``pair_boundary``); written whole or not at all (``pipeline_folders.write_pipeline``, then the index)."""
-        import json
-        import os
-        import shutil
-
-        from fdistill.io import temp_name
-
+        (``pair_boundary``); written whole or not at all (``pipeline_folders.write_pipeline``)."""
         try:
             config = self.steps_config(student)
         except ValueError:
-            high = int(in_expert_range(torch.tensor(student.sigmas), "high",
-                                       float(self.info["network"]["boundary_ratio"])).sum())
+            high = self.high_steps(student)
             raise ValueError(f"the pair's {student.steps} levels t = {flow_times(student)} ({high} of the high "
                              f"student, {student.steps - high} of the low) cannot be exported: WanPipeline's call "
                              "takes no sigmas=, and no FlowMatchEulerDiscreteScheduler config reproduces them (any "
@@ -643,25 +630,14 @@ class WanTeacher(FlowMatchingTeacher):
         diffusers, _ = pf.libraries()
         with pf.quiet():
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"{out} is not empty; give a new folder for the exported pipeline")
-        tmp = temp_name(out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        pf.write_pipeline(self.info["network"]["folder"], tmp, {"transformer": pair.transformer,
-                                                                "transformer_2": pair.transformer_2}, scheduler)
-        index = json.loads((tmp / "model_index.json").read_text())
-        index["boundary_ratio"] = ratio
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
+        pf.write_pipeline(self.info["network"]["folder"], out, {"transformer": pair.transformer,
+                                                                "transformer_2": pair.transformer_2}, scheduler,
+                          {"boundary_ratio": ratio})
         return f"wrote {out}: {self.pair_call(out, student, ratio)}"
 
     def pair_call(self, folder: Path, student, ratio: float) -> str:
         """The exported pair's WanPipeline call and what it runs."""
-        times = flow_times(student)
-        high = int(in_expert_range(torch.tensor(student.sigmas), "high",
-                                   float(self.info["network"]["boundary_ratio"])).sum())
+        times, high = flow_times(student), self.high_steps(student)
         args = ", ".join(["prompt", f"num_inference_steps={student.steps}", *self.call_arguments()])
         return (f"{self.pipeline_classes[0]}.from_pretrained('{folder}')({args}) runs the high-noise student "
                 f"(transformer) at t = {times[:high]} and the low-noise student (transformer_2) at t = {times[high:]} "
