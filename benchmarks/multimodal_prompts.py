@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import t2i_digits as bench
 import torch
-from PIL import Image
 
 from fdistill.apps import t2i
 from fdistill.data.datasets import load_dataset
@@ -70,13 +69,7 @@ def captioned_digits(folder: Path) -> tuple[Path, dict[str, list[float]]]:
             caption = bench.prompt(c, rng)
         captions.append(caption)
     mix = {p: (n / n.sum()).tolist() for p, n in counts.items()}
-    if not (folder / "done").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, (img, caption) in enumerate(zip(data.images, captions)):
-            rgb = np.repeat(np.repeat(img[0], 2, 0), 2, 1)[..., None].repeat(3, 2)
-            Image.fromarray(rgb).save(folder / f"{i:04d}.png")
-            (folder / f"{i:04d}.txt").write_text(caption)
-        write_text(folder / "done", json.dumps({p: int(n.sum()) for p, n in counts.items()}))
+    bench.write_captioned_digits(folder, captions, json.dumps({p: int(n.sum()) for p, n in counts.items()}))
     return folder, mix
 
 

@@ -64,18 +64,24 @@ def prompt(digit: int, rng: np.random.Generator) -> str:
     return PHRASES[rng.integers(len(PHRASES))].format(w=WORDS[digit], d=digit)
 
 
-def captioned_digits(folder: Path) -> Path:
-    """scikit-learn's digits as 16x16 RGB PNGs (each pixel repeated 2x2) with same-named .txt captions."""
+def write_captioned_digits(folder: Path, captions: list[str], done: str = "") -> Path:
+    """scikit-learn's digits as 16x16 RGB PNGs (each pixel repeated 2x2) with same-named .txt ``captions`` (one per
+    digit, in order), unless ``folder`` is complete (its ``done`` file, holding ``done``)."""
     if (folder / "done").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    data, rng = load_dataset("digits"), np.random.default_rng(0)
-    for i, (img, label) in enumerate(zip(data.images, data.labels)):
+    for i, (img, caption) in enumerate(zip(load_dataset("digits").images, captions, strict=True)):
         rgb = np.repeat(np.repeat(img[0], 2, 0), 2, 1)[..., None].repeat(3, 2)
         Image.fromarray(rgb).save(folder / f"{i:04d}.png")
-        (folder / f"{i:04d}.txt").write_text(prompt(int(label), rng))
-    (folder / "done").write_text("")
+        (folder / f"{i:04d}.txt").write_text(caption)
+    (folder / "done").write_text(done)
     return folder
+
+
+def captioned_digits(folder: Path) -> Path:
+    """The digits captioned by ``prompt`` (``write_captioned_digits``)."""
+    rng = np.random.default_rng(0)
+    return write_captioned_digits(folder, [prompt(int(label), rng) for label in load_dataset("digits").labels])
 
 
 def digits_rgb() -> torch.Tensor:
