@@ -311,6 +311,23 @@ def add_student_arguments(p: argparse.ArgumentParser, levels: str) -> None:
                         "in -ode)")
 
 
+def student_plan(args, students: list, tag: str = ""):
+    """(k, input mode, sampler, run, run folder name, the k-step overrides) for each kind in ``students`` and each
+    of ``args.runs``: folders <run><tag>[-k<k>-<input>[-ode]]."""
+    for k, mode, sampler in students:
+        for run in args.runs.split(","):
+            name = f"{run}{tag}" + (f"-k{k}-{mode}" if k > 1 else "") + ("-ode" if sampler == "ode" else "")
+            steps = [f"distill.student_steps={k}", f"distill.student_input={mode}",
+                     f"distill.student_sampler={sampler}"] if k > 1 else []
+            yield k, mode, sampler, run, name, steps
+
+
+def student_row(run: str, k: int, mode: str, sampler: str, seeds: int) -> str:
+    """A student's row name in the tables."""
+    many = f"; {seeds} seeds" if seeds > 1 else ""
+    return f"{run} ({k} NFE{f', {mode} input, {sampler}' if mode else ''}{many})"
+
+
 def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: list, tag: str, prompts: list[str],
                       digits: torch.Tensor, rows: dict, strips: dict, say, extra: list[str] = (),
                       score_fn=score) -> list[str]:
@@ -318,31 +335,27 @@ def distill_and_score(out: Path, teacher: Path, latents: Path, args, students: l
     seeds into <out>/<run><tag>[-k<k>-<input>[-ode]][-seed<s>], and score it: a row per kind and run (mean ± std
     over seeds) in ``rows``, the first seed's first 20 samples in ``strips``. Returns the run folders of seed 0."""
     run_dirs = []
-    for k, mode, sampler in students:
-        for run in args.runs.split(","):
-            seeds, name = [], f"{run}{tag}" + (f"-k{k}-{mode}" if k > 1 else "") + ("-ode" if sampler == "ode" else "")
-            steps = [f"distill.student_steps={k}", f"distill.student_input={mode}",
-                     f"distill.student_sampler={sampler}"] if k > 1 else []
-            for seed in range(args.seeds):
-                run_dir = out / f"{name}{f'-seed{seed}' if seed else ''}"
-                if getattr(args, "no_train", False) and not (run_dir / "checkpoints").is_dir():
-                    continue  # --no-train: only the students already distilled
-                seconds, per_iteration = distill_student(run_dir, teacher, student_overrides(
-                    latents, run, args.distill_iterations, [*extra, *steps, *args.overrides, f"distill.seed={seed}"],
-                    args.guidance))
-                if seconds:
-                    say(f"distilled {run_dir.name} in {seconds:.0f} s")
-                x, seconds = sample_student(run_dir, prompts)
-                seeds.append({**score_fn(x, digits, seconds, prompts), "s_per_iteration": per_iteration})
-                if seed == 0:
-                    save_image_grid(to_digits(x[:100]), out / f"{name}.png", nrow=10, scale=4,
-                                    column_labels=list("0123456789"))
-                    strips[f"{run}, {k} NFE" + (f", {mode}, {sampler}" if mode else "")] = x[:20]
-                say(f"{run_dir.name}: {seeds[-1]}")
-            if seeds:
-                many = f"; {len(seeds)} seeds" if len(seeds) > 1 else ""
-                rows[f"{run} ({k} NFE{f', {mode} input, {sampler}' if mode else ''}{many})"] = mean_std(seeds)
-                run_dirs.append(name)
+    for k, mode, sampler, run, name, steps in student_plan(args, students, tag):
+        seeds = []
+        for seed in range(args.seeds):
+            run_dir = out / f"{name}{f'-seed{seed}' if seed else ''}"
+            if getattr(args, "no_train", False) and not (run_dir / "checkpoints").is_dir():
+                continue  # --no-train: only the students already distilled
+            seconds, per_iteration = distill_student(run_dir, teacher, student_overrides(
+                latents, run, args.distill_iterations, [*extra, *steps, *args.overrides, f"distill.seed={seed}"],
+                args.guidance))
+            if seconds:
+                say(f"distilled {run_dir.name} in {seconds:.0f} s")
+            x, seconds = sample_student(run_dir, prompts)
+            seeds.append({**score_fn(x, digits, seconds, prompts), "s_per_iteration": per_iteration})
+            if seed == 0:
+                save_image_grid(to_digits(x[:100]), out / f"{name}.png", nrow=10, scale=4,
+                                column_labels=list("0123456789"))
+                strips[f"{run}, {k} NFE" + (f", {mode}, {sampler}" if mode else "")] = x[:20]
+            say(f"{run_dir.name}: {seeds[-1]}")
+        if seeds:
+            rows[student_row(run, k, mode, sampler, len(seeds))] = mean_std(seeds)
+            run_dirs.append(name)
     return run_dirs
 
 

@@ -509,28 +509,24 @@ def distill_and_score(out: Path, teacher: Path, latents: Path, args, prompts: li
     (``bench.sample_student`` on the run folder), a row per kind and run (mean ± std over seeds) in ``rows``, the
     first seed's strip clips in ``strips``; with ``--via cli`` the first seed's ``cli_outputs``."""
     students = bench.student_kinds(args.student_steps, args.student_input, args.student_sampler)
-    for k, mode, sampler in students:
-        for run in args.runs.split(","):
-            seeds, name = [], run + tag + (f"-k{k}-{mode}" if k > 1 else "") + ("-ode" if sampler == "ode" else "")
-            steps = [f"distill.student_steps={k}", f"distill.student_input={mode}",
-                     f"distill.student_sampler={sampler}"] if k > 1 else []
-            for seed in range(args.seeds):
-                run_dir = out / f"{name}{f'-seed{seed}' if seed else ''}"
-                overrides = student_overrides(latents, run, args.distill_iterations, args.guidance, args.generator_t,
-                                              [*steps, *args.overrides, f"distill.seed={seed}"], args.frames)
-                seconds, per_iteration = distill_cli(run_dir, teacher, overrides, args.threads)
-                if seconds:
-                    say(f"distilled {run_dir.name} in {seconds:.0f} s")
-                x, seconds = bench.sample_student(run_dir, prompts)
-                seeds.append({**score(x, digits, directions, seconds, prompts), "s_per_iteration": per_iteration})
-                if seed == 0:
-                    strips[f"{run}, {k} NFE" + (f", {mode}, {sampler}" if mode else "")] = \
-                        x[strip_prompts(prompts)]
-                    if args.via == "cli":
-                        cli_outputs(out, run_dir, prompts, k == 1, args.frames, say)
-                say(f"{run_dir.name}: {seeds[-1]}")
-            many = f"; {len(seeds)} seeds" if len(seeds) > 1 else ""
-            rows[f"{run} ({k} NFE{f', {mode} input, {sampler}' if mode else ''}{many})"] = bench.mean_std(seeds)
+    for k, mode, sampler, run, name, steps in bench.student_plan(args, students, tag):
+        seeds = []
+        for seed in range(args.seeds):
+            run_dir = out / f"{name}{f'-seed{seed}' if seed else ''}"
+            overrides = student_overrides(latents, run, args.distill_iterations, args.guidance, args.generator_t,
+                                          [*steps, *args.overrides, f"distill.seed={seed}"], args.frames)
+            seconds, per_iteration = distill_cli(run_dir, teacher, overrides, args.threads)
+            if seconds:
+                say(f"distilled {run_dir.name} in {seconds:.0f} s")
+            x, seconds = bench.sample_student(run_dir, prompts)
+            seeds.append({**score(x, digits, directions, seconds, prompts), "s_per_iteration": per_iteration})
+            if seed == 0:
+                strips[f"{run}, {k} NFE" + (f", {mode}, {sampler}" if mode else "")] = \
+                    x[strip_prompts(prompts)]
+                if args.via == "cli":
+                    cli_outputs(out, run_dir, prompts, k == 1, args.frames, say)
+            say(f"{run_dir.name}: {seeds[-1]}")
+        rows[bench.student_row(run, k, mode, sampler, len(seeds))] = bench.mean_std(seeds)
 
 
 def main() -> None:
