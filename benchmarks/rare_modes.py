@@ -3,6 +3,7 @@
     python benchmarks/rare_modes.py --threads 2                      # one seed of the whole grid (8 students)
     python benchmarks/rare_modes.py --seeds 5                        # the study: mean ± std over 5 seeds
     python benchmarks/rare_modes.py --runs js,js-nogan --iterations 500 teacher.iterations=1000
+    python benchmarks/rare_modes.py --seeds 5 --no-train             # the tables of what has been scored so far
 
 Data: scikit-learn's digits subsampled by ``fdistill.data.imbalance.geometric_subset``: with the classes
 ranked by a permutation drawn from ``--order-seed``, the class of rank k = 0..9 keeps
@@ -231,6 +232,35 @@ def plot(path: Path, hists: dict[str, list[list[float]]], order: list[int], titl
     plt.close(fig)
 
 
+def plot_head(path: Path, logs: dict[str, Path]) -> None:
+    """The head over training, one line per student (``logs``: name -> its log.jsonl): its balanced accuracy on
+    real vs generated (0.5: chance), the std of log r over the student step's batch, and h's spread in that batch
+    (h_max / h_min after Alg. 1's normalisation; 1 for reverse-KL, whose h is constant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("disc_accuracy", "head accuracy (0.5: chance)"), ("log_r_std", "std of log r in the batch"),
+              ("h_spread", "h_max / h_min in the batch")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6))
+    for name, log in logs.items():
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        for r in lines:
+            if "h_max" in r and r.get("h_min"):
+                r["h_spread"] = r["h_max"] / r["h_min"]
+        for ax, (key, _) in zip(axes, panels):
+            points = [(r["iteration"], r[key]) for r in lines if key in r]
+            if points:
+                ax.plot(*zip(*points), label=name, lw=1, ls="--" if NOGAN in name else "-")
+    for ax, (_, title) in zip(axes, panels):
+        ax.set(xlabel="iteration", title=title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="config overrides key=value (as for `fdistill distill`)")
@@ -243,6 +273,7 @@ def main() -> None:
     p.add_argument("--num", type=int, default=2000, help="samples per model for the metrics")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/bench-rare-modes")
+    p.add_argument("--no-train", action="store_true", help="report the students already scored, distill none")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     runs = [r for r in args.runs.split(",") if r]
@@ -320,7 +351,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for run in runs:
             key = f"{run}/seed{seed}"
-            if key in results:
+            if key in results or args.no_train:
                 continue
             run_cfg = student_config(cfg, run, seed)
             run_dir = study / f"{run}-seed{seed}"
@@ -376,8 +407,11 @@ def main() -> None:
     write_text(out / "table.md", text)
     plot(out / "class_histogram.png", hists, order.tolist(),
          f"class histograms (classifier), {cfg.distill.iterations} student iterations, {args.seeds} seed(s)")
+    logs = {run: study / f"{run}-seed0" / "log.jsonl" for run in runs}
+    plot_head(out / "head_over_training.png", {run: log for run, log in logs.items() if log.is_file()})
     print("\n" + text)
     print(f"total {time.perf_counter() - t_start:.0f} s; {out / 'table.md'}, {out / 'class_histogram.png'}, "
+          f"{out / 'head_over_training.png'} (seed 0), "
           f"results in {results_path}")
 
 
