@@ -85,6 +85,7 @@ NOGAN = "-nogan"
 DISC_FEATURES = {"-fake": "fake_score", "-dmd2": "dmd2"}  # run suffix -> distill.disc_features
 DIAG_COLUMNS = [("loss_gan_d", "head loss (2 ln 2 = 1.386: chance)", "{:.3f}"),
                 ("disc_accuracy", "head accuracy", "{:.3f}"), ("log_r_std", "std log r", "{:.3f}"),
+                ("h_spread", "h_max / h_min in a batch", "{:.2f}"),
                 ("h_std_mid", "std h̄ (mid σ)", "{:.3f}"),
                 ("spearman_mid", "Spearman h̄ vs score diff (mid σ)", "{:+.3f}"),
                 ("spearman_min", "lowest σ", "{:+.3f}"), ("spearman_max", "highest σ", "{:+.3f}")]
@@ -133,11 +134,14 @@ def head_statistics(run_dir: Path, iterations: int) -> dict:
     """From <run>/log.jsonl, over the last quarter of training: the head's loss (2 ln 2 when it cannot tell real
     from generated) and balanced accuracy, and the std of log r over the student steps' batches. Every logged line
     carries the latest critic step's values (the loop logs on the student steps of preset's tau and log_every),
-    so the means are over all late lines that have the key."""
+    so the means are over all late lines that have the key; also h's spread in the batch, h_max / h_min."""
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     late = [r for r in lines if r["iteration"] >= 0.75 * iterations]
+    for r in late:
+        if "h_max" in r and r.get("h_min"):
+            r["h_spread"] = r["h_max"] / r["h_min"]
     out = {}
-    for key in ("loss_gan_d", "disc_accuracy", "log_r_std"):
+    for key in ("loss_gan_d", "disc_accuracy", "log_r_std", "h_spread"):
         values = [r[key] for r in late if key in r]
         out[key] = float(np.mean(values)) if values else None
     return out
