@@ -130,16 +130,21 @@ def score(net, n: int, shape, student, steps: int, real: torch.Tensor, clf) -> t
     return x, {**evaluate_samples(x, real=real), "hist": hist.tolist(), "s_per_1000": 1000 * seconds / n}
 
 
+def read_log(path: Path) -> list[dict]:
+    """A run's log.jsonl, each student line with h's spread in its batch, h_spread = h_max / h_min."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in lines:
+        if "h_max" in r and r.get("h_min"):
+            r["h_spread"] = r["h_max"] / r["h_min"]
+    return lines
+
+
 def head_statistics(run_dir: Path, iterations: int) -> dict:
     """From <run>/log.jsonl, over the last quarter of training: the head's loss (2 ln 2 when it cannot tell real
     from generated) and balanced accuracy, and the std of log r over the student steps' batches. Every logged line
     carries the latest critic step's values (the loop logs on the student steps of preset's tau and log_every),
     so the means are over all late lines that have the key; also h's spread in the batch, h_max / h_min."""
-    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    late = [r for r in lines if r["iteration"] >= 0.75 * iterations]
-    for r in late:
-        if "h_max" in r and r.get("h_min"):
-            r["h_spread"] = r["h_max"] / r["h_min"]
+    late = [r for r in read_log(run_dir / "log.jsonl") if r["iteration"] >= 0.75 * iterations]
     out = {}
     for key in ("loss_gan_d", "disc_accuracy", "log_r_std", "h_spread"):
         values = [r[key] for r in late if key in r]
@@ -249,10 +254,7 @@ def plot_head(path: Path, logs: dict[str, Path]) -> None:
               ("h_spread", "h_max / h_min in the batch")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6))
     for name, log in logs.items():
-        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        for r in lines:
-            if "h_max" in r and r.get("h_min"):
-                r["h_spread"] = r["h_max"] / r["h_min"]
+        lines = read_log(log)
         for ax, (key, _) in zip(axes, panels):
             points = [(r["iteration"], r[key]) for r in lines if key in r]
             if points:
