@@ -180,7 +180,8 @@ def cell(values: list, fmt: str) -> str:
     if not values:
         return "–"
     t = torch.tensor(values, dtype=torch.float64)
-    return fmt.format(float(t.mean())) + (" ± " + fmt.format(float(t.std())) if len(values) > 1 else "")
+    spread = " ± " + fmt.replace("+", "").format(float(t.std())) if len(values) > 1 else ""
+    return fmt.format(float(t.mean())) + spread
 
 
 def table(rows: dict[str, list[dict]], columns=COLUMNS) -> str:
