@@ -224,7 +224,7 @@ def plot(path: Path, hists: dict[str, list[list[float]]], order: list[int], titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * NUM_CLASSES * (len(hists) + 1) / 4), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 1.1 * NUM_CLASSES * (len(hists) + 1) / 4)), 4.6))
     width = 0.85 / len(hists)
     pos = np.arange(NUM_CLASSES)
     for j, (name, hs) in enumerate(hists.items()):
