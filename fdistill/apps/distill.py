@@ -31,9 +31,7 @@ def build_distiller(cfg, teacher: Teacher, dataset=None, device: str | torch.dev
 (``networks.shared_base``). ``dataset`` replaces ``cfg.data`` (an opened ImageDataset)."""
     device = torch.device(device)
     data = teacher.open_data(cfg, device, dataset)  # first: a run from latent shards releases the text encoders
-    # a family may fix the run's levels and the student's first input (Wan2.2-A14B's experts: families.wan)
-    settings = getattr(teacher, "distill_settings", None)
-    distill_cfg, first_input = settings(cfg.distill) if settings else (cfg.distill, "noise")
+    distill_cfg, first_input = teacher.distill_settings(cfg.distill)  # Wan2.2-A14B's experts fix their levels
     teacher.to(device)
     net = teacher.denoiser
     try:

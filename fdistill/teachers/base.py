@@ -143,6 +143,11 @@ class Teacher:
         """What a checkpoint records about the students beyond ``info`` (e.g. their LoRA rank)."""
         return {}
 
+    def distill_settings(self, distill):
+        """(the DistillConfig a run of this teacher trains with, the student's first input: ``Distiller(
+        first_input=)``): ``distill`` as given, from pure noise. A family may fix levels (Wan2.2-A14B's experts)."""
+        return distill, "noise"
+
     def student_network(self) -> nn.Module:
         """A network of the generator's architecture (weights to be loaded)."""
         return copy.deepcopy(self.denoiser)

@@ -472,7 +472,7 @@ class WanTeacher(FlowMatchingTeacher):
         or its checked ``student_sigmas``), and for the low expert a first input of real latents noised to its first
         level. Mistakes are refused in one line."""
         if self.experts == 1:
-            return distill, "noise"
+            return super().distill_settings(distill)
         self._require_expert()
         expert, b = self.expert, float(self.info["network"]["boundary_ratio"])
         side = f"t {'>=' if expert == 'high' else '<'} {b:g}"
