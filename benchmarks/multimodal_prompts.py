@@ -14,13 +14,15 @@ handwritten digit", 7.8x from 0 to 8 under "an even digit", 7.7x from 1 to 9 und
 a mode-seeking student to drop.
 
 Students: reverse-KL (DMD2), JS and forward-KL, each with t2i_digits' GAN term (w_GAN 0.2; run ``<divergence>``) and
-without (``<divergence>-nogan``, distill.gan_weight=0: the head still trains, to estimate r). One seed.
+without (``<divergence>-nogan``, distill.gan_weight=0: the head still trains, to estimate r). One seed by default;
+``--seeds N`` distills seeds 0..N-1 (folders ``<run>-seed<s>`` for s > 0) and reports mean ± std.
 
 Metrics: for each multi-modal prompt, ``--num`` samples (fixed seeds), classified by the digits classifier: the class
 histogram against the teacher's for the same prompt (total-variation distance, rare-class recall over the prompt's
-two rarest classes in the captioned data) and the share of samples that fit the prompt (parity); then the mean over
-the three prompts. Also digits-FID / prompt accuracy on t2i_digits' class prompts. Writes table.md,
-class_histograms.png (one panel per prompt) and results.json into --out.
+two rarest classes in the captioned data), the total-variation distance to the captions' histogram and the share of
+samples that fit the prompt (parity); then the mean over the three prompts. Also digits-FID / prompt accuracy on
+t2i_digits' class prompts. Writes table.md, class_histograms.png (one panel per prompt, the students' histograms
+averaged over seeds) and results.json into --out.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def prompt_metrics(hist: list[float], teacher: list[float], mix: list[float], al
     prompt's two rarest classes in the captions, and the share of samples the prompt admits."""
     rare = sorted(allowed, key=lambda c: (mix[c], c))[:2]
     return {"tv_teacher": tv_distance(hist, teacher), "rare_recall": rare_class_recall(hist, teacher, rare),
-            "fits_prompt": float(sum(hist[c] for c in allowed)), "rare": rare}
+            "tv_captions": tv_distance(hist, mix), "fits_prompt": float(sum(hist[c] for c in allowed)), "rare": rare}
 
 
 def plot(path: Path, hists: dict[str, dict[str, list[float]]], mix: dict[str, list[float]], title: str) -> None:
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--distill-iterations", type=int, default=1000)
     p.add_argument("--num", type=int, default=1000, help="samples per model and multi-modal prompt")
     p.add_argument("--out", default="runs/bench-multimodal-prompts")
+    p.add_argument("--seeds", type=int, default=1, help="student seeds 0..N-1 (mean ± std)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -159,39 +162,56 @@ def main() -> None:
             f"{q}: {np.round(h, 3).tolist()}" for q, h in hists.items()))
 
     record("teacher", lambda prompts: bench.sample_teacher(teacher, prompts))
-    for run in [r for r in args.runs.split(",") if r]:
-        run_dir = out / run
+    runs = [r for r in args.runs.split(",") if r]
+    for run in runs:
         divergence, gan = (run[: -len(NOGAN)], False) if run.endswith(NOGAN) else (run, True)
-        extra = [*([] if gan else ["distill.gan_weight=0"]), *args.overrides]
-        seconds, _ = bench.distill_student(run_dir, teacher, bench.student_overrides(
-            latents, divergence, args.distill_iterations, extra))
-        if seconds:
-            say(f"distilled {run} in {seconds:.0f} s")
-        record(run, lambda prompts, run_dir=run_dir: bench.sample_student(run_dir, prompts))
+        for seed in range(args.seeds):
+            name = f"{run}{f'-seed{seed}' if seed else ''}"
+            extra = [*([] if gan else ["distill.gan_weight=0"]), *args.overrides, f"distill.seed={seed}"]
+            seconds, _ = bench.distill_student(out / name, teacher, bench.student_overrides(
+                latents, divergence, args.distill_iterations, extra))
+            if seconds:
+                say(f"distilled {name} in {seconds:.0f} s")
+            record(name, lambda prompts, run_dir=out / name: bench.sample_student(run_dir, prompts))
 
     # -- report -----------------------------------------------------------------------------------------------------
     t_hist = results["teacher"]["hist"]
-    rows = []
-    for name, r in results.items():
+    for r in results.values():
         per = {q: prompt_metrics(r["hist"][q], t_hist[q], mix[q], PROMPTS[q]) for q in PROMPTS}
         r["prompts"] = per
-        mean = {k: float(np.mean([m[k] for m in per.values()])) for k in ("tv_teacher", "rare_recall", "fits_prompt")}
-        cells = [f"{r['fid']:.2f}", f"{r['prompt_accuracy']:.3f}",
-                 *(f"{per[q]['tv_teacher']:.3f} / {per[q]['rare_recall']:.2f}" for q in PROMPTS),
-                 f"{mean['tv_teacher']:.3f}", f"{mean['rare_recall']:.3f}", f"{mean['fits_prompt']:.3f}"]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        r["mean"] = {k: float(np.mean([m[k] for m in per.values()]))
+                     for k in ("tv_teacher", "rare_recall", "tv_captions", "fits_prompt")}
     write_text(results_path, json.dumps(results, indent=1))
+
+    def cell(values: list[float], digits: int) -> str:
+        return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
+
+    def seeds_of(run: str) -> list[dict]:
+        return [results[n] for n in [run] + [f"{run}-seed{s}" for s in range(1, args.seeds)] if n in results]
+
+    rows = []
+    for run in ["teacher", *runs]:
+        seeds = seeds_of(run)
+        cells = [str(len(seeds)), cell([r["fid"] for r in seeds], 2), cell([r["prompt_accuracy"] for r in seeds], 3),
+                 *(cell([r["prompts"][q]["tv_teacher"] for r in seeds], 3) + " / "
+                   + cell([r["prompts"][q]["rare_recall"] for r in seeds], 2) for q in PROMPTS),
+                 *(cell([r["mean"][k] for r in seeds], 3) for k in ("tv_teacher", "rare_recall", "tv_captions",
+                                                                      "fits_prompt"))]
+        rows.append(f"| {run} | " + " | ".join(cells) + " |")
     rare = {q: prompt_metrics(mix[q], mix[q], mix[q], PROMPTS[q])["rare"] for q in PROMPTS}
     head = (f"Multi-modal prompts, CFG {bench.GUIDANCE:g}, {args.num} samples per model and prompt; one-step students "
-            f"({args.distill_iterations} iterations, batch 64, one seed); rare classes per prompt (two rarest in the "
-            f"captions): {rare}; {torch.get_num_threads()} CPU thread(s)")
-    lines = [head, "", "| model | digits-FID (class prompts) | prompt accuracy (class prompts) | "
+            f"({args.distill_iterations} iterations, batch 64, seeds 0-{args.seeds - 1}); rare classes per prompt (two "
+            f"rarest in the captions): {rare}; {torch.get_num_threads()} CPU thread(s)")
+    lines = [head, "", "| model | seeds | digits-FID (class prompts) | prompt accuracy (class prompts) | "
              + " | ".join(f'"{q}": TV to teacher / rare recall' for q in PROMPTS)
-             + " | mean TV to teacher | mean rare recall | fits the prompt |", "|" + "---|" * (len(PROMPTS) + 6), *rows]
+             + " | mean TV to teacher | mean rare recall | mean TV to captions | fits the prompt |",
+             "|" + "---|" * (len(PROMPTS) + 8), *rows]
     text = "\n".join(lines) + "\n"
     write_text(out / "table.md", text)
-    plot(out / "class_histograms.png", {n: r["hist"] for n, r in results.items()}, mix,
-         f"class histograms per multi-modal prompt, CFG {bench.GUIDANCE:g}, one seed")
+    means = {run: {q: np.mean([r["hist"][q] for r in seeds_of(run)], axis=0).tolist() for q in PROMPTS}
+             for run in ["teacher", *runs] if seeds_of(run)}
+    plot(out / "class_histograms.png", means, mix, f"class histograms per multi-modal prompt, CFG {bench.GUIDANCE:g}, "
+         f"students' mean over seeds 0-{args.seeds - 1}")
     print("\n" + text)
     total = time.perf_counter() - t_start
     print(f"total {total:.0f} s ({math.ceil(total / 60)} min); {out / 'table.md'}, {out / 'class_histograms.png'}")
