@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import t2i_digits as bench
 import torch
+from rare_modes import cell
 
 from fdistill.apps import t2i
 from fdistill.data.datasets import load_dataset
@@ -73,6 +74,11 @@ def captioned_digits(folder: Path) -> tuple[Path, dict[str, list[float]]]:
     mix = {p: (n / n.sum()).tolist() for p, n in counts.items()}
     bench.write_captioned_digits(folder, captions, json.dumps({p: int(n.sum()) for p, n in counts.items()}))
     return folder, mix
+
+
+def seed_name(run: str, seed: int) -> str:
+    """A student's folder and results key: ``run`` for seed 0, ``<run>-seed<s>`` after."""
+    return f"{run}-seed{seed}" if seed else run
 
 
 def histograms(x: torch.Tensor, clf) -> list[float]:
@@ -166,7 +172,7 @@ def main() -> None:
     for run in runs:
         divergence, gan = (run[: -len(NOGAN)], False) if run.endswith(NOGAN) else (run, True)
         for seed in range(args.seeds):
-            name = f"{run}{f'-seed{seed}' if seed else ''}"
+            name = seed_name(run, seed)
             extra = [*([] if gan else ["distill.gan_weight=0"]), *args.overrides, f"distill.seed={seed}"]
             seconds, _ = bench.distill_student(out / name, teacher, bench.student_overrides(
                 latents, divergence, args.distill_iterations, extra))
@@ -183,20 +189,16 @@ def main() -> None:
                      for k in ("tv_teacher", "rare_recall", "tv_captions", "fits_prompt")}
     write_text(results_path, json.dumps(results, indent=1))
 
-    def cell(values: list[float], digits: int) -> str:
-        return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
-
-    def seeds_of(run: str) -> list[dict]:
-        return [results[n] for n in [run] + [f"{run}-seed{s}" for s in range(1, args.seeds)] if n in results]
-
+    by_run = {run: seeds for run in ["teacher", *runs]
+              if (seeds := [results[n] for s in range(args.seeds) if (n := seed_name(run, s)) in results])}
     rows = []
-    for run in ["teacher", *runs]:
-        seeds = seeds_of(run)
-        cells = [str(len(seeds)), cell([r["fid"] for r in seeds], 2), cell([r["prompt_accuracy"] for r in seeds], 3),
-                 *(cell([r["prompts"][q]["tv_teacher"] for r in seeds], 3) + " / "
-                   + cell([r["prompts"][q]["rare_recall"] for r in seeds], 2) for q in PROMPTS),
-                 *(cell([r["mean"][k] for r in seeds], 3) for k in ("tv_teacher", "rare_recall", "tv_captions",
-                                                                      "fits_prompt"))]
+    for run, seeds in by_run.items():
+        cells = [str(len(seeds)), cell([r["fid"] for r in seeds], "{:.2f}"),
+                 cell([r["prompt_accuracy"] for r in seeds], "{:.3f}"),
+                 *(cell([r["prompts"][q]["tv_teacher"] for r in seeds], "{:.3f}") + " / "
+                   + cell([r["prompts"][q]["rare_recall"] for r in seeds], "{:.2f}") for q in PROMPTS),
+                 *(cell([r["mean"][k] for r in seeds], "{:.3f}") for k in ("tv_teacher", "rare_recall", "tv_captions",
+                                                                          "fits_prompt"))]
         rows.append(f"| {run} | " + " | ".join(cells) + " |")
     rare = {q: prompt_metrics(mix[q], mix[q], mix[q], PROMPTS[q])["rare"] for q in PROMPTS}
     head = (f"Multi-modal prompts, CFG {bench.GUIDANCE:g}, {args.num} samples per model and prompt; one-step students "
@@ -208,8 +210,8 @@ def main() -> None:
              "|" + "---|" * (len(PROMPTS) + 8), *rows]
     text = "\n".join(lines) + "\n"
     write_text(out / "table.md", text)
-    means = {run: {q: np.mean([r["hist"][q] for r in seeds_of(run)], axis=0).tolist() for q in PROMPTS}
-             for run in ["teacher", *runs] if seeds_of(run)}
+    means = {run: {q: np.mean([r["hist"][q] for r in seeds], axis=0).tolist() for q in PROMPTS}
+             for run, seeds in by_run.items()}
     plot(out / "class_histograms.png", means, mix, f"class histograms per multi-modal prompt, CFG {bench.GUIDANCE:g}, "
          f"students' mean over seeds 0-{args.seeds - 1}")
     print("\n" + text)
